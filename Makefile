@@ -1,0 +1,35 @@
+# kuda: `make demo` runs the main job on the embedded model, `make test` runs the test suite.
+# Both install what they need first (a virtual environment in .venv).
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch first, pinned: on the build machines pip takes the CPU wheel lying on disk (seconds).
+# GPU machines: make install TORCH='torch>=2.2' (or any CUDA build you already use).
+TORCH ?= torch==2.13.0
+# This machine's pip configuration warns about every local index it cannot use: hide that noise.
+QUIET := 2> >(grep -v '^WARNING: Location' >&2)
+
+.PHONY: install test demo lint clean-outputs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)" $(QUIET)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' $(QUIET)
+	touch $@
+
+test: install
+	$(BIN)/pytest -q
+
+demo: install
+	$(BIN)/kuda eval name=demo
+
+lint: install
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+clean-outputs:
+	rm -rf outputs

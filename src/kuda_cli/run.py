@@ -1,0 +1,194 @@
+"""The run directory: resolved config, meta (provenance and status), metrics (atomic writes), seeds.
+
+Everything a run produces goes under its directory; `Run` owns the files every stage shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kuda_cli import __version__
+
+STATUSES = ("running", "completed", "failed")
+BOOTSTRAP_FILES = {"config.yaml", "meta.json", "kuda.log", ".hydra"}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """sha256 of the resolved job config, keys sorted: equal configs hash equal."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    blob = json.dumps(resolved, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def git_state(where: Path) -> dict[str, Any]:
+    """Commit and dirtiness of the checkout kuda runs from (None outside a git checkout)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"commit": commit, "dirty": dirty}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version(), "kuda": __version__}
+    for dist in ("torch", "transformers", "lm_eval", "hydra-core", "datasets", "accelerate"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def device_description() -> dict[str, Any]:
+    if torch.cuda.is_available():
+        return {"type": "cuda", "name": torch.cuda.get_device_name(0),
+                "count": torch.cuda.device_count()}
+    return {"type": "cpu", "name": platform.processor() or platform.machine(),
+            "count": os.cpu_count()}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def read_meta(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(run_dir) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Run:
+    """One run directory. `start` writes config.yaml and meta.json (status running); the stage
+    adds its files and metrics; `finish` records the end time and final status."""
+
+    def __init__(self, directory: Path, cfg: DictConfig):
+        self.dir = Path(directory)
+        self.cfg = cfg
+        self.meta: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+
+    @classmethod
+    def start(cls, directory: Path, cfg: DictConfig, overrides: list[str] | None = None) -> Run:
+        run = cls(directory, cfg)
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        run.meta = {
+            "stage": cfg.stage,
+            "name": cfg.get("name"),
+            "status": "running",
+            "start_time": now(),
+            "end_time": None,
+            "duration_s": None,
+            "seed": cfg.seed,
+            "config_hash": config_hash(cfg),
+            "overrides": list(overrides or []),
+            "command": " ".join(["kuda", cfg.stage, *(overrides or [])]),
+            "git": git_state(Path(__file__).resolve().parent),
+            "versions": package_versions(),
+            "device": device_description(),
+            "host": socket.gethostname(),
+            "argv": sys.argv,
+        }
+        run.write_meta()
+        set_seed(cfg.seed)
+        return run
+
+    def write_meta(self) -> None:
+        write_json_atomic(self.dir / "meta.json", self.meta)
+
+    def update_meta(self, **fields: Any) -> None:
+        self.meta.update(fields)
+        self.write_meta()
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        """Merge `metrics` (nested dicts) into metrics.json, atomically."""
+        _deep_merge(self.metrics, metrics)
+        write_json_atomic(self.dir / "metrics.json", self.metrics)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        assert status in STATUSES
+        end = datetime.now(timezone.utc)
+        start = datetime.fromisoformat(self.meta["start_time"])
+        self.update_meta(
+            status=status,
+            end_time=end.isoformat(timespec="seconds"),
+            duration_s=round((end - start).total_seconds(), 3),
+            error=error,
+        )
+
+    def discard(self) -> bool:
+        """Remove the directory if it holds nothing but what `start` and Hydra wrote."""
+        if not self.dir.is_dir():
+            return True
+        if any(p.name not in BOOTSTRAP_FILES for p in self.dir.iterdir()):
+            return False
+        shutil.rmtree(self.dir)
+        return True
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value

@@ -1,0 +1,138 @@
+"""Config validation: value constraints from the schemas' field metadata, plus checks that span
+several groups (layer indices against the model's depth). Raises `ConfigError` with one line that
+names the key, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from kuda_cli.errors import ConfigError
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every constrained field, then cross-group rules. Stops at the first problem."""
+    _check_node(cfg, "")
+    _check_model(cfg.model)
+    _check_layers(cfg, known_depth(cfg.model))
+    _check_metrics(cfg.eval)
+
+
+def known_depth(model_cfg: DictConfig) -> int | None:
+    """The model's depth when the config states it (the model itself says so after loading)."""
+    if model_cfg.get("path"):
+        return None  # a local checkpoint may be anything; checked after loading
+    return model_cfg.get("num_layers")
+
+
+def validate_layers_against(cfg: DictConfig, num_layers: int) -> None:
+    """Layer checks once the loaded model has told its depth."""
+    _check_layers(cfg, num_layers)
+
+
+def _describe(bounds: dict[str, float]) -> str:
+    words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return " and ".join(f"{words[k]} {v:g}" for k, v in bounds.items())
+
+
+def _violates(value: Any, bounds: dict[str, float]) -> bool:
+    return (
+        ("gt" in bounds and not value > bounds["gt"])
+        or ("ge" in bounds and not value >= bounds["ge"])
+        or ("lt" in bounds and not value < bounds["lt"])
+        or ("le" in bounds and not value <= bounds["le"])
+    )
+
+
+def _check_node(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    fields = (
+        {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    )
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if path == "hydra":
+            continue  # Hydra's own node, validated by Hydra
+        if fields and key not in fields:
+            raise ConfigError(f"unknown key {path}; allowed keys here: {', '.join(fields)}")
+        if OmegaConf.is_missing(node, key):
+            if path == "stage":
+                continue
+            raise ConfigError(f"{path} is required but not set; pass {path}=VALUE")
+        value = node[key]
+        if isinstance(value, DictConfig):
+            _check_node(value, path + ".")
+            continue
+        meta = fields[key].metadata if key in fields else {}
+        if value is None or not meta:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            allowed = ", ".join(str(c) for c in meta["choices"])
+            raise ConfigError(f"{path}={value!r} is not allowed; choose one of: {allowed}")
+        bounds = {k: v for k, v in meta.items() if k in ("gt", "ge", "lt", "le")}
+        if bounds and _violates(value, bounds):
+            raise ConfigError(f"{path}={value!r} is out of range; it must be {_describe(bounds)}")
+
+
+def _check_model(model: DictConfig) -> None:
+    if model.get("path"):
+        return
+    need = {"hub": "id", "embedded": "embedded", "tiny-random": "tiny"}.get(model.source)
+    if need and model.get(need) is None:
+        raise ConfigError(f"model.source={model.source} needs model.{need}; set it or pick another model")
+    if model.source == "local":
+        raise ConfigError("model.source=local needs model.path=DIR (a save_pretrained directory)")
+    if model.source == "tiny-random" and model.tiny.hidden_size % model.tiny.num_heads:
+        raise ConfigError(
+            f"model.tiny.hidden_size={model.tiny.hidden_size} must be a multiple of "
+            f"model.tiny.num_heads={model.tiny.num_heads}"
+        )
+    if model.source == "tiny-random" and model.tiny.num_heads % model.tiny.num_kv_heads:
+        raise ConfigError(
+            f"model.tiny.num_heads={model.tiny.num_heads} must be a multiple of "
+            f"model.tiny.num_kv_heads={model.tiny.num_kv_heads}"
+        )
+
+
+def _layer_lists(cfg: DictConfig) -> list[tuple[str, list[int]]]:
+    found = [("locate.layers", list(cfg.locate.layers or []))]
+    if cfg.unlearn.get("layers") is not None:
+        found.append(("unlearn.layers", list(cfg.unlearn.layers)))
+    if cfg.unlearn.get("steer_layer") is not None:
+        found.append(("unlearn.steer_layer", [cfg.unlearn.steer_layer]))
+    return found
+
+
+def _check_layers(cfg: DictConfig, num_layers: int | None) -> None:
+    if cfg.locate.method == "fixed" and not cfg.locate.layers:
+        raise ConfigError("locate=fixed needs layers: pass locate.layers=[i,j,...]")
+    for key, layers in _layer_lists(cfg):
+        for layer in layers:
+            if layer < 0 or (num_layers is not None and layer >= num_layers):
+                top = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
+                raise ConfigError(
+                    f"{key} has layer {layer}, outside the model's layers ({top}, "
+                    f"model {cfg.model.name})"
+                )
+    if num_layers is not None and cfg.locate.select_window > num_layers:
+        raise ConfigError(
+            f"locate.select_window={cfg.locate.select_window} exceeds the model's "
+            f"{num_layers} layers"
+        )
+
+
+def _check_metrics(eval_cfg: DictConfig) -> None:
+    from kuda_cli.evaluate import METRICS
+
+    metrics = eval_cfg.metrics
+    if not isinstance(metrics, ListConfig):
+        return
+    for name in metrics:
+        if name not in METRICS:
+            known = ", ".join(sorted(METRICS))
+            raise ConfigError(
+                f"eval.metrics has {name!r}, which this version of kuda does not implement "
+                f"yet (eval={eval_cfg.name}); available: {known}; use eval=facts or eval=none"
+            )
