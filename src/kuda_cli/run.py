@@ -167,6 +167,8 @@ class Run:
 
     def finish(self, status: str, error: str | None = None) -> None:
         assert status in STATUSES
+        if not (self.dir / "metrics.json").exists():
+            write_json_atomic(self.dir / "metrics.json", self.metrics)
         end = datetime.now(timezone.utc)
         start = datetime.fromisoformat(self.meta["start_time"])
         self.update_meta(

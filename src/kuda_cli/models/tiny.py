@@ -15,7 +15,7 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 def byte_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
     """Every byte is a token (no merges): any text round-trips, vocabulary 260."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # alphabet() order varies per call
         vocab[ch] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, run: Run) -> None:
     loaded = load_configured_model(cfg, run)
     eval_cfg = OmegaConf.to_object(cfg.eval)
-    run.log_metrics({})  # metrics.json exists even when eval.metrics is empty
     for name in eval_cfg.metrics:
         log.info("metric %s", name)
         results = METRICS[name](loaded, eval_cfg)

@@ -15,6 +15,5 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, run: Run) -> None:
     load_configured_model(cfg, run)
-    run.log_metrics({})
     log.warning("kuda trace: causal tracing is not implemented yet (issue #4); this run only loaded "
                 "the model and wrote the run directory")

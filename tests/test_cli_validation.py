@@ -1,0 +1,107 @@
+"""Bad input stops the command before any work: one line naming the key and what is allowed,
+exit status 2, no run directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from kuda_cli import cli
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def fail(capsys, *argv: str) -> str:
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["unlearn", "unlearn.lr=-1"], ["unlearn.lr=-1.0", "> 0"]),
+        (["unlearn", "model=nope"], ["model=nope", "smollm2-135m", "tiny-random"]),
+        (["eval", "unlearn.foo=1"], ["unknown key unlearn.foo", "lr"]),
+        (["eval", "+unlearn.foo=1"], ["unknown key unlearn.foo"]),
+        (["eval", "foo=1"], ["unknown key foo", "seed"]),
+        (["eval", "unlearn.lr=abc"], ["unlearn.lr", "'abc'", "Float"]),
+        (["eval", "seed=x"], ["seed", "Integer"]),
+        (["eval", "model.dtype=int8"], ["model.dtype='int8'", "bfloat16"]),
+        (["eval", "unlearn.nullspace.form=soft"], ["unlearn.nullspace.form", "relaxed", "hard"]),
+        (["eval", "data=nope"], ["data=nope", "wmdp_bio", "facts"]),
+        (["eval", "unlearn=nope"], ["unlearn=nope", "kuda", "rmu"]),
+        (["eval", "model=tiny-random", "locate=fixed", "locate.layers=[4]"],
+         ["locate.layers", "layer 4", "0..3"]),
+        (["eval", "model=tiny-random", "locate=fixed", "locate.layers=[-1]"], ["layer -1"]),
+        (["eval", "unlearn.layers=[30]"], ["unlearn.layers", "0..29"]),
+        (["eval", "locate=fixed"], ["locate.layers"]),
+        (["eval", "model=tiny-random", "locate.select_window=9"], ["locate.select_window=9"]),
+        (["eval", "eval=wmdp"], ["lm_eval", "not implement"]),
+        (["eval", "model=tiny-random", "model.tiny.hidden_size=30"], ["model.tiny.hidden_size"]),
+        (["eval", "stage=trace"], ["stage is set by the command"]),
+        (["eval", "-m", "seed=1,x"], ["seed", "Integer"]),
+        (["bogus"], ["unknown stage 'bogus'", "unlearn"]),
+        (["eval", "--frobnicate"], ["--frobnicate"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_directory(capsys, in_tmp, argv, expected):
+    err = fail(capsys, *argv)
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("kuda: ")
+    for fragment in expected:
+        assert fragment in err
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_no_stage_prints_help_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    assert "missing STAGE" in capsys.readouterr().err
+
+
+def test_help_lists_stages_groups_and_options(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("trace", "unlearn", "eval", "report", "model", "data", "locate", "experiment",
+                 "smollm2-135m*", "tiny-random", "zephyr-7b", "wmdp_bio", "causal_tracing*",
+                 "kuda*", "rmu", "simnpo", "facts*", "muse", "--cfg", "-m"):
+        assert word in out
+    assert "_schema" not in out
+
+
+def test_model_shortcuts_rewrite_hub_ids_and_directories(tmp_path):
+    assert cli.rewrite_model_shortcut(["model=org/name"]) == ["model=hub", "model.id=org/name"]
+    assert cli.rewrite_model_shortcut([f"model={tmp_path}"]) == [
+        "model=local", f"model.path={tmp_path.resolve()}"]
+    assert cli.rewrite_model_shortcut(["model=tiny-random", "seed=1"]) == [
+        "model=tiny-random", "seed=1"]
+
+
+def test_multirun_expands_every_job():
+    jobs = cli.job_override_lists(["seed=1,2", "model=tiny-random,smollm2-135m"], multirun=True)
+    assert len(jobs) == 4
+    assert ["seed=1", "model=smollm2-135m"] in jobs
+
+
+def test_explicit_run_dir_holding_a_completed_run_is_refused(capsys, in_tmp):
+    run_dir = in_tmp / "done"
+    run_dir.mkdir()
+    (run_dir / "meta.json").write_text('{"status": "completed"}')
+    (run_dir / "metrics.json").write_text('{"keep": 1}')
+    err = fail(capsys, "eval", "model=tiny-random", f"hydra.run.dir={run_dir}")
+    assert "already holds a completed run" in err
+    assert (run_dir / "metrics.json").read_text() == '{"keep": 1}'
+
+
+def test_default_run_dir_never_reuses_an_existing_directory(in_tmp):
+    overrides = cli.preflight("eval", ["model=tiny-random"], multirun=False)
+    pinned = in_tmp / next(o for o in overrides if o.startswith("hydra.run.dir=")).split("=", 1)[1]
+    assert pinned.parent == in_tmp / "outputs" / "eval" and not pinned.exists()
+    pinned.mkdir(parents=True)
+    assert cli._fresh(pinned) == pinned.with_name(pinned.name + "-2")
+    pinned.with_name(pinned.name + "-2").mkdir()
+    assert cli._fresh(pinned) == pinned.with_name(pinned.name + "-3")

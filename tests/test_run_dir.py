@@ -1,0 +1,145 @@
+"""Every run leaves a complete directory: resolved config, meta with provenance and status,
+metrics written atomically, the log; multirun jobs get one directory each."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import FAST_EVAL, read_json
+from omegaconf import OmegaConf
+
+from kuda_cli.run import Run, config_hash, set_seed, write_json_atomic
+
+
+def test_eval_run_directory_is_complete(kuda, tmp_path):
+    run_dir = tmp_path / "run"
+    done = kuda("eval", *FAST_EVAL, "seed=7", f"hydra.run.dir={run_dir}", check=True)
+    assert {"config.yaml", "meta.json", "metrics.json", "kuda.log"} <= {
+        p.name for p in run_dir.iterdir()}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["stage"] == "eval" and config["seed"] == 7
+    assert config["model"]["name"] == "tiny-random"
+    assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+    meta = read_json(run_dir / "meta.json")
+    assert meta["status"] == "completed"
+    assert meta["seed"] == 7 and meta["stage"] == "eval"
+    assert meta["start_time"] <= meta["end_time"]
+    assert meta["versions"]["torch"] == torch.__version__
+    for package in ("python", "transformers", "lm_eval"):
+        assert meta["versions"][package]
+    assert len(meta["config_hash"]) == 64
+    assert meta["device"]["type"] in ("cpu", "cuda")
+    assert meta["model"]["num_layers"] == 4
+    assert "commit" in meta["git"]
+    ppl = read_json(run_dir / "metrics.json")["perplexity"]
+    assert ppl["texts"] == 4 and ppl["tokens"] > 0
+    assert math.isclose(ppl["perplexity"], math.exp(ppl["nll"]))
+    assert "completed" in (run_dir / "kuda.log").read_text()
+    assert "perplexity" in done.stderr  # the progress bar
+
+
+def test_named_run_lands_in_timestamped_directory_with_the_name(kuda, tmp_path):
+    kuda("eval", *FAST_EVAL, "name=probe", check=True)
+    (run_dir,) = (tmp_path / "outputs" / "eval").iterdir()
+    assert run_dir.name.endswith("_probe")
+    assert read_json(run_dir / "meta.json")["name"] == "probe"
+
+
+def test_multirun_makes_one_complete_directory_per_job(kuda, tmp_path):
+    sweep = tmp_path / "sweep"
+    kuda("eval", "-m", "seed=1,2", *FAST_EVAL, f"hydra.sweep.dir={sweep}", check=True)
+    seeds = set()
+    for job in ("0", "1"):
+        meta = read_json(sweep / job / "meta.json")
+        assert meta["status"] == "completed"
+        assert (sweep / job / "metrics.json").is_file() and (sweep / job / "config.yaml").is_file()
+        seeds.add(meta["seed"])
+    assert seeds == {1, 2}
+    # the same model on the same texts: the seed must not change the metric
+    ppl = [read_json(sweep / j / "metrics.json")["perplexity"]["perplexity"] for j in "01"]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-6)
+
+
+def test_cfg_job_prints_the_composed_config_and_writes_nothing(kuda, tmp_path):
+    done = kuda("unlearn", "--cfg", "job", "unlearn=rmu", check=True)
+    printed = yaml.safe_load(done.stdout)
+    assert printed["stage"] == "unlearn" and printed["unlearn"]["method"] == "rmu"
+    assert printed["unlearn"]["c"] == 6.5
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_stage_help_shows_groups(kuda):
+    done = kuda("eval", "--help", check=True)
+    assert "kuda eval" in done.stdout and "unlearn: " in done.stdout
+
+
+def test_user_error_during_the_run_exits_2_and_leaves_nothing(kuda, tmp_path):
+    done = kuda("eval", *FAST_EVAL, "eval.perplexity.source=path",
+                f"eval.perplexity.path={tmp_path / 'missing.jsonl'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("kuda: ")
+    assert "missing.jsonl" in done.stderr
+    assert not list((tmp_path / "outputs").rglob("meta.json"))
+
+
+def test_a_crashing_stage_marks_the_run_failed(tmp_path):
+    """A bug (not bad input) keeps the directory, with status failed and the error recorded."""
+    import subprocess
+
+    code = (
+        "import sys; from kuda_cli import cli, stages\n"
+        "def boom(cfg, run): raise RuntimeError('boom')\n"
+        "stages.STAGE_FUNCTIONS['eval'] = boom\n"
+        "sys.exit(cli.main(['eval', 'model=tiny-random', 'hydra.run.dir=run']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert done.returncode != 0
+    meta = read_json(tmp_path / "run" / "meta.json")
+    assert meta["status"] == "failed" and "boom" in meta["error"] and meta["end_time"]
+
+
+def test_metrics_write_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left
+
+
+def test_run_merges_nested_metrics(tmp_path):
+    cfg = OmegaConf.create({"stage": "eval", "seed": 3, "name": None})
+    run = Run.start(tmp_path / "r", cfg)
+    run.log_metrics({"facts": {"forget": {"mc_acc": 0.5}}})
+    run.log_metrics({"facts": {"retain": {"mc_acc": 0.9}}})
+    assert read_json(tmp_path / "r" / "metrics.json") == {
+        "facts": {"forget": {"mc_acc": 0.5}, "retain": {"mc_acc": 0.9}}}
+    run.finish("completed")
+    assert read_json(tmp_path / "r" / "meta.json")["status"] == "completed"
+
+
+def test_seed_fixes_python_numpy_and_torch():
+    def draw():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    set_seed(5)
+    first = draw()
+    set_seed(5)
+    assert draw() == first
+    set_seed(6)
+    assert draw() != first
+
+
+def test_config_hash_depends_on_values_only():
+    a = OmegaConf.create({"x": 1, "y": {"z": 2}})
+    b = OmegaConf.create({"y": {"z": 2}, "x": 1})
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(OmegaConf.create({"x": 2, "y": {"z": 2}}))
