@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach a model or dataset hub; set before transformers reads it at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 from kuda_cli.config import TinySpec
 from kuda_cli.models.tiny import tiny_random
 
@@ -19,8 +23,9 @@ FAST_EVAL = ["model=tiny-random", "eval.perplexity.max_texts=4", "eval.perplexit
 
 @pytest.fixture
 def tiny():
-    model, tokenizer = tiny_random(TinySpec(num_layers=3, hidden_size=32, intermediate_size=64,
-                                            num_heads=4, num_kv_heads=2))
+    model, tokenizer = tiny_random(
+        TinySpec(num_layers=3, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
+    )
     return model.eval(), tokenizer
 
 
@@ -28,10 +33,16 @@ def tiny():
 def kuda(tmp_path):
     """Run `kuda ARGS...` in tmp_path; returns the CompletedProcess."""
 
-    def run(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        done = subprocess.run([sys.executable, "-m", "kuda_cli.cli", *args], cwd=cwd or tmp_path,
-                              capture_output=True, text=True, env=env, timeout=600)
+    def run(
+        *args: str, cwd: Path | None = None, check: bool = False
+    ) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [sys.executable, "-m", "kuda_cli.cli", *args],
+            cwd=cwd or tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if check and done.returncode != 0:
             raise AssertionError(f"kuda {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
         return done

@@ -35,8 +35,10 @@ def fail(capsys, *argv: str) -> str:
         (["eval", "unlearn.nullspace.form=soft"], ["unlearn.nullspace.form", "relaxed", "hard"]),
         (["eval", "data=nope"], ["data=nope", "wmdp_bio", "facts"]),
         (["eval", "unlearn=nope"], ["unlearn=nope", "kuda", "rmu"]),
-        (["eval", "model=tiny-random", "locate=fixed", "locate.layers=[4]"],
-         ["locate.layers", "layer 4", "0..3"]),
+        (
+            ["eval", "model=tiny-random", "locate=fixed", "locate.layers=[4]"],
+            ["locate.layers", "layer 4", "0..3"],
+        ),
         (["eval", "model=tiny-random", "locate=fixed", "locate.layers=[-1]"], ["layer -1"]),
         (["eval", "unlearn.layers=[30]"], ["unlearn.layers", "0..29"]),
         (["eval", "locate=fixed"], ["locate.layers"]),
@@ -66,9 +68,28 @@ def test_no_stage_prints_help_and_exits_2(capsys):
 def test_help_lists_stages_groups_and_options(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for word in ("trace", "unlearn", "eval", "report", "model", "data", "locate", "experiment",
-                 "smollm2-135m*", "tiny-random", "zephyr-7b", "wmdp_bio", "causal_tracing*",
-                 "kuda*", "rmu", "simnpo", "facts*", "muse", "--cfg", "-m"):
+    for word in (
+        "trace",
+        "unlearn",
+        "eval",
+        "report",
+        "model",
+        "data",
+        "locate",
+        "experiment",
+        "smollm2-135m*",
+        "tiny-random",
+        "zephyr-7b",
+        "wmdp_bio",
+        "causal_tracing*",
+        "kuda*",
+        "rmu",
+        "simnpo",
+        "facts*",
+        "muse",
+        "--cfg",
+        "-m",
+    ):
         assert word in out
     assert "_schema" not in out
 
@@ -76,9 +97,13 @@ def test_help_lists_stages_groups_and_options(capsys):
 def test_model_shortcuts_rewrite_hub_ids_and_directories(tmp_path):
     assert cli.rewrite_model_shortcut(["model=org/name"]) == ["model=hub", "model.id=org/name"]
     assert cli.rewrite_model_shortcut([f"model={tmp_path}"]) == [
-        "model=local", f"model.path={tmp_path.resolve()}"]
+        "model=local",
+        f"model.path={tmp_path.resolve()}",
+    ]
     assert cli.rewrite_model_shortcut(["model=tiny-random", "seed=1"]) == [
-        "model=tiny-random", "seed=1"]
+        "model=tiny-random",
+        "seed=1",
+    ]
 
 
 def test_multirun_expands_every_job():

@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import FAST_EVAL, read_json
 from omegaconf import OmegaConf
 
 from kuda_cli.run import Run, config_hash, set_seed, write_json_atomic
+
+from conftest import FAST_EVAL, read_json
 
 
 def test_eval_run_directory_is_complete(kuda, tmp_path):
     run_dir = tmp_path / "run"
     done = kuda("eval", *FAST_EVAL, "seed=7", f"hydra.run.dir={run_dir}", check=True)
     assert {"config.yaml", "meta.json", "metrics.json", "kuda.log"} <= {
-        p.name for p in run_dir.iterdir()}
+        p.name for p in run_dir.iterdir()
+    }
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["stage"] == "eval" and config["seed"] == 7
     assert config["model"]["name"] == "tiny-random"
@@ -81,8 +83,12 @@ def test_stage_help_shows_groups(kuda):
 
 
 def test_user_error_during_the_run_exits_2_and_leaves_nothing(kuda, tmp_path):
-    done = kuda("eval", *FAST_EVAL, "eval.perplexity.source=path",
-                f"eval.perplexity.path={tmp_path / 'missing.jsonl'}")
+    done = kuda(
+        "eval",
+        *FAST_EVAL,
+        "eval.perplexity.source=path",
+        f"eval.perplexity.path={tmp_path / 'missing.jsonl'}",
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("kuda: ")
     assert "missing.jsonl" in done.stderr
@@ -99,8 +105,9 @@ def test_a_crashing_stage_marks_the_run_failed(tmp_path):
         "stages.STAGE_FUNCTIONS['eval'] = boom\n"
         "sys.exit(cli.main(['eval', 'model=tiny-random', 'hydra.run.dir=run']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
     assert done.returncode != 0
     meta = read_json(tmp_path / "run" / "meta.json")
     assert meta["status"] == "failed" and "boom" in meta["error"] and meta["end_time"]
@@ -121,7 +128,8 @@ def test_run_merges_nested_metrics(tmp_path):
     run.log_metrics({"facts": {"forget": {"mc_acc": 0.5}}})
     run.log_metrics({"facts": {"retain": {"mc_acc": 0.9}}})
     assert read_json(tmp_path / "r" / "metrics.json") == {
-        "facts": {"forget": {"mc_acc": 0.5}, "retain": {"mc_acc": 0.9}}}
+        "facts": {"forget": {"mc_acc": 0.5}, "retain": {"mc_acc": 0.9}}
+    }
     run.finish("completed")
     assert read_json(tmp_path / "r" / "meta.json")["status"] == "completed"
 

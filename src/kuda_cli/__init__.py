@@ -1,3 +1,3 @@
-"""kuda: knowledge unlearning experiments (KUDA and its baselines) as a Hydra command-line runner."""
+"""kuda: knowledge unlearning experiments (KUDA and its baselines), a Hydra command-line runner."""
 
 __version__ = "0.1.0"

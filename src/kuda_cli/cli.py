@@ -105,7 +105,8 @@ def help_text() -> str:
 
 # ----------------------------------------------------------------------------- pre-flight
 def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
-    """`model=ORG/NAME` -> `model=hub model.id=ORG/NAME`; `model=DIR` -> `model=local model.path=DIR`."""
+    """Shortcuts: `model=ORG/NAME` -> `model=hub model.id=ORG/NAME`;
+    `model=DIR` -> `model=local model.path=DIR`."""
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -167,7 +168,8 @@ def explain_composition_error(err: Exception) -> str:
 
 
 def job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job Hydra will launch (sweeps expanded as the basic sweeper does)."""
+    """The override list of every job Hydra will launch (sweeps expanded like the basic
+    sweeper does)."""
     if not multirun:
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -189,9 +191,11 @@ def compose(overrides: list[str]) -> DictConfig:
             raise
         except (AssertionError, TypeError) as err:  # OmegaConf, e.g. a key under a null node
             shown = " ".join(o for o in overrides if not o.startswith("stage="))
-            raise ConfigError(f"cannot apply the overrides {shown!r} ({err}); is a parent "
-                              "key null for this option? kuda STAGE --cfg job shows the "
-                              "config") from err
+            raise ConfigError(
+                f"cannot apply the overrides {shown!r} ({err}); is a parent "
+                "key null for this option? kuda STAGE --cfg job shows the "
+                "config"
+            ) from err
         except Exception as err:  # Hydra wraps OmegaConf errors in several exception types
             raise ConfigError(explain_composition_error(err)) from err
 
@@ -229,8 +233,11 @@ def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
 def _holds_completed_run(directory: Path, multirun: bool) -> bool:
     from kuda_cli.run import read_meta
 
-    metas = [read_meta(d) for d in directory.iterdir() if d.is_dir()] if (
-        multirun and directory.is_dir()) else [read_meta(directory)]
+    metas = (
+        [read_meta(d) for d in directory.iterdir() if d.is_dir()]
+        if (multirun and directory.is_dir())
+        else [read_meta(directory)]
+    )
     return any(m and m.get("status") == "completed" for m in metas)
 
 
@@ -244,6 +251,7 @@ def _fresh(directory: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- the job
+
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
@@ -311,8 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         return _complete(argv)
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
-        print(f"kuda: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} "
-              "(kuda --help lists them)", file=sys.stderr)
+        print(
+            f"kuda: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} "
+            "(kuda --help lists them)",
+            file=sys.stderr,
+        )
         return 2
     from hydra._internal.utils import get_args_parser
 

@@ -27,8 +27,14 @@ def choice(default: Any, *options: Any) -> Any:
     return field(default=default, metadata={"choices": options})
 
 
-def bounded(default: Any, *, gt: float | None = None, ge: float | None = None,
-            lt: float | None = None, le: float | None = None) -> Any:
+def bounded(
+    default: Any,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+) -> Any:
     bounds = {k: v for k, v in {"gt": gt, "ge": ge, "lt": lt, "le": le}.items() if v is not None}
     return field(default=default, metadata=bounds)
 

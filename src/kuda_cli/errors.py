@@ -2,7 +2,7 @@
 
 
 class UserError(Exception):
-    """Bad input (a config value, a path, a missing dataset): the message says what and how to fix."""
+    """Bad input (a config value, a path, a missing dataset): the message says what and the fix."""
 
 
 class ConfigError(UserError):

@@ -100,10 +100,16 @@ def package_versions() -> dict[str, str | None]:
 
 def device_description() -> dict[str, Any]:
     if torch.cuda.is_available():
-        return {"type": "cuda", "name": torch.cuda.get_device_name(0),
-                "count": torch.cuda.device_count()}
-    return {"type": "cpu", "name": platform.processor() or platform.machine(),
-            "count": os.cpu_count()}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(0),
+            "count": torch.cuda.device_count(),
+        }
+    return {
+        "type": "cpu",
+        "name": platform.processor() or platform.machine(),
+        "count": os.cpu_count(),
+    }
 
 
 def now() -> str:

@@ -81,7 +81,9 @@ def _check_model(model: DictConfig) -> None:
         return
     need = {"hub": "id", "embedded": "embedded", "tiny-random": "tiny"}.get(model.source)
     if need and model.get(need) is None:
-        raise ConfigError(f"model.source={model.source} needs model.{need}; set it or pick another model")
+        raise ConfigError(
+            f"model.source={model.source} needs model.{need}; set it or pick another model"
+        )
     if model.source == "local":
         raise ConfigError("model.source=local needs model.path=DIR (a save_pretrained directory)")
     if model.source == "tiny-random" and model.tiny.hidden_size % model.tiny.num_heads:

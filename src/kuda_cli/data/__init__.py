@@ -1,1 +1,1 @@
-"""Data: knowledge sets, text corpora and question sets, from built-in files, local paths or the hub."""
+"""Data: knowledge sets, text corpora and question sets (built-in files, local paths, the hub)."""

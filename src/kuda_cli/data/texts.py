@@ -31,7 +31,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             raise UserError(f"{path} holds no {'/'.join(SUFFIXES)} files")
         return [record for f in files for record in read_records(f)]
     if not path.is_file():
-        raise UserError(f"{path} does not exist; pass the path of a JSONL, JSON, parquet or txt file")
+        raise UserError(
+            f"{path} does not exist; pass the path of a JSONL, JSON, parquet or txt file"
+        )
     try:
         if path.suffix == ".jsonl":
             lines = path.read_text().splitlines()
@@ -68,13 +70,23 @@ def hub_records(hub_id: str, config: str | None, split: str) -> list[dict[str, A
 def texts_of(records: list[dict[str, Any]], field: str, where: str) -> list[str]:
     if records and field not in records[0]:
         keys = ", ".join(records[0])
-        raise UserError(f"{where}: records have no field {field!r} (fields: {keys}); set text_field")
+        raise UserError(
+            f"{where}: records have no field {field!r} (fields: {keys}); set text_field"
+        )
     return [r[field] for r in records if isinstance(r.get(field), str) and r[field].strip()]
 
 
-def load_texts(*, source: str, builtin: str = "general", path: str | None = None,
-               hub_id: str | None = None, hub_config: str | None = None, split: str = "test",
-               text_field: str = "text", max_items: int | None = None) -> list[str]:
+def load_texts(
+    *,
+    source: str,
+    builtin: str = "general",
+    path: str | None = None,
+    hub_id: str | None = None,
+    hub_config: str | None = None,
+    split: str = "test",
+    text_field: str = "text",
+    max_items: int | None = None,
+) -> list[str]:
     if source == "builtin":
         records, where = read_records(builtin_path(builtin)), f"built-in set {builtin}"
     elif source == "path":

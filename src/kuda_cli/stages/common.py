@@ -12,13 +12,15 @@ from kuda_cli.validate import validate_layers_against
 def load_configured_model(cfg: DictConfig, run: Run) -> LoadedModel:
     loaded = load_model(OmegaConf.to_object(cfg.model), cfg.cache_dir)
     validate_layers_against(cfg, loaded.num_layers)
-    run.update_meta(model={
-        "name": cfg.model.name,
-        "origin": loaded.origin,
-        "family": loaded.adapter.family,
-        "num_layers": loaded.num_layers,
-        "parameters": sum(p.numel() for p in loaded.model.parameters()),
-        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
-        "device": str(loaded.device),
-    })
+    run.update_meta(
+        model={
+            "name": cfg.model.name,
+            "origin": loaded.origin,
+            "family": loaded.adapter.family,
+            "num_layers": loaded.num_layers,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+            "device": str(loaded.device),
+        }
+    )
     return loaded

@@ -51,9 +51,15 @@ def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[s
         flat = flatten(metrics)
         if metric_prefix:
             flat = {k: v for k, v in flat.items() if k.startswith(metric_prefix)}
-        rows.append({"run": str(run_dir), "stage": meta.get("stage"),
-                     "status": meta.get("status", "unknown"),
-                     "model": (meta.get("model") or {}).get("name"), **flat})
+        rows.append(
+            {
+                "run": str(run_dir),
+                "stage": meta.get("stage"),
+                "status": meta.get("status", "unknown"),
+                "model": (meta.get("model") or {}).get("name"),
+                **flat,
+            }
+        )
     return rows
 
 
@@ -83,6 +89,7 @@ def run(cfg: DictConfig, run: Run) -> None:
         )
     rows = collect_rows(run_dirs, cfg.report.metric_prefix)
     write_tables(rows, run.dir)
-    run.log_metrics({"report": {"runs": len(rows),
-                                "failed": sum(r["status"] != "completed" for r in rows)}})
+    run.log_metrics(
+        {"report": {"runs": len(rows), "failed": sum(r["status"] != "completed" for r in rows)}}
+    )
     log.info("report of %d runs: %s", len(rows), run.dir / "report.md")

@@ -1,5 +1,5 @@
-"""kuda trace: placeholder until causal tracing lands (issue #4). It loads the model, checks the layer
-settings against the model's depth and writes the run directory; it computes nothing yet."""
+"""kuda trace: placeholder until causal tracing lands (issue #4). It loads the model, checks the
+layer settings against the model's depth and writes the run directory; it computes nothing yet."""
 
 from __future__ import annotations
 
@@ -15,5 +15,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, run: Run) -> None:
     load_configured_model(cfg, run)
-    log.warning("kuda trace: causal tracing is not implemented yet (issue #4); this run only loaded "
-                "the model and wrote the run directory")
+    log.warning(
+        "kuda trace: causal tracing is not implemented yet (issue #4); this run only loaded "
+        "the model and wrote the run directory"
+    )

@@ -15,5 +15,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, run: Run) -> None:
     load_configured_model(cfg, run)
-    log.warning("kuda unlearn: unlearning is not implemented yet (issue #5); this run only loaded "
-                "the model and wrote the run directory")
+    log.warning(
+        "kuda unlearn: unlearning is not implemented yet (issue #5); this run only loaded "
+        "the model and wrote the run directory"
+    )
