@@ -3,6 +3,9 @@ exit status 2, no run directory."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from kuda_cli import cli
@@ -130,3 +133,18 @@ def test_default_run_dir_never_reuses_an_existing_directory(in_tmp):
     assert cli._fresh(pinned) == pinned.with_name(pinned.name + "-2")
     pinned.with_name(pinned.name + "-2").mkdir()
     assert cli._fresh(pinned) == pinned.with_name(pinned.name + "-3")
+
+
+def test_tab_completion_completes_stages_then_group_options(capsys, monkeypatch):
+    monkeypatch.setenv("COMP_LINE", "kuda un")
+    assert cli.main(["-sc", "query=bash"]) == 0
+    assert capsys.readouterr().out.split() == ["unlearn"]
+    import os
+
+    done = subprocess.run(
+        [sys.executable, "-m", "kuda_cli.cli", "-sc", "query=bash"],
+        env={**os.environ, "COMP_LINE": "kuda eval seed=1 unlearn="},
+        capture_output=True,
+        text=True,
+    )
+    assert "unlearn=rmu" in done.stdout.split() and "unlearn=kuda" in done.stdout.split()

@@ -44,9 +44,19 @@ def test_report_stage_writes_markdown_and_csv(kuda, tmp_path):
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows)
     assert float(rows[0]["perplexity.perplexity"]) > 1
     assert "perplexity.perplexity" in (out / "report.md").read_text()
+    assert r"perplexity.perplexity" in (out / "report.tex").read_text()
     assert read_json(out / "metrics.json")["report"] == {"runs": 2, "failed": 0}
 
 
 def test_report_with_no_runs_is_a_user_error(kuda, tmp_path):
     done = kuda("report", f"report.runs=[{tmp_path}/nothing*]")
     assert done.returncode == 2 and "matches no run directory" in done.stderr
+
+
+def test_latex_cells_are_escaped(tmp_path):
+    from kuda_cli.stages.report import write_tables
+
+    write_tables([{"run": "a_b", "metric": 0.5, "note": "50% & {x} \\"}], tmp_path)
+    tex = (tmp_path / "report.tex").read_text()
+    assert r"a\_b" in tex and r"50\% \& \{x\} \textbackslash{}" in tex
+    assert "\\toprule" in tex and tex.strip().endswith("\\end{tabular}")

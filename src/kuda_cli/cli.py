@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from kuda_cli.config import STAGES, is_schema_name, register_schemas
+from kuda_cli.config import STAGES, register_schemas
 from kuda_cli.errors import ConfigError, UserError
 
 log = logging.getLogger("kuda")
@@ -39,7 +39,7 @@ def conf_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml") if not is_schema_name(p.stem))
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
 def default_options() -> dict[str, str | None]:
@@ -287,15 +287,17 @@ def hydra_entry(cfg: DictConfig) -> None:
 
 # ----------------------------------------------------------------------------- entry point
 def _complete(argv: list[str]) -> int:
-    """Bash completion: complete the stage, then let Hydra complete the overrides after it."""
-    line = os.environ.get("COMP_LINE", "")
-    words = line.split()
-    if len(words) <= 1 or (len(words) == 2 and not line.endswith(" ")):
-        prefix = words[1] if len(words) == 2 else ""
-        print(" ".join(s for s in STAGES if s.startswith(prefix)))
-        return 0
-    if words[1] in STAGES:
-        os.environ["COMP_LINE"] = line.replace(words[1], "", 1)
+    """Bash completion: complete the stage, then let Hydra complete the overrides after it.
+    `-sc install=bash` and `uninstall` go to Hydra unchanged."""
+    if "query" in " ".join(argv[1:]):
+        line = os.environ.get("COMP_LINE", "")
+        words = line.split()
+        if len(words) <= 1 or (len(words) == 2 and not line.endswith(" ")):
+            prefix = words[1] if len(words) == 2 else ""
+            print(" ".join(s for s in STAGES if s.startswith(prefix)))
+            return 0
+        if words[1] in STAGES:
+            os.environ["COMP_LINE"] = line.replace(words[1], "", 1)
     sys.argv = ["kuda", *argv]
     hydra_entry()
     return 0
@@ -341,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kuda: {err}", file=sys.stderr)
         return 2
     flags = [a for a in rest if a not in args.overrides]
-    sys.argv = ["kuda", *flags, *overrides]
+    # overrides first: a flag with an optional value (--info) must not swallow one
+    sys.argv = ["kuda", *overrides, *flags]
     hydra_entry()
     return 0
 

@@ -262,20 +262,22 @@ class RootConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-SCHEMAS: dict[tuple[str | None, str], type] = {
-    (None, "root_schema"): RootConfig,
-    ("model", "model_schema"): ModelConfig,
-    ("data", "facts_schema"): FactsData,
-    ("data", "corpus_schema"): CorpusData,
-    ("data", "muse_schema"): MuseData,
-    ("locate", "locate_schema"): LocateConfig,
-    ("unlearn", "kuda_schema"): KudaMethod,
-    ("unlearn", "rmu_schema"): RmuMethod,
-    ("unlearn", "ga_schema"): GaMethod,
-    ("unlearn", "graddiff_schema"): GradDiffMethod,
-    ("unlearn", "npo_schema"): NpoMethod,
-    ("unlearn", "simnpo_schema"): SimNpoMethod,
-    ("eval", "eval_schema"): EvalConfig,
+# (group in the ConfigStore, name) -> schema; options start from theirs with
+# `defaults: [/schema/<group>/<name>@_here_, _self_]`, kept out of the option lists.
+SCHEMAS: dict[tuple[str, str], type] = {
+    ("schema", "root"): RootConfig,
+    ("schema/model", "model"): ModelConfig,
+    ("schema/data", "facts"): FactsData,
+    ("schema/data", "corpus"): CorpusData,
+    ("schema/data", "muse"): MuseData,
+    ("schema/locate", "locate"): LocateConfig,
+    ("schema/unlearn", "kuda"): KudaMethod,
+    ("schema/unlearn", "rmu"): RmuMethod,
+    ("schema/unlearn", "ga"): GaMethod,
+    ("schema/unlearn", "graddiff"): GradDiffMethod,
+    ("schema/unlearn", "npo"): NpoMethod,
+    ("schema/unlearn", "simnpo"): SimNpoMethod,
+    ("schema/eval", "eval"): EvalConfig,
 }
 
 
@@ -283,7 +285,3 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
-
-
-def is_schema_name(option: str) -> bool:
-    return option.endswith("_schema")

@@ -126,14 +126,14 @@ def _check_layers(cfg: DictConfig, num_layers: int | None) -> None:
 
 
 def _check_metrics(eval_cfg: DictConfig) -> None:
-    from kuda_cli.evaluate import METRICS
+    from kuda_cli.evaluate import METRIC_MODULES
 
     metrics = eval_cfg.metrics
     if not isinstance(metrics, ListConfig):
         return
     for name in metrics:
-        if name not in METRICS:
-            known = ", ".join(sorted(METRICS))
+        if name not in METRIC_MODULES:
+            known = ", ".join(sorted(METRIC_MODULES))
             raise ConfigError(
                 f"eval.metrics has {name!r}, which this version of kuda does not implement "
                 f"yet (eval={eval_cfg.name}); available: {known}; use eval=facts or eval=none"

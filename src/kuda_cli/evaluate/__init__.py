@@ -1,14 +1,19 @@
 """Metrics, registered by name: `eval.metrics` lists the ones a run computes.
 
-A metric is a function (loaded model, eval config) -> nested dict of results; registering one is
-one decorator in one module.
+A metric is a function (loaded model, eval config) -> nested dict of results, registered with
+`@register_metric(name)` in its module; `METRIC_MODULES` says which module defines each name, so
+config validation knows the names without importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
+METRIC_MODULES = {
+    "perplexity": "kuda_cli.evaluate.perplexity",
+}
 METRICS: dict[str, Callable[..., dict[str, Any]]] = {}
 
 
@@ -20,4 +25,6 @@ def register_metric(name: str):
     return wrap
 
 
-from kuda_cli.evaluate import perplexity as _perplexity  # noqa: E402,F401  (registers)
+def get_metric(name: str) -> Callable[..., dict[str, Any]]:
+    importlib.import_module(METRIC_MODULES[name])
+    return METRICS[name]

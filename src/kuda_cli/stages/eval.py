@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.evaluate import METRICS
+from kuda_cli.evaluate import get_metric
 from kuda_cli.run import Run
 from kuda_cli.stages.common import load_configured_model
 
@@ -18,6 +18,6 @@ def run(cfg: DictConfig, run: Run) -> None:
     eval_cfg = OmegaConf.to_object(cfg.eval)
     for name in eval_cfg.metrics:
         log.info("metric %s", name)
-        results = METRICS[name](loaded, eval_cfg)
+        results = get_metric(name)(loaded, eval_cfg)
         run.log_metrics(results)
         log.info("%s: %s", name, results)

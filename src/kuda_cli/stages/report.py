@@ -1,6 +1,6 @@
 """kuda report: one row per run directory (globs in report.runs), its status and flattened metrics,
-written as report.md and report.csv. Failed and unfinished runs are listed with their status,
-never dropped."""
+written as report.md, report.csv and report.tex (booktabs). Failed and unfinished runs are
+listed with their status, never dropped."""
 
 from __future__ import annotations
 
@@ -78,6 +78,32 @@ def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    tex = [
+        "\\begin{tabular}{" + "l" * len(columns) + "}",
+        "\\toprule",
+        " & ".join(_tex(c) for c in columns) + " \\\\",
+        "\\midrule",
+        *(" & ".join(_tex(_cell(row.get(c))) for c in columns) + " \\\\" for row in rows),
+        "\\bottomrule",
+        "\\end{tabular}",
+    ]
+    (out_dir / "report.tex").write_text("\n".join(tex) + "\n")
+
+
+TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+}
+
+
+def _tex(text: str) -> str:
+    return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
 
 
 def run(cfg: DictConfig, run: Run) -> None:
