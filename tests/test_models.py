@@ -69,6 +69,21 @@ def test_local_directory_loads_through_from_pretrained(tmp_path):
     assert next(reloaded.model.parameters()).dtype == torch.float32
 
 
+def test_tokenizer_can_come_from_elsewhere(tmp_path):
+    original = load_model(tiny_config())
+    original.model.save_pretrained(tmp_path / "weights_only")
+    original.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    spec = ModelConfig(
+        name="local",
+        source="local",
+        path=str(tmp_path / "weights_only"),
+        tokenizer=str(tmp_path / "tokenizer"),
+        device="cpu",
+    )
+    loaded = load_model(spec)
+    assert loaded.tokenizer("abc")["input_ids"] == original.tokenizer("abc")["input_ids"]
+
+
 def test_local_path_errors_name_the_path_and_the_fix(tmp_path):
     with pytest.raises(UserError, match="is not a directory"):
         load_model(ModelConfig(name="x", source="local", path=str(tmp_path / "nope")))

@@ -83,16 +83,34 @@ def test_stage_help_shows_groups(kuda):
 
 
 def test_user_error_during_the_run_exits_2_and_leaves_nothing(kuda, tmp_path):
+    """Bad input found only while running (a file without the text field) is reported in one
+    line, exit 2, and the run directory, holding nothing of the run's own, is removed."""
+    (tmp_path / "texts.jsonl").write_text('{"body": "no text field here"}\n')
     done = kuda(
-        "eval",
-        *FAST_EVAL,
-        "eval.perplexity.source=path",
-        f"eval.perplexity.path={tmp_path / 'missing.jsonl'}",
+        "eval", *FAST_EVAL, "eval.perplexity.source=path", "eval.perplexity.path=texts.jsonl"
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("kuda: ")
-    assert "missing.jsonl" in done.stderr
-    assert not list((tmp_path / "outputs").rglob("meta.json"))
+    assert "no field 'text'" in done.stderr.strip().splitlines()[-1]
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+
+
+def test_a_failing_job_of_a_sweep_is_kept_as_failed_and_the_others_run(kuda, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field here"}\n')
+    (tmp_path / "good.jsonl").write_text('{"text": "Bees make honey."}\n')
+    sweep = tmp_path / "sweep"
+    kuda(
+        "eval",
+        "-m",
+        *FAST_EVAL,
+        "eval.perplexity.source=path",
+        "eval.perplexity.path=bad.jsonl,good.jsonl",
+        f"hydra.sweep.dir={sweep}",
+        check=True,
+    )
+    assert read_json(sweep / "0" / "meta.json")["status"] == "failed"
+    assert "no field 'text'" in read_json(sweep / "0" / "meta.json")["error"]
+    assert read_json(sweep / "1" / "meta.json")["status"] == "completed"
 
 
 def test_a_crashing_stage_marks_the_run_failed(tmp_path):

@@ -270,13 +270,14 @@ def hydra_entry(cfg: DictConfig) -> None:
         STAGE_FUNCTIONS[cfg.stage](cfg, run)
     except UserError as err:
         log.error("%s", err)
-        discarded = run.discard()
-        if run.meta and not discarded:
+        if multirun:  # keep the job's directory so the sweep's report lists it as failed
+            if run.meta:
+                run.finish("failed", error=str(err))
+            return  # one bad job does not stop the rest of a sweep
+        if not run.discard() and run.meta:
             run.finish("failed", error=str(err))
-        if not multirun:
-            print(f"kuda: {err}", file=sys.stderr)
-            sys.exit(2)
-        return  # one bad job does not stop the rest of a sweep
+        print(f"kuda: {err}", file=sys.stderr)
+        sys.exit(2)
     except BaseException as err:
         if run.meta:
             run.finish("failed", error=f"{type(err).__name__}: {err}")

@@ -74,6 +74,7 @@ class ModelConfig:
     id: str | None = None  # hub id (source=hub)
     path: str | None = None  # local directory; when set it wins over every other source
     revision: str | None = None
+    tokenizer: str | None = None  # hub id or directory, when the model repo has no tokenizer
     dtype: str = choice("auto", *DTYPES)
     device: str = choice("auto", *DEVICES)
     trust_remote_code: bool = False

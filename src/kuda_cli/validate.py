@@ -5,6 +5,8 @@ names the key, the bad value and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -15,9 +17,11 @@ from kuda_cli.errors import ConfigError
 def validate(cfg: DictConfig) -> None:
     """Check every constrained field, then cross-group rules. Stops at the first problem."""
     _check_node(cfg, "")
+    _check_name(cfg.get("name"))
     _check_model(cfg.model)
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval)
+    _check_text_source(cfg.eval)
 
 
 def known_depth(model_cfg: DictConfig) -> int | None:
@@ -76,8 +80,23 @@ def _check_node(node: DictConfig, prefix: str) -> None:
             raise ConfigError(f"{path}={value!r} is out of range; it must be {_describe(bounds)}")
 
 
+def _check_name(name: str | None) -> None:
+    if name is not None and not re.fullmatch(r"[\w.+-]+", str(name)):
+        raise ConfigError(
+            f"name={name!r} must be one word of letters, digits, '.', '+', '-' or '_' "
+            "(it becomes part of the run directory's name)"
+        )
+
+
 def _check_model(model: DictConfig) -> None:
     if model.get("path"):
+        path = Path(model.path).expanduser()
+        if not (path / "config.json").is_file():
+            what = "has no config.json" if path.is_dir() else "is not a directory"
+            raise ConfigError(
+                f"model.path={model.path} {what}; pass a directory written by save_pretrained "
+                "(or a run's checkpoint/ directory)"
+            )
         return
     need = {"hub": "id", "embedded": "embedded", "tiny-random": "tiny"}.get(model.source)
     if need and model.get(need) is None:
@@ -122,6 +141,19 @@ def _check_layers(cfg: DictConfig, num_layers: int | None) -> None:
         raise ConfigError(
             f"locate.select_window={cfg.locate.select_window} exceeds the model's "
             f"{num_layers} layers"
+        )
+
+
+def _check_text_source(eval_cfg: DictConfig) -> None:
+    ppl = eval_cfg.perplexity
+    if "perplexity" not in eval_cfg.metrics or ppl.source != "path":
+        return
+    if not ppl.path:
+        raise ConfigError("eval.perplexity.source=path needs eval.perplexity.path=FILE")
+    if not Path(ppl.path).expanduser().exists():
+        raise ConfigError(
+            f"eval.perplexity.path={ppl.path} does not exist; pass a JSONL, JSON, parquet "
+            "or txt file (or a directory of them)"
         )
 
 

@@ -110,7 +110,7 @@ def _from_pretrained(name_or_path: str, spec: ModelConfig, device: torch.device)
     dtype = resolve_dtype(spec.dtype, device)
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or name_or_path, **common)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **common)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
