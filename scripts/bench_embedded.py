@@ -20,16 +20,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from kuda_cli.cli import conf_dir
+from kuda_cli.cli import compose
 from kuda_cli.config import ModelConfig
 from kuda_cli.models.embedded import converted_dir, verify_manifest
 from kuda_cli.models.loading import load_model
 
 
 def shipped_spec() -> ModelConfig:
-    data = OmegaConf.load(conf_dir() / "model" / "smollm2-135m.yaml")
-    del data["defaults"]
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), data))
+    return OmegaConf.to_object(compose(["model=smollm2-135m", "stage=eval"]).model)
 
 
 def timed(fn) -> float:

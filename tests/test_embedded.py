@@ -25,9 +25,7 @@ from kuda_cli.models.loading import load_model, resolve_cache_root
 
 def smollm_spec() -> ModelConfig:
     """The shipped model config (conf/model/smollm2-135m.yaml), as the command composes it."""
-    data = OmegaConf.load(cli.conf_dir() / "model" / "smollm2-135m.yaml")
-    del data["defaults"]
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), data))
+    return OmegaConf.to_object(cli.compose(["model=smollm2-135m", "stage=eval"]).model)
 
 
 def fake_dir(path: Path) -> Path:
