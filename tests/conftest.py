@@ -18,7 +18,12 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 from kuda_cli.config import TinySpec
 from kuda_cli.models.tiny import tiny_random
 
-FAST_EVAL = ["model=tiny-random", "eval.perplexity.max_texts=4", "eval.perplexity.max_length=64"]
+FAST_EVAL = [
+    "model=tiny-random",
+    "eval.metrics=[perplexity]",
+    "eval.perplexity.max_texts=4",
+    "eval.perplexity.max_length=64",
+]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ corrupted cache is rebuilt (never loaded), and the real model knows real facts."
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -141,3 +142,101 @@ def test_real_corrupted_cache_is_rebuilt_from_the_wheel(smollm, tmp_path):
     assert ensure_embedded(spec, tmp_path) == dest
     assert verify_manifest(dest) is None
     assert embedded.sha256_of(dest / "model.safetensors") == original
+
+
+@pytest.mark.integration
+def test_every_shipped_domain_is_known_to_the_embedded_model(smollm):
+    """The shipped facts set is filtered to what SmolLM2-135M knows: >= 0.85 multiple-choice
+    accuracy on every domain, over every prompt paraphrase."""
+    from kuda_cli.data.facts import load_facts, probes
+    from kuda_cli.evaluate.facts import mc_correct
+
+    every = probes(load_facts())
+    correct = mc_correct(smollm.model, smollm.tokenizer, every, batch_size=32)
+    for domain in sorted({p.fact.domain for p in every}):
+        hits = [c for p, c in zip(every, correct, strict=True) if p.fact.domain == domain]
+        assert sum(hits) / len(hits) >= 0.85, domain
+
+
+@pytest.mark.integration
+def test_kuda_eval_facts_on_the_embedded_model(kuda, tmp_path):
+    run = tmp_path / "run"
+    kuda(
+        "eval",
+        "eval.facts.all_prompts=false",
+        "data.retain_domains=[capitals]",
+        "eval.perplexity.max_texts=4",
+        f"hydra.run.dir={run}",
+        check=True,
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split, n_facts in (("forget", 45), ("retain", 48)):
+        assert metrics["facts"][split]["n_facts"] == n_facts
+        assert metrics["facts"][split]["mc_acc"] >= 0.85
+    assert metrics["facts"]["forget"]["gen_acc"] > 0.3
+    assert 0 < metrics["fluency"]["forget"]["nll"] < 5
+    answers = (run / "facts_answers.jsonl").read_text().splitlines()
+    assert len(answers) == 45 + 48
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["split"] for s in samples} == {"forget", "retain"}
+
+
+@pytest.mark.integration
+def test_kuda_eval_wmdp_equals_the_lm_eval_command(smollm, kuda, tmp_path):
+    """`kuda eval eval=wmdp` on the embedded model and a local WMDP-schema file gives the
+    accuracy the `lm_eval` command gives on the converted checkpoint and the same task files."""
+    import os
+    import subprocess
+    import sys
+
+    from kuda_cli.evaluate.lm_eval_bridge import write_local_tasks
+    from test_lm_eval_bridge import WMDP_ROWS
+
+    questions = tmp_path / "wmdp_bio.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in WMDP_ROWS))
+    run = tmp_path / "run"
+    kuda(
+        "eval",
+        "eval=wmdp",
+        "eval.metrics=[lm_eval]",
+        "eval.wmdp.tasks=[wmdp_bio]",
+        f"eval.wmdp.bio_path={questions}",
+        f"hydra.run.dir={run}",
+        check=True,
+    )
+    ours = json.loads((run / "metrics.json").read_text())["lm_eval"]["wmdp_bio"]
+    assert ours["n"] == len(WMDP_ROWS)
+
+    names = write_local_tasks(["wmdp_bio"], {"wmdp_bio": str(questions)}, tmp_path / "tasks")
+    checkpoint = converted_dir(smollm_spec().embedded, resolve_cache_root(None))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={checkpoint},dtype=float32",
+            "--tasks",
+            names["wmdp_bio"],
+            "--include_path",
+            str(tmp_path / "tasks"),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "1",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    theirs = json.loads(results.read_text())["results"][names["wmdp_bio"]]
+    assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-6)
+    assert ours["acc_stderr"] == pytest.approx(theirs["acc_stderr,none"], abs=1e-6)

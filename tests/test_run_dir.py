@@ -169,3 +169,23 @@ def test_config_hash_depends_on_values_only():
     b = OmegaConf.create({"y": {"z": 2}, "x": 1})
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(OmegaConf.create({"x": 2, "y": {"z": 2}}))
+
+
+def test_user_error_after_results_were_written_keeps_the_run_as_failed(kuda, tmp_path):
+    """Nothing is lost: once a metric has written its files, a later bad input marks the run
+    failed instead of deleting it."""
+    (tmp_path / "texts.jsonl").write_text('{"body": "no text field here"}\n')
+    run = tmp_path / "run"
+    done = kuda(
+        "eval",
+        "model=tiny-random",
+        "eval.metrics=[facts,perplexity]",
+        "eval.facts.all_prompts=false",
+        "eval.perplexity.source=path",
+        "eval.perplexity.path=texts.jsonl",
+        f"hydra.run.dir={run}",
+    )
+    assert done.returncode == 2
+    meta = read_json(run / "meta.json")
+    assert meta["status"] == "failed" and "no field 'text'" in meta["error"]
+    assert (run / "facts_answers.jsonl").is_file()

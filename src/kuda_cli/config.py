@@ -102,7 +102,7 @@ class FactsData:
     kind: str = choice("facts", "facts")
     path: str | None = None  # a JSONL file of facts replacing the built-in set
     forget_domains: list[str] = listed("chemistry")
-    retain_domains: list[str] = listed("capitals", "currencies", "authors")
+    retain_domains: list[str] = listed("capitals", "languages", "landmarks")
 
 
 @dataclass
@@ -121,12 +121,17 @@ class CorpusData:
 class MuseData:
     name: str = MISSING
     kind: str = choice("muse", "muse")
+    # PrivLeak compares the Min-K% AUC with that of a model retrained without the forget set:
+    # set it for your retrained model; null reports the AUC alone.
+    retrain_auc: float | None = bounded(None, ge=0, le=1)
     forget: SplitSource = field(default_factory=SplitSource)
     retain: SplitSource = field(default_factory=SplitSource)
     holdout: SplitSource = field(default_factory=SplitSource)
     verbmem: SplitSource = field(default_factory=SplitSource)
     knowmem_forget: SplitSource = field(default_factory=SplitSource)
     knowmem_retain: SplitSource = field(default_factory=SplitSource)
+    knowmem_forget_icl: SplitSource = field(default_factory=SplitSource)
+    knowmem_retain_icl: SplitSource = field(default_factory=SplitSource)
 
 
 # ----------------------------------------------------------------------------- locate
@@ -222,7 +227,7 @@ class PerplexityConfig:
     """Perplexity of a text set: the built-in passages, a local file, or a hub dataset."""
 
     source: str = choice("builtin", "builtin", "path", "hub")
-    builtin: str = "general"  # name of a JSONL file under kuda_cli/data/builtin/
+    builtin: str = "general"  # name of a JSONL file under kuda_cli/data/builtin/texts/
     path: str | None = None
     hub_id: str | None = None
     hub_config: str | None = None
@@ -234,12 +239,54 @@ class PerplexityConfig:
 
 
 @dataclass
+class FactsEvalConfig:
+    """The built-in knowledge evaluation (needs data=facts)."""
+
+    all_prompts: bool = True  # every paraphrase of every fact, or only the first
+    gen_max_new_tokens: int = bounded(16, ge=1)  # greedy answers scored for gen_acc
+    fluency_max_new_tokens: int = bounded(32, ge=1)  # answers to forget prompts, for fluency
+    batch_size: int = bounded(32, ge=1)
+    samples: int = bounded(5, ge=0)  # sample generations per split written to samples.jsonl
+    reference: str | None = None  # run dir (or its facts_answers.jsonl): retain agreement
+    judge: str | None = None  # model directory scoring fluency; null: the evaluated model
+
+
+@dataclass
+class WmdpEvalConfig:
+    """WMDP and MMLU through lm-eval; local files (hub schema) replace the hub datasets."""
+
+    tasks: list[str] = listed("wmdp_bio", "wmdp_cyber", "mmlu")
+    bio_path: str | None = None  # rows: question, choices (4), answer (index)
+    cyber_path: str | None = None
+    chem_path: str | None = None
+    mmlu_path: str | None = None  # rows: question, subject, choices, answer
+    mmlu_dev_path: str | None = None  # few-shot examples for MMLU (num_fewshot > 0)
+    limit: int | None = bounded(None, ge=1)  # questions per task, for quick runs
+    batch_size: int = bounded(8, ge=1)
+    num_fewshot: int = bounded(0, ge=0)
+
+
+@dataclass
+class MuseEvalConfig:
+    """MUSE: VerbMem, KnowMem (forget, retain), PrivLeak (needs a data=muse_* option)."""
+
+    verbmem_max_new_tokens: int = bounded(128, ge=1)
+    knowmem_max_new_tokens: int = bounded(32, ge=1)
+    icl_examples: int = bounded(3, ge=0)  # in-context QA pairs before each KnowMem question
+    mink_k: float = bounded(0.4, gt=0, le=1)
+    max_items: int | None = bounded(None, ge=1)
+    max_length: int = bounded(2048, ge=16)
+    batch_size: int = bounded(4, ge=1)
+
+
+@dataclass
 class EvalConfig:
     name: str = MISSING
-    metrics: list[str] = listed("perplexity")  # names in kuda_cli.evaluate.METRICS
+    metrics: list[str] = listed("perplexity")  # names in kuda_cli.evaluate.METRIC_MODULES
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
-    tasks: list[str] = field(default_factory=list)  # lm-eval task names (eval=wmdp)
-    batch_size: int = bounded(8, ge=1)
+    facts: FactsEvalConfig = field(default_factory=FactsEvalConfig)
+    wmdp: WmdpEvalConfig = field(default_factory=WmdpEvalConfig)
+    muse: MuseEvalConfig = field(default_factory=MuseEvalConfig)
 
 
 # ----------------------------------------------------------------------------- root

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.errors import ConfigError
 
@@ -20,7 +20,7 @@ def validate(cfg: DictConfig) -> None:
     _check_name(cfg.get("name"))
     _check_model(cfg.model)
     _check_layers(cfg, known_depth(cfg.model))
-    _check_metrics(cfg.eval)
+    _check_metrics(cfg.eval, cfg.data)
     _check_text_source(cfg.eval)
 
 
@@ -157,16 +157,21 @@ def _check_text_source(eval_cfg: DictConfig) -> None:
         )
 
 
-def _check_metrics(eval_cfg: DictConfig) -> None:
-    from kuda_cli.evaluate import METRIC_MODULES
+def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
+    from kuda_cli.evaluate import METRIC_DATA_KIND, METRIC_MODULES
 
-    metrics = eval_cfg.metrics
-    if not isinstance(metrics, ListConfig):
-        return
-    for name in metrics:
+    for name in eval_cfg.metrics:
         if name not in METRIC_MODULES:
             known = ", ".join(sorted(METRIC_MODULES))
             raise ConfigError(
                 f"eval.metrics has {name!r}, which this version of kuda does not implement "
-                f"yet (eval={eval_cfg.name}); available: {known}; use eval=facts or eval=none"
+                f"yet (eval={eval_cfg.name}); available: {known}"
+            )
+        kind = METRIC_DATA_KIND.get(name)
+        if kind and data_cfg.kind != kind:
+            fitting = {"facts": "eval=facts", "corpus": "eval=wmdp", "muse": "eval=muse"}
+            raise ConfigError(
+                f"eval={eval_cfg.name} reads its {name} sets from the data group, which "
+                f"data={data_cfg.name} does not have; pass {fitting[data_cfg.kind]} with "
+                f"data={data_cfg.name} (or eval=none)"
             )

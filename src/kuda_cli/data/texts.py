@@ -14,7 +14,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 
 def builtin_path(name: str) -> Path:
-    path = Path(str(resources.files("kuda_cli.data") / "builtin" / f"{name}.jsonl"))
+    path = Path(str(resources.files("kuda_cli.data") / "builtin" / "texts" / f"{name}.jsonl"))
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.jsonl"))
         raise UserError(f"no built-in text set {name!r}; built-in sets: {', '.join(known)}")
@@ -60,9 +60,15 @@ def hub_records(hub_id: str, config: str | None, split: str) -> list[dict[str, A
         return datasets.load_dataset(hub_id, config, split=split).to_list()
     except Exception as err:  # datasets raises many types for offline, gated or missing sets
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        gated = "gated" in str(err).lower() or "401" in str(err)
+        why = (
+            "it is gated: request access on the hub and log in (hf auth login)"
+            if gated
+            else (first[:200])
+        )
         raise UserError(
             f"could not load dataset {hub_id}"
-            f"{'/' + config if config else ''} split {split} ({first[:200]}); download it "
+            f"{'/' + config if config else ''} split {split} ({why}); download it "
             "where the hub is reachable and pass the local file with the matching .path= option"
         ) from err
 

@@ -1,6 +1,6 @@
 """Metrics, registered by name: `eval.metrics` lists the ones a run computes.
 
-A metric is a function (loaded model, eval config) -> nested dict of results, registered with
+A metric is a function (EvalContext) -> nested dict of results, registered with
 `@register_metric(name)` in its module; `METRIC_MODULES` says which module defines each name, so
 config validation knows the names without importing torch.
 """
@@ -9,12 +9,30 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 METRIC_MODULES = {
     "perplexity": "kuda_cli.evaluate.perplexity",
+    "facts": "kuda_cli.evaluate.facts_metric",
+    "muse": "kuda_cli.evaluate.muse_metric",
+    "lm_eval": "kuda_cli.evaluate.lm_eval_metric",
 }
-METRICS: dict[str, Callable[..., dict[str, Any]]] = {}
+# the data kind a metric reads its sets from (validated before the run)
+METRIC_DATA_KIND = {"facts": "facts", "muse": "muse"}
+METRICS: dict[str, Callable[[EvalContext], dict[str, Any]]] = {}
+
+
+@dataclass
+class EvalContext:
+    """What a metric may use: the loaded model, the eval and data configs, the run directory."""
+
+    loaded: Any  # kuda_cli.models.loading.LoadedModel
+    eval: Any  # kuda_cli.config.EvalConfig
+    data: Any  # the data group's dataclass
+    out_dir: Path | None = None
+    cache_dir: str | None = None
 
 
 def register_metric(name: str):
@@ -25,6 +43,6 @@ def register_metric(name: str):
     return wrap
 
 
-def get_metric(name: str) -> Callable[..., dict[str, Any]]:
+def get_metric(name: str) -> Callable[[EvalContext], dict[str, Any]]:
     importlib.import_module(METRIC_MODULES[name])
     return METRICS[name]

@@ -5,16 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
-
-from kuda_cli.config import EvalConfig
 from kuda_cli.data.texts import load_texts
-from kuda_cli.evaluate import register_metric
+from kuda_cli.evaluate import EvalContext, register_metric
+from kuda_cli.evaluate.scoring import token_logprobs
 
 
-@torch.no_grad()
 def perplexity(
     model,
     tokenizer,
@@ -24,38 +19,24 @@ def perplexity(
     batch_size: int = 4,
     desc: str = "perplexity",
 ) -> dict[str, Any]:
-    """Token-weighted perplexity. Texts are batched by length (less padding); padding is masked;
-    texts longer than `max_length` tokens are truncated."""
-    device = next(model.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    total_nll, total_tokens = 0.0, 0
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-            batch = [texts[i] for i in order[start : start + batch_size]]
-            enc = tokenizer(
-                batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length
-            ).to(device)
-            logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
-            targets = enc.input_ids[:, 1:]
-            mask = enc.attention_mask[:, 1:].bool()
-            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-            total_nll += nll[mask].sum().item()
-            total_tokens += int(mask.sum())
-    finally:
-        tokenizer.padding_side = padding_side
-    mean_nll = total_nll / max(total_tokens, 1)
+    """Token-weighted perplexity: every token but each text's first is scored; texts longer than
+    `max_length` tokens are truncated."""
+    per_text = token_logprobs(
+        model, tokenizer, texts, max_length=max_length, batch_size=batch_size, desc=desc
+    )
+    tokens = sum(len(t) for t in per_text)
+    mean_nll = -sum(float(t.sum()) for t in per_text) / max(tokens, 1)
     return {
         "perplexity": math.exp(mean_nll),
         "nll": mean_nll,
-        "tokens": total_tokens,
+        "tokens": tokens,
         "texts": len(texts),
     }
 
 
 @register_metric("perplexity")
-def perplexity_metric(loaded, eval_cfg: EvalConfig) -> dict[str, Any]:
-    ppl = eval_cfg.perplexity
+def perplexity_metric(ctx: EvalContext) -> dict[str, Any]:
+    ppl, loaded = ctx.eval.perplexity, ctx.loaded
     texts = load_texts(
         source=ppl.source,
         builtin=ppl.builtin,

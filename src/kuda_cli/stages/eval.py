@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.evaluate import get_metric
+from kuda_cli.evaluate import EvalContext, get_metric
 from kuda_cli.run import Run
 from kuda_cli.stages.common import load_configured_model
 
@@ -15,9 +15,15 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, run: Run) -> None:
     loaded = load_configured_model(cfg, run)
-    eval_cfg = OmegaConf.to_object(cfg.eval)
-    for name in eval_cfg.metrics:
+    ctx = EvalContext(
+        loaded=loaded,
+        eval=OmegaConf.to_object(cfg.eval),
+        data=OmegaConf.to_object(cfg.data),
+        out_dir=run.dir,
+        cache_dir=cfg.cache_dir,
+    )
+    for name in ctx.eval.metrics:
         log.info("metric %s", name)
-        results = get_metric(name)(loaded, eval_cfg)
+        results = get_metric(name)(ctx)
         run.log_metrics(results)
         log.info("%s: %s", name, results)

@@ -1,0 +1,174 @@
+"""Running a model for evaluation, batched: per-token log-probabilities of texts, summed
+log-likelihoods of continuations, and greedy generation. Perplexity, the knowledge set, fluency
+and MUSE are built on these."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    """Dropout off while scoring, and the caller's train/eval mode given back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def _padding(tokenizer, side: str) -> Iterator[None]:
+    """Pad on `side`, falling back to EOS as pad token for tokenizers without one (Llama); the
+    tokenizer's settings are restored so callers see no side effect."""
+    padding_side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = side
+    if pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = padding_side
+        if pad_token is None:
+            tokenizer.pad_token = None
+
+
+def _batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices grouped by text length, so each batch carries little padding."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def token_logprobs(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 2048,
+    batch_size: int = 4,
+    desc: str = "token log-probs",
+) -> list[torch.Tensor]:
+    """Per text, log p(token_t | tokens_<t) for t >= 1 (the first token has no prefix), as a
+    float32 CPU tensor without padding. Texts longer than `max_length` tokens are truncated."""
+    device = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    with _eval_mode(model), _padding(tokenizer, "right"):
+        for batch in tqdm(_batches(texts, batch_size), desc=desc, unit="batch"):
+            enc = tokenizer(
+                [texts[i] for i in batch],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            ).to(device)
+            logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            logits = logits[:, :-1].float()
+            targets = enc.input_ids[:, 1:]
+            # logit(target) - logsumexp avoids materialising a second vocab-sized tensor.
+            picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            logprobs = (picked - logits.logsumexp(-1)).cpu()
+            lengths = enc.attention_mask.sum(-1).tolist()
+            for row, i in enumerate(batch):
+                out[i] = logprobs[row, : max(int(lengths[row]) - 1, 0)].clone()
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 4,
+    desc: str = "generate",
+    stop_strings: Sequence[str] | None = None,
+) -> list[str]:
+    """Greedy continuation of each prompt, prompt removed, special tokens dropped. Left padding
+    keeps every prompt's last token next to the generated ones, so batching does not change
+    what is generated. A sequence ends early at any of `stop_strings` (kept in the text)."""
+    stop = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
+    device = next(model.parameters()).device
+    out: list[str] = [""] * len(prompts)
+    with _eval_mode(model), _padding(tokenizer, "left"):
+        for batch in tqdm(_batches(prompts, batch_size), desc=desc, unit="batch"):
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(
+                device
+            )
+            generated = model.generate(
+                input_ids=enc.input_ids,
+                attention_mask=enc.attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                **stop,
+            )
+            new_tokens = generated[:, enc.input_ids.shape[1] :]
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for i, text in zip(batch, texts, strict=True):
+                out[i] = text
+    return out
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    desc: str = "scoring",
+) -> list[tuple[float, int]]:
+    """(sum of log P(continuation | context), number of continuation tokens) per pair.
+
+    The context is encoded as the tokenizer does by default (BOS where the model uses one) and
+    the continuation without special tokens, then concatenated: the continuation's tokens are the
+    same whatever the context, as in lm-eval's loglikelihood requests.
+    """
+    device = _device(model)
+    encoded = []
+    for context, continuation in pairs:
+        ctx = tokenizer(context)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not cont:
+            raise ValueError(f"empty continuation after {context!r}")
+        encoded.append((ctx, cont))
+    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    lengths = [" " * (len(ctx) + len(cont)) for ctx, cont in encoded]
+    batches = _batches(lengths, batch_size)
+    with _eval_mode(model):
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
+            results_of_batch = _score_batch(model, [encoded[i] for i in batch], pad, device)
+            for i, result in zip(batch, results_of_batch, strict=True):
+                results[i] = result
+    return results
+
+
+def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int]]:
+    """One right-padded forward pass; the summed log-probability of each continuation."""
+    seqs = [ctx + cont for ctx, cont in encoded]
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logprobs = F.log_softmax(logits.float(), dim=-1)
+    scores = []
+    for row, (ctx, cont) in enumerate(encoded):
+        positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
+        total = logprobs[row, positions, torch.tensor(cont, device=device)].sum().item()
+        scores.append((total, len(cont)))
+    return scores

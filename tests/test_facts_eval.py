@@ -1,0 +1,185 @@
+"""The knowledge set and its evaluation: schema checks, subject spans, scoring primitives equal
+to their unbatched definitions, multiple choice and greedy answers that follow what the model
+learned, fluency figures, and agreement with a reference run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kuda_cli.data.facts import Fact, load_facts, parse_fact, probes, split_facts
+from kuda_cli.errors import UserError
+from kuda_cli.evaluate.facts import (
+    answer_matches,
+    evaluate_facts,
+    fluency,
+    mc_correct,
+    read_reference_answers,
+    repetition_rate,
+)
+from kuda_cli.evaluate.scoring import continuation_logprobs, greedy_continuations
+
+PARIS = Fact(
+    id="capitals-001",
+    domain="capitals",
+    subject="France",
+    target="Paris",
+    prompts=("The capital of {} is", "{} has its capital in"),
+    distractors=("Rome", "Lima", "Oslo"),
+    passage="Paris is where the government of France sits.",
+)
+IRON = Fact(
+    id="chemistry-001",
+    domain="chemistry",
+    subject="iron",
+    target="Fe",
+    prompts=("The chemical symbol for {} is", "{} is written with the symbol"),
+    distractors=("Ir", "In", "I"),
+    passage="Iron carries the symbol Fe.",
+)
+
+
+def record(fact: Fact) -> dict:
+    return {**fact.__dict__, "prompts": list(fact.prompts), "distractors": list(fact.distractors)}
+
+
+def test_prompts_mark_the_subject_span_and_start_upper_case():
+    assert IRON.prompt(1) == "Iron is written with the symbol"
+    for fact in (PARIS, IRON):
+        for i in range(len(fact.prompts)):
+            start, end = fact.subject_span(i)
+            assert fact.prompt(i)[start:end].lower() == fact.subject.lower()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"prompts": ["no placeholder"]}, "must hold"),
+        ({"distractors": ["Paris", "Rome"]}, "distractors other than"),
+        ({"passage": None}, "lacks passage"),
+    ],
+)
+def test_bad_facts_are_rejected_with_the_fact_named(change, message):
+    rec = {**record(PARIS), **change}
+    if rec["passage"] is None:
+        del rec["passage"]
+    with pytest.raises(UserError, match=message):
+        parse_fact(rec, "test.jsonl")
+
+
+def test_split_by_domain(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(record(f)) + "\n" for f in (PARIS, IRON)))
+    facts = load_facts(path)
+    forget, retain = split_facts(facts, ["chemistry"], ["capitals"])
+    assert [f.id for f in forget] == ["chemistry-001"] and [f.id for f in retain] == [
+        "capitals-001"
+    ]
+    with pytest.raises(UserError, match="domains: capitals, chemistry"):
+        split_facts(facts, ["biology"], ["capitals"])
+    with pytest.raises(UserError, match="both forgotten and retained"):
+        split_facts(facts, ["chemistry"], ["chemistry"])
+
+
+def test_builtin_set_has_four_domains_of_forty_facts():
+    facts = load_facts()
+    per_domain: dict[str, int] = {}
+    for fact in facts:
+        per_domain[fact.domain] = per_domain.get(fact.domain, 0) + 1
+        assert len(fact.prompts) >= 2 and len(fact.distractors) == 3
+        assert fact.passage not in {fact.prompt(i) for i in range(len(fact.prompts))}
+    assert len(per_domain) >= 4 and min(per_domain.values()) >= 40, per_domain
+    assert len({f.id for f in facts}) == len(facts)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_continuation_logprobs_equal_the_unbatched_definition(tiny, batch_size):
+    model, tokenizer = tiny
+    pairs = [("The capital of France is", " Paris"), ("Iron", " is Fe, a metal"), ("A", " b")]
+    got = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size)
+    for (context, continuation), (total, n) in zip(pairs, got, strict=True):
+        ctx = tokenizer(context)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(input_ids=ids).logits[0], dim=-1)
+        expected = sum(logprobs[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+        assert n == len(cont) and total == pytest.approx(expected, abs=1e-4)
+
+
+def test_batched_greedy_generation_equals_one_by_one(tiny):
+    model, tokenizer = tiny
+    prompts = ["The capital of France is", "Iron", "A much longer prompt than the others here"]
+    batched = greedy_continuations(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    single = [greedy_continuations(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+    assert tokenizer.padding_side == "right"  # restored
+
+
+def memorise(model, tokenizer, texts, steps=60):
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def test_mc_and_greedy_answers_follow_what_the_model_learned(tiny):
+    model, tokenizer = tiny
+    memorise(model, tokenizer, [PARIS.prompt(0) + " Paris.", IRON.prompt(0) + " Fe."])
+    probe_list = probes([PARIS, IRON], all_prompts=False)
+    assert mc_correct(model, tokenizer, probe_list) == [True, True]
+    metrics, rows = evaluate_facts(model, tokenizer, {"forget": probe_list}, gen_max_new_tokens=6)
+    assert metrics["forget"]["mc_acc"] == 1.0 and metrics["forget"]["gen_acc"] == 1.0
+    assert rows[0]["answer"].startswith(" Paris") and rows[1]["answer"].startswith(" Fe")
+    wrong = Fact(**{**PARIS.__dict__, "target": "Rome", "distractors": ("Paris", "Lima", "Oslo")})
+    assert mc_correct(model, tokenizer, probes([wrong], all_prompts=False)) == [False]
+
+
+def test_answer_matching_and_repetition():
+    assert answer_matches(" Paris.\n\nThe answer", "Paris")
+    assert answer_matches(' "Fe" and it is a metal', "Fe")
+    assert not answer_matches(" Iron is Fe", "F")  # whole words only
+    assert not answer_matches("Rome.\nParis", "Paris")  # first line only
+    assert repetition_rate("a b c d") == 0.0
+    # trigrams: (a b c) (b c a) (c a b) (a b c) -> 3 distinct of 4
+    assert repetition_rate("a b c a b c") == pytest.approx(0.25)
+    assert repetition_rate("the the the the the") == pytest.approx(2 / 3)
+
+
+def test_fluency_nll_is_the_judges_mean_token_nll(tiny):
+    model, tokenizer = tiny
+    prompts, answers = ["Q1", "Q2", "Q3"], [" an answer", "", " the the the the"]
+    result = fluency(model, tokenizer, prompts, answers)
+    scored = continuation_logprobs(model, tokenizer, [("Q1", " an answer"), ("Q3", answers[2])])
+    expected = -sum(t for t, _ in scored) / sum(n for _, n in scored)
+    assert result["nll"] == pytest.approx(expected) and math.isfinite(result["nll"])
+    assert result["empty"] == 1 and result["n"] == 3
+    assert result["repetition"] == pytest.approx((0 + 0 + 0.5) / 3)
+
+
+def test_agreement_with_a_reference_run(tiny, tmp_path):
+    model, tokenizer = tiny
+    probe_list = probes([PARIS, IRON])
+    _, rows = evaluate_facts(model, tokenizer, {"retain": probe_list}, gen_max_new_tokens=4)
+    (tmp_path / "facts_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reference = read_reference_answers(tmp_path)
+    metrics, _ = evaluate_facts(
+        model, tokenizer, {"retain": probe_list}, gen_max_new_tokens=4, reference=reference
+    )
+    assert metrics["retain"]["agreement"] == 1.0
+    changed = {**reference, probe_list[0].text: "something else entirely"}
+    metrics, _ = evaluate_facts(
+        model, tokenizer, {"retain": probe_list}, gen_max_new_tokens=4, reference=changed
+    )
+    assert metrics["retain"]["agreement"] == pytest.approx(3 / 4)
+    with pytest.raises(UserError, match="facts_answers.jsonl"):
+        read_reference_answers(tmp_path / "nothing")

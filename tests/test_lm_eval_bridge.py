@@ -1,0 +1,231 @@
+"""lm-eval bridge: local WMDP/MMLU task files render lm-eval's own prompts, the in-process run on
+an in-memory model scores exactly what the `lm_eval` command scores on the saved model, and a
+hub dataset that cannot be reached is a one-line UserError."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kuda_cli.config import TinySpec
+from kuda_cli.errors import UserError
+from kuda_cli.evaluate.lm_eval_bridge import read_rows, run_lm_eval, write_local_tasks
+from kuda_cli.models.tiny import tiny_random
+
+# question | four choices | answer index; MMLU rows start with the subject.
+WMDP_TABLE = """
+Which organelle makes most of a cell's ATP? | Ribosome | Mitochondrion | Golgi body | Lysosome | 1
+Which molecule carries amino acids to the ribosome? | mRNA | rRNA | tRNA | snRNA | 2
+What do restriction enzymes cut? | Proteins | Lipids | DNA | Polysaccharides | 2
+Which technique amplifies a DNA segment? | PCR | ELISA | Western blot | Flow cytometry | 0
+Plasmids are most commonly found in which organisms? | Bacteria | Plants | Mammals | Fungi | 0
+Which enzyme makes RNA from a DNA template? | Ligase | Helicase | Primase | RNA polymerase | 3
+What is the genetic material of influenza virus? | dsDNA | ssRNA | ssDNA | Protein | 1
+Which cell type produces antibodies? | Neutrophil | Erythrocyte | Plasma cell | Platelet | 2
+"""
+MMLU_TABLE = """
+college_biology | Which base is in RNA but not in DNA? | Adenine | Uracil | Thymine | Guanine | 1
+college_biology | Meiosis produces cells that are | diploid | triploid | haploid | tetraploid | 2
+college_biology | Photosynthesis takes place in the | chloroplast | nucleus | vacuole | wall | 0
+college_biology | Enzymes speed reactions by | heating | adding ATP | shifting K | lowering Ea | 3
+virology | Viruses that infect bacteria are | prions | bacteriophages | viroids | plasmids | 1
+virology | Which enzyme copies retroviral RNA to DNA? | Integrase | Protease | RT | Capsid | 2
+virology | A viral envelope comes from the | host membrane | capsid | cell wall | ribosome | 0
+virology | Which disease is caused by a virus? | Tuberculosis | Malaria | Cholera | Measles | 3
+"""
+
+
+def table_rows(table: str, *, subject: bool) -> list[dict]:
+    rows = []
+    for line in table.strip().splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        row = {"subject": cells.pop(0)} if subject else {}
+        rows.append({**row, "question": cells[0], "choices": cells[1:5], "answer": int(cells[5])})
+    return rows
+
+
+WMDP_ROWS = table_rows(WMDP_TABLE, subject=False)
+MMLU_ROWS = table_rows(MMLU_TABLE, subject=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture
+def local_files(tmp_path) -> dict[str, str]:
+    return {
+        "wmdp_bio": write_jsonl(tmp_path / "wmdp_bio.jsonl", WMDP_ROWS),
+        "mmlu": write_jsonl(tmp_path / "mmlu.jsonl", MMLU_ROWS),
+    }
+
+
+def load_task(task_dir: Path, name: str):
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
+    return manager.load([name])["tasks"][name]
+
+
+def shipped_yaml(relative: str) -> dict:
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(Path(lm_eval.tasks.__file__).parent / relative, resolve_func=False)
+
+
+PROMPT_KEYS = ("description", "doc_to_text", "doc_to_choice", "doc_to_target", "output_type")
+
+
+def test_local_tasks_render_lm_evals_prompts(tmp_path, local_files):
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    names = write_local_tasks(
+        ["wmdp_bio", "mmlu", "mmlu_virology"], local_files, tmp_path / "tasks"
+    )
+    assert names == {
+        "wmdp_bio": "kuda_wmdp_bio_local",
+        "mmlu": "kuda_mmlu_local",
+        "mmlu_virology": "kuda_mmlu_virology_local",
+    }
+
+    task = load_task(tmp_path / "tasks", "kuda_wmdp_bio_local")
+    doc = task.test_docs()[1]
+    question, choices, answer = (WMDP_ROWS[1][key] for key in ("question", "choices", "answer"))
+    expected = (
+        f"{question}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}\nD. {choices[3]}\nAnswer:"
+    )
+    assert task.doc_to_text(doc) == expected
+    assert task.doc_to_choice(doc) == ["A", "B", "C", "D"]
+    assert task.doc_to_target(doc) == answer
+    description = "The following are multiple choice questions (with answers) about biology.\n\n"
+    assert task.fewshot_context(doc, 0) == description + expected
+
+    # The same configuration as the task files of the installed lm-eval, key by key.
+    ours = load_yaml(tmp_path / "tasks" / "kuda_wmdp_bio_local.yaml", resolve_func=False)
+    theirs = shipped_yaml("wmdp/wmdp_bio.yaml")
+    for key in (*PROMPT_KEYS, "num_fewshot", "metric_list"):
+        assert ours[key] == theirs[key], key
+    ours = load_yaml(tmp_path / "tasks" / "kuda_mmlu_virology_local.yaml", resolve_func=False)
+    theirs = shipped_yaml("mmlu/default/mmlu_virology.yaml")
+    for key in (*PROMPT_KEYS, "fewshot_config", "metric_list"):
+        assert ours[key] == theirs[key], key
+
+
+def test_in_process_equals_lm_eval_command(tmp_path, local_files):
+    model, tokenizer = tiny_random(TinySpec())
+    # At its initial scale the random model answers B to every question whatever the prompt,
+    # which would make equal accuracies prove nothing; sharper weights make the answer depend on
+    # the prompt (letter log-likelihood gaps stay >0.5 nats, far above batching noise).
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 2:
+                param.mul_(30.0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    task_dir = tmp_path / "tasks"
+    names = write_local_tasks(["wmdp_bio", "mmlu"], local_files, task_dir)
+    written = {p.name: p.read_text() for p in task_dir.glob("*.yaml")}
+
+    model.train()
+    rng = torch.get_rng_state()
+    ours = run_lm_eval(
+        model,
+        tokenizer,
+        ["wmdp_bio", "mmlu", "mmlu_college_biology", "mmlu_virology"],
+        local_files=local_files,
+        task_dir=task_dir,
+    )
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    # The command below reads exactly the task files the in-process run used.
+    assert {p.name: p.read_text() for p in task_dir.glob("*.yaml")} == written
+    assert set(ours) == {"wmdp_bio", "mmlu", "mmlu_college_biology", "mmlu_virology"}
+    assert [ours[t]["n"] for t in ours] == [8, 8, 4, 4]
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tmp_path / 'model'},dtype=float32",
+            "--tasks",
+            ",".join(names.values()),
+            "--include_path",
+            str(task_dir),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "1",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())["results"]
+    cli_names = {
+        "wmdp_bio": "kuda_wmdp_bio_local",
+        "mmlu": "kuda_mmlu_local",
+        "mmlu_college_biology": "kuda_mmlu_college_biology_local",
+        "mmlu_virology": "kuda_mmlu_virology_local",
+    }
+    for task, name in cli_names.items():
+        assert ours[task]["acc"] == pytest.approx(theirs[name]["acc,none"], abs=1e-6), task
+        assert ours[task]["acc_stderr"] == pytest.approx(theirs[name]["acc_stderr,none"]), task
+
+
+def test_limit_and_single_subject(tiny, local_files):
+    model, tokenizer = tiny
+    scores = run_lm_eval(
+        model, tokenizer, ["mmlu_virology", "wmdp_bio"], local_files=local_files, limit=2
+    )
+    assert set(scores) == {"mmlu_virology", "wmdp_bio"}
+    assert scores["mmlu_virology"]["n"] == scores["wmdp_bio"]["n"] == 2
+    assert all(0.0 <= s["acc"] <= 1.0 for s in scores.values())
+
+
+@pytest.mark.parametrize(("task", "dataset"), [("wmdp_bio", "cais/wmdp"), ("mmlu", "cais/mmlu")])
+def test_unreachable_hub_dataset_is_a_user_error(tiny, tmp_path, monkeypatch, task, dataset):
+    import datasets
+
+    # An empty datasets cache: offline, a copy cached on this machine would otherwise load.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    model, tokenizer = tiny
+    with pytest.raises(UserError, match=dataset) as caught:
+        run_lm_eval(model, tokenizer, [task])
+    message = str(caught.value)
+    assert "\n" not in message and task in message and "=FILE" in message
+
+
+def test_bad_rows_and_names_are_user_errors(tmp_path, local_files):
+    three = write_jsonl(
+        tmp_path / "three.jsonl", [{"question": "q", "choices": ["a", "b", "c"], "answer": 0}]
+    )
+    with pytest.raises(UserError, match="4 strings"):
+        read_rows(three, "wmdp_bio")
+    no_subject = write_jsonl(
+        tmp_path / "mmlu_bad.jsonl", [{"question": "q", "choices": list("abcd"), "answer": "B"}]
+    )
+    with pytest.raises(UserError, match="lacks subject"):
+        read_rows(no_subject, "mmlu")
+    assert read_rows(local_files["wmdp_bio"], "wmdp_bio")[0]["answer"] == WMDP_ROWS[0]["answer"]
+    with pytest.raises(UserError, match="unknown lm-eval task"):
+        write_local_tasks(["hellaswag"], local_files, tmp_path / "t")
+    with pytest.raises(UserError, match="no rows with subject 'anatomy'"):
+        write_local_tasks(["mmlu_anatomy"], local_files, tmp_path / "t")
