@@ -185,12 +185,8 @@ def test_kuda_eval_facts_on_the_embedded_model(kuda, tmp_path):
 def test_kuda_eval_wmdp_equals_the_lm_eval_command(smollm, kuda, tmp_path):
     """`kuda eval eval=wmdp` on the embedded model and a local WMDP-schema file gives the
     accuracy the `lm_eval` command gives on the converted checkpoint and the same task files."""
-    import os
-    import subprocess
-    import sys
-
     from kuda_cli.evaluate.lm_eval_bridge import write_local_tasks
-    from test_lm_eval_bridge import WMDP_ROWS
+    from test_lm_eval_bridge import WMDP_ROWS, lm_eval_command
 
     questions = tmp_path / "wmdp_bio.jsonl"
     questions.write_text("".join(json.dumps(r) + "\n" for r in WMDP_ROWS))
@@ -209,34 +205,7 @@ def test_kuda_eval_wmdp_equals_the_lm_eval_command(smollm, kuda, tmp_path):
 
     names = write_local_tasks(["wmdp_bio"], {"wmdp_bio": str(questions)}, tmp_path / "tasks")
     checkpoint = converted_dir(smollm_spec().embedded, resolve_cache_root(None))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={checkpoint},dtype=float32",
-            "--tasks",
-            names["wmdp_bio"],
-            "--include_path",
-            str(tmp_path / "tasks"),
-            "--device",
-            "cpu",
-            "--batch_size",
-            "1",
-            "--output_path",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (results,) = (tmp_path / "out").rglob("results_*.json")
-    theirs = json.loads(results.read_text())["results"][names["wmdp_bio"]]
+    results = lm_eval_command(checkpoint, [names["wmdp_bio"]], tmp_path / "tasks", tmp_path)
+    theirs = results[names["wmdp_bio"]]
     assert ours["acc"] == pytest.approx(theirs["acc,none"], abs=1e-6)
     assert ours["acc_stderr"] == pytest.approx(theirs["acc_stderr,none"], abs=1e-6)

@@ -119,6 +119,39 @@ def test_local_tasks_render_lm_evals_prompts(tmp_path, local_files):
         assert ours[key] == theirs[key], key
 
 
+def lm_eval_command(model_dir: Path, tasks: list[str], task_dir: Path, work: Path) -> dict:
+    """The `lm_eval` command's results (per task name) on a saved model and our task files."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={model_dir},dtype=float32",
+            "--tasks",
+            ",".join(tasks),
+            "--include_path",
+            str(task_dir),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "1",
+            "--output_path",
+            str(work / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results_file,) = (work / "out").rglob("results_*.json")
+    return json.loads(results_file.read_text())["results"]
+
+
 def test_in_process_equals_lm_eval_command(tmp_path, local_files):
     model, tokenizer = tiny_random(TinySpec())
     # At its initial scale the random model answers B to every question whatever the prompt,
@@ -149,36 +182,7 @@ def test_in_process_equals_lm_eval_command(tmp_path, local_files):
     assert set(ours) == {"wmdp_bio", "mmlu", "mmlu_college_biology", "mmlu_virology"}
     assert [ours[t]["n"] for t in ours] == [8, 8, 4, 4]
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tmp_path / 'model'},dtype=float32",
-            "--tasks",
-            ",".join(names.values()),
-            "--include_path",
-            str(task_dir),
-            "--device",
-            "cpu",
-            "--batch_size",
-            "1",
-            "--output_path",
-            str(tmp_path / "out"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (results_file,) = (tmp_path / "out").rglob("results_*.json")
-    theirs = json.loads(results_file.read_text())["results"]
+    theirs = lm_eval_command(tmp_path / "model", list(names.values()), task_dir, tmp_path)
     cli_names = {
         "wmdp_bio": "kuda_wmdp_bio_local",
         "mmlu": "kuda_mmlu_local",
