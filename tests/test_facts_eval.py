@@ -21,7 +21,11 @@ from kuda_cli.evaluate.facts import (
     read_reference_answers,
     repetition_rate,
 )
-from kuda_cli.evaluate.scoring import continuation_logprobs, greedy_continuations
+from kuda_cli.evaluate.scoring import (
+    continuation_logprobs,
+    greedy_continuations,
+    option_logprobs,
+)
 
 PARIS = Fact(
     id="capitals-001",
@@ -183,3 +187,32 @@ def test_agreement_with_a_reference_run(tiny, tmp_path):
     assert metrics["retain"]["agreement"] == pytest.approx(3 / 4)
     with pytest.raises(UserError, match="facts_answers.jsonl"):
         read_reference_answers(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_options_scored_over_a_shared_context_equal_separate_scoring(tiny, family):
+    """Packing a context with all its options (4D mask, restarted positions) changes nothing."""
+    import transformers
+
+    model, tokenizer = tiny
+    if family == "gpt2":
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    groups = [
+        ("The capital of France is", [" Paris", " Rome", " Lima", " Oslo and more"]),
+        ("Iron", [" Fe", " Ir"]),
+        ("A longer context than the others here", [" b"]),
+    ]
+    packed = option_logprobs(model, tokenizer, groups, batch_size=2)
+    for (context, options), got in zip(groups, packed, strict=True):
+        separate = continuation_logprobs(model, tokenizer, [(context, o) for o in options])
+        for (total, n), (expected, m) in zip(got, separate, strict=True):
+            assert n == m and total == pytest.approx(expected, abs=1e-4)

@@ -12,22 +12,21 @@ from typing import Any
 
 from kuda_cli.data.facts import Probe
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.scoring import continuation_logprobs, greedy_continuations
+from kuda_cli.evaluate.scoring import (
+    continuation_logprobs,
+    greedy_continuations,
+    option_logprobs,
+)
 
 ANSWERS_FILE = "facts_answers.jsonl"
 
 
 def mc_correct(model, tokenizer, probes: list[Probe], *, batch_size: int = 16) -> list[bool]:
     """Whether the target scores the highest summed log-likelihood among the options."""
-    pairs = [(p.text, " " + option) for p in probes for option in p.fact.options]
-    scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size, desc="facts mc")
-    correct, k = [], 0
-    for probe in probes:
-        n = len(probe.fact.options)
-        option_scores = [total for total, _ in scores[k : k + n]]
-        correct.append(max(range(n), key=option_scores.__getitem__) == 0)
-        k += n
-    return correct
+    groups = [(p.text, [" " + option for option in p.fact.options]) for p in probes]
+    scores = option_logprobs(model, tokenizer, groups, batch_size=batch_size, desc="facts mc")
+    totals = [[total for total, _ in options] for options in scores]
+    return [t.index(max(t)) == 0 for t in totals]  # ties go to the target, listed first
 
 
 def first_line(text: str) -> str:

@@ -172,3 +172,83 @@ def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int]]:
         total = logprobs[row, positions, torch.tensor(cont, device=device)].sum().item()
         scores.append((total, len(cont)))
     return scores
+
+
+@torch.no_grad()
+def option_logprobs(
+    model,
+    tokenizer,
+    groups: list[tuple[str, list[str]]],
+    *,
+    batch_size: int = 16,
+    desc: str = "scoring options",
+) -> list[list[tuple[float, int]]]:
+    """For each (context, options): (summed log P(option | context), tokens) per option, the
+    options scored over ONE copy of the shared context.
+
+    Each group is packed as context + option 1 + ... + option K in one row, with a 4D attention
+    mask in which an option sees the context and its own earlier tokens only, and position ids
+    that restart after the context for every option: each option is scored exactly as if it
+    followed the context alone (what `continuation_logprobs` computes), for far fewer tokens.
+    """
+    device = _device(model)
+    packed = []
+    for context, options in groups:
+        ctx = tokenizer(context)["input_ids"]
+        conts = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        if not all(conts):
+            raise ValueError(f"an empty option after {context!r}")
+        packed.append((ctx, conts))
+    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    results: list[list[tuple[float, int]]] = [[] for _ in groups]
+    widths = [" " * (len(c) + sum(map(len, o))) for c, o in packed]
+    batches = _batches(widths, batch_size)
+    with _eval_mode(model):
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
+            for i, scores in zip(
+                batch, _score_packed(model, [packed[i] for i in batch], pad, device), strict=True
+            ):
+                results[i] = scores
+    return results
+
+
+def _score_packed(model, packed, pad: int, device) -> list[list[tuple[float, int]]]:
+    width = max(len(ctx) + sum(map(len, conts)) for ctx, conts in packed)
+    rows = len(packed)
+    ids = torch.full((rows, width), pad, dtype=torch.long)
+    positions = torch.zeros((rows, width), dtype=torch.long)
+    allowed = torch.zeros((rows, width, width), dtype=torch.bool)
+    spans = []  # per row: (start, length) of each option
+    for row, (ctx, conts) in enumerate(packed):
+        m = len(ctx)
+        ids[row, :m] = torch.tensor(ctx)
+        positions[row, :m] = torch.arange(m)
+        allowed[row, :m, :m] = torch.ones(m, m, dtype=torch.bool).tril()
+        start, row_spans = m, []
+        for cont in conts:
+            n = len(cont)
+            ids[row, start : start + n] = torch.tensor(cont)
+            positions[row, start : start + n] = torch.arange(m, m + n)
+            allowed[row, start : start + n, :m] = True
+            allowed[row, start : start + n, start : start + n] = torch.ones(n, n).tril().bool()
+            row_spans.append((start, n))
+            start += n
+        allowed[row, start:, start:] = torch.eye(width - start, dtype=torch.bool)  # padding
+        spans.append(row_spans)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((rows, 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    logits = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+    ).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    out = []
+    for row, (ctx, conts) in enumerate(packed):
+        scores = []
+        for (start, n), cont in zip(spans[row], conts, strict=True):
+            # token j of an option is predicted at the previous token: the context's last for j=0
+            at = torch.tensor([len(ctx) - 1] + list(range(start, start + n - 1)), device=device)
+            total = logprobs[row, at, torch.tensor(cont, device=device)].sum().item()
+            scores.append((total, n))
+        out.append(scores)
+    return out
