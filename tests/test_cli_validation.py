@@ -58,6 +58,12 @@ def fail(capsys, *argv: str) -> str:
             ["eval.perplexity.path=nope.jsonl", "does not exist"],
         ),
         (["eval", "eval.perplexity.source=path"], ["needs eval.perplexity.path"]),
+        (["eval", "eval.facts.reference=no/such/run"], ["eval.facts.reference=no/such/run"]),
+        (["eval", "eval=wmdp", "eval.wmdp.bio_path=nope.jsonl"], ["eval.wmdp.bio_path=nope"]),
+        (
+            ["eval", "data=muse_news", "eval=muse", "data.verbmem.path=x.jsonl"],
+            ["data.verbmem.path=x.jsonl", "does not exist"],
+        ),
         (["eval", "-m", "seed=1,x"], ["seed", "Integer"]),
         (["bogus"], ["unknown stage 'bogus'", "unlearn"]),
         (["eval", "--frobnicate"], ["--frobnicate"]),

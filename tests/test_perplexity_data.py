@@ -82,3 +82,14 @@ def test_bad_local_sources_say_what_to_do(tmp_path):
 def test_unreachable_hub_dataset_names_the_local_fallback():
     with pytest.raises(UserError, match="kuda-test/none.*path="):
         load_texts(source="hub", hub_id="kuda-test/none")
+
+
+def test_gated_hub_dataset_says_how_to_get_access(monkeypatch):
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise OSError("401 Client Error: this dataset is gated, you must be authenticated")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    with pytest.raises(UserError, match="gated: request access on the hub and log in.*path="):
+        load_texts(source="hub", hub_id="cais/wmdp-bio-forget-corpus")

@@ -22,6 +22,7 @@ def validate(cfg: DictConfig) -> None:
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval, cfg.data)
     _check_text_source(cfg.eval)
+    _check_local_paths(cfg)
 
 
 def known_depth(model_cfg: DictConfig) -> int | None:
@@ -155,6 +156,33 @@ def _check_text_source(eval_cfg: DictConfig) -> None:
             f"eval.perplexity.path={ppl.path} does not exist; pass a JSONL, JSON, parquet "
             "or txt file (or a directory of them)"
         )
+
+
+# Local files named by options that are read by a metric or by the data group: checked before the
+# run starts, so a typo costs no model load.
+LOCAL_PATHS = {
+    "facts": ("eval.facts.reference", "eval.facts.judge", "data.path"),
+    "lm_eval": (
+        "eval.wmdp.bio_path",
+        "eval.wmdp.cyber_path",
+        "eval.wmdp.chem_path",
+        "eval.wmdp.mmlu_path",
+        "eval.wmdp.mmlu_dev_path",
+    ),
+}
+
+
+def _check_local_paths(cfg: DictConfig) -> None:
+    keys = [key for metric in cfg.eval.metrics for key in LOCAL_PATHS.get(metric, ())]
+    keys += [
+        f"data.{name}.path"
+        for name, value in cfg.data.items()
+        if isinstance(value, DictConfig) and "path" in value
+    ]
+    for key in dict.fromkeys(keys):
+        value = OmegaConf.select(cfg, key)
+        if value and not Path(str(value)).expanduser().exists():
+            raise ConfigError(f"{key}={value} does not exist; pass an existing file or directory")
 
 
 def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
