@@ -216,3 +216,39 @@ def test_options_scored_over_a_shared_context_equal_separate_scoring(tiny, famil
         separate = continuation_logprobs(model, tokenizer, [(context, o) for o in options])
         for (total, n), (expected, m) in zip(got, separate, strict=True):
             assert n == m and total == pytest.approx(expected, abs=1e-4)
+
+
+def test_facts_metric_with_a_judge_directory_scores_like_the_model_itself(tmp_path):
+    """eval.facts.judge=DIR loads that model (and its tokenizer) to score fluency; judging with a
+    saved copy of the evaluated model gives the evaluated model's own figure."""
+    from omegaconf import OmegaConf
+
+    from kuda_cli import cli
+    from kuda_cli.config import ModelConfig, TinySpec
+    from kuda_cli.evaluate import EvalContext, get_metric
+    from kuda_cli.models.loading import load_model
+
+    loaded = load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))
+    loaded.model.save_pretrained(tmp_path / "judge")
+    loaded.tokenizer.save_pretrained(tmp_path / "judge")
+    cfg = cli.compose(
+        [
+            "stage=eval",
+            "model=tiny-random",
+            "eval.facts.all_prompts=false",
+            "eval.facts.gen_max_new_tokens=4",
+            "eval.facts.fluency_max_new_tokens=6",
+            "data.retain_domains=[capitals]",
+        ]
+    )
+    results = {}
+    for judge in (None, str(tmp_path / "judge")):
+        eval_cfg = OmegaConf.to_object(cfg.eval)
+        eval_cfg.facts.judge = judge
+        ctx = EvalContext(
+            loaded=loaded, eval=eval_cfg, data=OmegaConf.to_object(cfg.data), out_dir=tmp_path
+        )
+        results[judge is None] = get_metric("facts")(ctx)["fluency"]["forget"]
+    assert results[True]["judge"] == "self" and results[False]["judge"].endswith("judge")
+    assert results[False]["nll"] == pytest.approx(results[True]["nll"], rel=1e-5)
+    assert (tmp_path / "facts_answers.jsonl").is_file() and (tmp_path / "samples.jsonl").is_file()

@@ -26,14 +26,16 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _judge(ctx: EvalContext):
+    """The model (and its tokenizer) that scores the fluency of the answers."""
     if not ctx.eval.facts.judge:
-        return ctx.loaded.model, "self"
+        return ctx.loaded.model, ctx.loaded.tokenizer, "self"
     from kuda_cli.models.loading import load_model
 
     spec = ModelConfig(
         name="judge", source="local", path=ctx.eval.facts.judge, device=str(ctx.loaded.device.type)
     )
-    return load_model(spec, ctx.cache_dir).model, ctx.eval.facts.judge
+    judge = load_model(spec, ctx.cache_dir)
+    return judge.model, judge.tokenizer, ctx.eval.facts.judge
 
 
 @register_metric("facts")
@@ -61,9 +63,9 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         desc="fluency answers",
     )
-    judge, judge_name = _judge(ctx)
+    judge, judge_tokenizer, judge_name = _judge(ctx)
     flu = {
-        **fluency(judge, tokenizer, prompts, answers, batch_size=cfg.batch_size),
+        **fluency(judge, judge_tokenizer, prompts, answers, batch_size=cfg.batch_size),
         "judge": judge_name,
         "max_new_tokens": cfg.fluency_max_new_tokens,
     }
