@@ -47,7 +47,7 @@ def fail(capsys, *argv: str) -> str:
         (["eval", "locate=fixed"], ["locate.layers"]),
         (["eval", "model=tiny-random", "locate.select_window=9"], ["locate.select_window=9"]),
         (["eval", "eval=muse"], ["eval=muse", "data=facts", "pass eval=facts"]),
-        (["eval", "data=muse_news"], ["data=muse_news", "pass eval=muse"]),
+        (["eval", "data=muse_news", "eval=facts"], ["data=muse_news", "pass eval=muse"]),
         (["eval", "model=tiny-random", "model.tiny.hidden_size=30"], ["model.tiny.hidden_size"]),
         (["eval", "stage=trace"], ["stage is set by the command"]),
         (["eval", "name=a/b"], ["name='a/b'", "one word"]),
@@ -163,3 +163,12 @@ def test_tab_completion_completes_stages_then_group_options(capsys, monkeypatch)
         text=True,
     )
     assert "unlearn=rmu" in done.stdout.split() and "unlearn=kuda" in done.stdout.split()
+
+
+def test_eval_follows_the_data_unless_given():
+    assert cli.fit_eval_to_data(["data=wmdp_bio"]) == ["data=wmdp_bio", "eval=wmdp"]
+    assert cli.fit_eval_to_data(["data=muse_books", "seed=1"])[-1] == "eval=muse"
+    assert cli.fit_eval_to_data(["data=facts"])[-1] == "eval=facts"
+    assert cli.fit_eval_to_data(["data=wmdp_bio", "eval=none"]) == ["data=wmdp_bio", "eval=none"]
+    assert cli.fit_eval_to_data(["data=wmdp_bio,muse_news"]) == ["data=wmdp_bio,muse_news"]
+    assert cli.fit_eval_to_data(["seed=1"]) == ["seed=1"]

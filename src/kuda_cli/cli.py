@@ -91,9 +91,9 @@ def help_text() -> str:
         "  `kuda STAGE --help` shows that stage's composed config.",
         "",
         "examples:",
-        "  kuda eval                                   perplexity of the embedded SmolLM2-135M",
+        "  kuda eval                                   facts + perplexity, embedded SmolLM2-135M",
         "  kuda eval model=tiny-random eval.perplexity.max_texts=8",
-        "  kuda unlearn model=zephyr-7b data=wmdp_bio eval=wmdp",
+        "  kuda unlearn model=zephyr-7b data=wmdp_bio  (eval follows the data: eval=wmdp)",
         "  kuda eval -m seed=1,2                       two runs, one directory each",
         "  kuda unlearn --cfg job                      print the composed config, run nothing",
         "",
@@ -122,6 +122,32 @@ def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
                 f"options: {', '.join(group_options('model'))}"
             )
     return out
+
+
+EVAL_FOR_DATA_KIND = {"facts": "facts", "corpus": "wmdp", "muse": "muse"}
+
+
+def data_kind(option: str) -> str | None:
+    """The kind of a data option (facts, corpus, muse): the schema its YAML starts from."""
+    path = conf_dir() / "data" / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    for entry in yaml.safe_load(path.read_text()).get("defaults", []):
+        if isinstance(entry, str) and entry.startswith("/schema/data/"):
+            return entry.removeprefix("/schema/data/").split("@")[0]
+    return None
+
+
+def fit_eval_to_data(overrides: list[str]) -> list[str]:
+    """`data=X` without `eval=`: evaluate with what fits X (wmdp data -> eval=wmdp, ...)."""
+    keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    if "eval" in keys:
+        return overrides
+    data = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "data"]
+    if not data or "," in data[-1]:
+        return overrides
+    fitting = EVAL_FOR_DATA_KIND.get(data_kind(data[-1]) or "")
+    return [*overrides, f"eval={fitting}"] if fitting else overrides
 
 
 def _explain_missing_option(err: Exception) -> str:
@@ -335,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kuda: unknown flag {unknown[0]}; see kuda --help", file=sys.stderr)
         return 2
     try:
-        overrides = rewrite_model_shortcut(list(args.overrides))
+        overrides = fit_eval_to_data(rewrite_model_shortcut(list(args.overrides)))
         if args.help or args.hydra_help or args.info or args.shell_completion:
             overrides.append(f"stage={stage}")
         else:
