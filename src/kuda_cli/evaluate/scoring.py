@@ -43,9 +43,14 @@ def _padding(tokenizer, side: str) -> Iterator[None]:
             tokenizer.pad_token = None
 
 
-def _batches(texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Indices grouped by text length, so each batch carries little padding."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+def _pad_id(tokenizer) -> int:
+    """The id that fills padded positions (masked out, so any valid id would do)."""
+    return next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped by length, so each batch carries little padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
@@ -64,7 +69,7 @@ def token_logprobs(
     device = next(model.parameters()).device
     out: list[torch.Tensor | None] = [None] * len(texts)
     with _eval_mode(model), _padding(tokenizer, "right"):
-        for batch in tqdm(_batches(texts, batch_size), desc=desc, unit="batch"):
+        for batch in tqdm(_batches(list(map(len, texts)), batch_size), desc=desc, unit="batch"):
             enc = tokenizer(
                 [texts[i] for i in batch],
                 return_tensors="pt",
@@ -102,7 +107,7 @@ def greedy_continuations(
     device = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
     with _eval_mode(model), _padding(tokenizer, "left"):
-        for batch in tqdm(_batches(prompts, batch_size), desc=desc, unit="batch"):
+        for batch in tqdm(_batches(list(map(len, prompts)), batch_size), desc=desc, unit="batch"):
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(
                 device
             )
@@ -144,10 +149,9 @@ def continuation_logprobs(
         if not cont:
             raise ValueError(f"empty continuation after {context!r}")
         encoded.append((ctx, cont))
-    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    pad = _pad_id(tokenizer)
     results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    lengths = [" " * (len(ctx) + len(cont)) for ctx, cont in encoded]
-    batches = _batches(lengths, batch_size)
+    batches = _batches([len(ctx) + len(cont) for ctx, cont in encoded], batch_size)
     with _eval_mode(model):
         for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
             results_of_batch = _score_batch(model, [encoded[i] for i in batch], pad, device)
@@ -199,10 +203,9 @@ def option_logprobs(
         if not all(conts):
             raise ValueError(f"an empty option after {context!r}")
         packed.append((ctx, conts))
-    pad = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+    pad = _pad_id(tokenizer)
     results: list[list[tuple[float, int]]] = [[] for _ in groups]
-    widths = [" " * (len(c) + sum(map(len, o))) for c, o in packed]
-    batches = _batches(widths, batch_size)
+    batches = _batches([len(c) + sum(map(len, o)) for c, o in packed], batch_size)
     with _eval_mode(model):
         for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
             for i, scores in zip(

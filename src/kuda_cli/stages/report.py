@@ -34,7 +34,7 @@ def find_runs(patterns: list[str], exclude: Path) -> list[Path]:
     found = set()
     for pattern in patterns:
         for match in glob.glob(str(Path(pattern).expanduser()), recursive=True):
-            for meta in [Path(match) / "meta.json", *Path(match).glob("**/meta.json")]:
+            for meta in Path(match).glob("**/meta.json"):  # "**" includes `match` itself
                 if meta.is_file() and meta.parent.resolve() != exclude.resolve():
                     found.add(meta.parent)
     return sorted(found)
