@@ -28,7 +28,7 @@ test: install
 	$(BIN)/pytest -q
 
 demo: install
-	$(BIN)/kuda eval name=demo
+	$(BIN)/kuda unlearn name=demo
 
 lint: install
 	$(BIN)/ruff check src tests scripts

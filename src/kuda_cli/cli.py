@@ -91,6 +91,7 @@ def help_text() -> str:
         "  `kuda STAGE --help` shows that stage's composed config.",
         "",
         "examples:",
+        "  kuda trace                                  causal tracing: heatmaps and layers.json",
         "  kuda eval                                   facts + perplexity, embedded SmolLM2-135M",
         "  kuda eval model=tiny-random eval.perplexity.max_texts=8",
         "  kuda unlearn model=zephyr-7b data=wmdp_bio  (eval follows the data: eval=wmdp)",
@@ -245,7 +246,17 @@ def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), None)
     target = Path(chosen or OmegaConf.select(first, key))
-    if chosen is None:
+    resumable = stage == "unlearn" and not multirun
+    if resumable and first.get("resume"):
+        if chosen is not None:
+            raise ConfigError("resume=PATH is the run directory; drop hydra.run.dir")
+        resumed = _check_resume(Path(first.resume).expanduser(), first)
+        return [*overrides, f"{key}={resumed}"]
+    unfinished = _unfinished_run(target.parent, first) if resumable and chosen is None else None
+    if unfinished is not None:
+        print(f"kuda: resuming the unfinished run {unfinished}", file=sys.stderr)
+        overrides.append(f"{key}={unfinished}")
+    elif chosen is None:
         target = _fresh(target)
         overrides.append(f"{key}={target}")
     elif _holds_completed_run(target, multirun):
@@ -254,6 +265,56 @@ def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
             "(nothing was overwritten)"
         )
     return overrides
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    return any(
+        (directory / d / "trainer_state.pt").exists() for d in ("checkpoint", "checkpoint.old")
+    )
+
+
+def _check_resume(directory: Path, cfg: DictConfig) -> Path:
+    """The run directory `resume=` names, checked to hold an unfinished run of this config."""
+    from kuda_cli.run import config_hash, read_meta
+
+    meta = read_meta(directory)
+    if meta is None or meta.get("stage") != "unlearn":
+        raise ConfigError(f"resume={directory} is not a kuda unlearn run directory (no meta.json)")
+    if meta.get("status") == "completed":
+        raise ConfigError(f"resume={directory} already completed; nothing to resume")
+    if not _has_checkpoint(directory):
+        raise ConfigError(
+            f"resume={directory} holds no checkpoint to continue from; start the run anew "
+            "(unlearn.save_every=N writes one every N steps)"
+        )
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    if meta.get("config_hash") != config_hash(job):
+        raise ConfigError(
+            f"resume={directory} was run with another config; resume it with its own command: "
+            f"{meta.get('command')}"
+        )
+    return directory
+
+
+def _unfinished_run(parent: Path, cfg: DictConfig) -> Path | None:
+    """The newest run under `parent` with this config that stopped before completing and left a
+    checkpoint: re-running a command continues it."""
+    from kuda_cli.run import config_hash, read_meta
+
+    if not parent.is_dir():
+        return None
+    wanted = config_hash(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    candidates = []
+    for directory in parent.iterdir():
+        meta = read_meta(directory) if directory.is_dir() else None
+        if (
+            meta
+            and meta.get("status") != "completed"
+            and meta.get("config_hash") == wanted
+            and _has_checkpoint(directory)
+        ):
+            candidates.append((meta.get("start_time") or "", directory))
+    return max(candidates)[1] if candidates else None
 
 
 def _holds_completed_run(directory: Path, multirun: bool) -> bool:

@@ -65,8 +65,11 @@ def set_seed(seed: int) -> None:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """sha256 of the resolved job config, keys sorted: equal configs hash equal."""
+    """sha256 of the resolved job config, keys sorted: equal configs hash equal. `resume` and
+    Hydra's own node do not count: a resumed run has the config of the run it continues."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("hydra", None)
+    resolved.pop("resume", None)
     blob = json.dumps(resolved, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -136,6 +139,7 @@ class Run:
     @classmethod
     def start(cls, directory: Path, cfg: DictConfig, overrides: list[str] | None = None) -> Run:
         run = cls(directory, cfg)
+        previous = read_meta(run.dir)
         run.dir.mkdir(parents=True, exist_ok=True)
         (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         run.meta = {
@@ -155,6 +159,11 @@ class Run:
             "host": socket.gethostname(),
             "argv": sys.argv,
         }
+        if previous:  # a resumed run keeps the story of its earlier attempts
+            run.meta["attempts"] = [
+                *previous.get("attempts", []),
+                {k: previous.get(k) for k in ("start_time", "end_time", "status", "error")},
+            ]
         run.write_meta()
         set_seed(cfg.seed)
         return run

@@ -33,6 +33,9 @@ class EvalContext:
     data: Any  # the data group's dataclass
     out_dir: Path | None = None
     cache_dir: str | None = None
+    # a context manager yielding (model, tokenizer, name) that scores fluency; `kuda unlearn`
+    # lends the starting model this way (its original weights swapped in, no second copy)
+    judge: Any = None
 
 
 def register_metric(name: str):

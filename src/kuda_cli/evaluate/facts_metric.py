@@ -4,6 +4,7 @@ with the fluency of forget answers; writes facts_answers.jsonl and samples.jsonl
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,20 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@contextmanager
 def _judge(ctx: EvalContext):
-    """The model (and its tokenizer) that scores the fluency of the answers."""
-    if not ctx.eval.facts.judge:
-        return ctx.loaded.model, ctx.loaded.tokenizer, "self"
+    """The model (and its tokenizer) that scores the fluency of the answers: eval.facts.judge
+    when set, else the one the caller lends (ctx.judge), else the evaluated model itself."""
+    if ctx.eval.facts.judge:
+        yield _load_judge(ctx)
+    elif ctx.judge is not None:
+        with ctx.judge() as lent:
+            yield lent
+    else:
+        yield ctx.loaded.model, ctx.loaded.tokenizer, "self"
+
+
+def _load_judge(ctx: EvalContext):
     from kuda_cli.models.loading import load_model
 
     spec = ModelConfig(
@@ -63,12 +74,9 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         desc="fluency answers",
     )
-    judge, judge_tokenizer, judge_name = _judge(ctx)
-    flu = {
-        **fluency(judge, judge_tokenizer, prompts, answers, batch_size=cfg.batch_size),
-        "judge": judge_name,
-        "max_new_tokens": cfg.fluency_max_new_tokens,
-    }
+    with _judge(ctx) as (judge, judge_tokenizer, judge_name):
+        scores = fluency(judge, judge_tokenizer, prompts, answers, batch_size=cfg.batch_size)
+    flu = {**scores, "judge": judge_name, "max_new_tokens": cfg.fluency_max_new_tokens}
     if ctx.out_dir is not None:
         write_jsonl(ctx.out_dir / ANSWERS_FILE, rows)
         retain_rows = [r for r in rows if r["split"] == "retain"][: cfg.samples]

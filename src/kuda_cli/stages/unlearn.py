@@ -1,21 +1,239 @@
-"""kuda unlearn: placeholder until unlearning lands (issue #5). It loads the model, checks the layer
-settings against the model's depth and writes the run directory; it computes nothing yet."""
+"""kuda unlearn: locate the layers, evaluate the starting model (cached), unlearn with the chosen
+method on the shared trainer, compute the diagnostics, evaluate the result; one run directory."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.run import Run
+from kuda_cli.evaluate import EvalContext, get_metric
+from kuda_cli.models.loading import LoadedModel, resolve_cache_root
+from kuda_cli.run import Run, write_json_atomic
 from kuda_cli.stages.common import load_configured_model
+from kuda_cli.unlearn.data import tokenize, unlearn_texts
+from kuda_cli.unlearn.diagnostics import gradient_conflict, retain_leak
+from kuda_cli.unlearn.methods import MethodContext, get_method
+from kuda_cli.unlearn.nullspace import model_fingerprint
+from kuda_cli.unlearn.trainer import Trainer, used_indices
+from kuda_cli.validate import validate_layers_against
 
 log = logging.getLogger(__name__)
+BEFORE = "before"
+
+
+def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run) -> list[int]:
+    if cfg.locate.method == "fixed":
+        return list(cfg.locate.layers)
+    from kuda_cli.stages.trace import locate_layers
+
+    return locate_layers(cfg, loaded, run.dir, run)
 
 
 def run(cfg: DictConfig, run: Run) -> None:
-    load_configured_model(cfg, run)
-    log.warning(
-        "kuda unlearn: unlearning is not implemented yet (issue #5); this run only loaded "
-        "the model and wrote the run directory"
+    loaded = load_configured_model(cfg, run)
+    model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
+    ucfg = OmegaConf.to_object(cfg.unlearn)
+    layers = resolve_layers(cfg, loaded, run)
+    validate_layers_against(OmegaConf.merge(cfg, {"locate": {"layers": layers}}), loaded.num_layers)
+    run.log_metrics({"locate": {"method": cfg.locate.method, "layers": layers}})
+
+    texts = unlearn_texts(OmegaConf.to_object(cfg.data))
+    forget = tokenize(tokenizer, texts.forget, ucfg.max_length, "forget")
+    retain = tokenize(tokenizer, texts.retain, ucfg.max_length, "retain")
+    forget_heldout = tokenize(tokenizer, texts.forget_heldout, ucfg.max_length, "held-out forget")
+    retain_heldout = tokenize(tokenizer, texts.retain_heldout, ucfg.max_length, "held-out retain")
+    model_key = model_fingerprint(model)
+
+    before = evaluate_before(cfg, loaded, run, model_key) if cfg.eval.metrics else None
+
+    micro_steps = ucfg.steps * ucfg.grad_accum
+    ctx = MethodContext(
+        model=model,
+        adapter=adapter,
+        tokenizer=tokenizer,
+        layers=layers,
+        cfg=ucfg,
+        forget=forget,
+        retain=retain,
+        forget_used=used_indices(len(forget), ucfg.batch_size, micro_steps, cfg.seed),
+        retain_used=used_indices(len(retain), ucfg.batch_size, micro_steps, cfg.seed + 1),
+        forget_heldout=forget_heldout,
+        work_dir=run.dir,
+        cache_dir=resolve_cache_root(cfg.cache_dir),
+        model_key=model_key,
+        seed=cfg.seed,
     )
+    method = get_method(ucfg.method)(ctx)
+    trainer = Trainer(
+        model, tokenizer, method, ucfg, forget, retain, out_dir=run.dir, seed=cfg.seed
+    )
+    trainer.setup()
+    trained_layers = method.trained_layers
+    starting = {n: p.detach().clone() for n, p in trainer.params.items()}
+    start_down = {
+        layer: adapter.down_proj_weight(model, layer).detach().clone() for layer in trained_layers
+    }
+    first_forget, _ = trainer.batches(0)
+    conflict = gradient_conflict(
+        method,
+        trainer.params,
+        first_forget,
+        retain.batch(list(range(min(len(retain), ucfg.batch_size))), loaded.device),
+        trainer.projector,
+    )
+    result = trainer.train()
+    run.log_metrics(
+        {
+            "train": {
+                "method": ucfg.method,
+                "layers": trained_layers,
+                "trainable_parameters": sum(p.numel() for p in trainer.params.values()),
+                "steps": result.steps,
+                "resumed_from": result.resumed_from,
+                "seconds": result.seconds,
+                "last": result.last,
+            },
+            "diagnostics": {
+                **method.diagnostics(trainer.params),
+                "gradient_conflict": conflict,
+                "retain_leak": retain_leak(
+                    model, adapter, trained_layers, start_down, retain_heldout
+                ),
+            },
+        }
+    )
+    method.close()
+    if cfg.eval.metrics:
+        after = evaluate(
+            cfg,
+            loaded,
+            run.dir,
+            before,
+            judge=starting_model_judge(loaded, trainer.params, starting),
+        )
+        run.log_metrics(after)
+        if before is not None:
+            run.log_metrics({"summary": summarise(before, after)})
+            log.info("summary: %s", json.dumps(run.metrics["summary"]))
+
+
+@contextmanager
+def _swapped(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
+    with torch.no_grad():
+        current = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(current[n])
+
+
+def starting_model_judge(loaded: LoadedModel, params, starting):
+    """A judge for the fluency metric: the same model object with the starting weights of the
+    trained parameters swapped in for as long as it scores."""
+
+    @contextmanager
+    def lend():
+        with _swapped(params, starting):
+            yield loaded.model, loaded.tokenizer, "starting model"
+
+    return lend
+
+
+def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None) -> dict[str, Any]:
+    eval_cfg = OmegaConf.to_object(cfg.eval)
+    if before is not None and before.get("reference") and not eval_cfg.facts.reference:
+        eval_cfg.facts = replace(eval_cfg.facts, reference=before["reference"])
+    ctx = EvalContext(
+        loaded=loaded,
+        eval=eval_cfg,
+        data=OmegaConf.to_object(cfg.data),
+        out_dir=out_dir,
+        cache_dir=cfg.cache_dir,
+        judge=judge,
+    )
+    results: dict[str, Any] = {}
+    for name in eval_cfg.metrics:
+        log.info("metric %s", name)
+        results.update(get_metric(name)(ctx))
+    return results
+
+
+def _before_key(cfg: DictConfig, model_key: str) -> str:
+    blob = json.dumps(
+        {
+            "model": model_key,
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[str, Any] | None:
+    """The starting model's metrics, in `before/` of the run directory and under `before` in
+    metrics.json; cached under the cache root per (model, data, eval settings)."""
+    if not cfg.eval.before:
+        return None
+    out = run.dir / BEFORE
+    cached = resolve_cache_root(cfg.cache_dir) / "evals" / _before_key(cfg, model_key)
+    if (cached / "metrics.json").exists():
+        log.info("starting model's evaluation from the cache %s", cached)
+        shutil.copytree(cached, out, dirs_exist_ok=True)
+        metrics = json.loads((out / "metrics.json").read_text())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = evaluate(cfg, loaded, out, None)
+        write_json_atomic(out / "metrics.json", metrics)
+        tmp = cached.with_name(cached.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(out, tmp)
+        shutil.rmtree(cached, ignore_errors=True)
+        tmp.rename(cached)
+    run.log_metrics({"before": metrics})
+    answers = out / "facts_answers.jsonl"
+    return {**metrics, "reference": str(answers) if answers.exists() else None}
+
+
+def summarise(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The headline comparison with the starting model, for the facts evaluation."""
+
+    def get(d: dict, path: str):
+        for part in path.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return None
+            d = d[part]
+        return d
+
+    def ratio(path: str):
+        a, b = get(after, path), get(before, path)
+        return a / b if a is not None and b else None
+
+    return {
+        k: v
+        for k, v in {
+            "forget_mc": get(after, "facts.forget.mc_acc"),
+            "forget_mc_before": get(before, "facts.forget.mc_acc"),
+            "forget_gen": get(after, "facts.forget.gen_acc"),
+            "retain_mc": get(after, "facts.retain.mc_acc"),
+            "retain_mc_before": get(before, "facts.retain.mc_acc"),
+            "retain_mc_ratio": ratio("facts.retain.mc_acc"),
+            "retain_agreement": get(after, "facts.retain.agreement"),
+            "perplexity_ratio": ratio("perplexity.perplexity"),
+            "fluency_nll_ratio": ratio("fluency.forget.nll"),
+        }.items()
+        if v is not None
+    }

@@ -1,0 +1,116 @@
+"""The texts a method unlearns and protects, tokenised, and the batches the trainer feeds it.
+
+The batch of step s is a function of (seed, s) alone: every epoch is a permutation drawn from
+`numpy.random.default_rng([seed, epoch])`, so a resumed run sees exactly the batches an
+uninterrupted run would, without saving any sampler state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from kuda_cli.errors import UserError
+
+
+@dataclass
+class UnlearnTexts:
+    forget: list[str]  # trained on
+    retain: list[str]  # protected: null-space keys, retain losses
+    forget_heldout: list[str]  # never trained on: KRD
+    retain_heldout: list[str]  # never used for the projector: its measured leak
+
+
+@dataclass
+class TokenSet:
+    """Tokenised texts (no padding), each at most `max_length` tokens."""
+
+    ids: list[list[int]]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, indices: list[int], device: torch.device | str = "cpu") -> dict:
+        """Right-padded `input_ids`, `attention_mask`, and the items' `index`."""
+        rows = [self.ids[i] for i in indices]
+        width = max(map(len, rows))
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            input_ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": mask.to(device),
+            "index": list(indices),
+        }
+
+
+def pad_id(tokenizer) -> int:
+    return next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, what: str) -> TokenSet:
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    ids = [list(row) for row in enc["input_ids"] if len(row) > 1]
+    if not ids:
+        raise UserError(f"the {what} texts are empty after tokenisation; check the data options")
+    return TokenSet(ids=ids, pad_id=pad_id(tokenizer))
+
+
+@lru_cache(maxsize=8)
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[int]:
+    """Item indices of micro-batch `micro_step`: consecutive slices of per-epoch permutations."""
+    out = []
+    for position in range(micro_step * batch_size, (micro_step + 1) * batch_size):
+        epoch, offset = divmod(position, n)
+        out.append(int(epoch_order(n, seed, epoch)[offset]))
+    return out
+
+
+def split_heldout(texts: list[str], fraction: float = 0.05, cap: int = 64) -> tuple[list, list]:
+    """(kept, held out): the last `fraction` of the texts (at least 1, at most `cap`) held out."""
+    if len(texts) < 2:
+        return texts, texts
+    n = min(cap, max(1, int(len(texts) * fraction)))
+    return texts[:-n], texts[-n:]
+
+
+def unlearn_texts(data_cfg) -> UnlearnTexts:
+    """Forget/retain texts for the data group (facts, corpus or muse)."""
+    kind = data_cfg.kind
+    if kind == "facts":
+        from kuda_cli.data.facts import load_facts, split_facts
+
+        forget, retain = split_facts(
+            load_facts(data_cfg.path), list(data_cfg.forget_domains), list(data_cfg.retain_domains)
+        )
+        # train on the passages; the evaluation prompts stay unseen and measure generalisation
+        return UnlearnTexts(
+            forget=[f.passage for f in forget],
+            retain=[f.passage for f in retain],
+            forget_heldout=[f.prompt(0) for f in forget],
+            retain_heldout=[f.prompt(0) for f in retain],
+        )
+    from kuda_cli.data.sources import load_split
+    from kuda_cli.data.texts import texts_of
+
+    def texts(key: str) -> list[str]:
+        split = getattr(data_cfg, key)
+        found = texts_of(load_split(split, f"data.{key}"), split.text_field, f"data.{key}")
+        found = [t for t in found if len(t) >= getattr(data_cfg, "min_chars", 0)]
+        if not found:
+            raise UserError(f"data.{key} has no usable texts; check data.{key}.text_field")
+        return found
+
+    forget, forget_heldout = split_heldout(texts("forget"))
+    retain, retain_heldout = split_heldout(texts("retain"))
+    return UnlearnTexts(forget, retain, forget_heldout, retain_heldout)

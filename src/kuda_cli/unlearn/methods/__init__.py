@@ -1,0 +1,122 @@
+"""Unlearning methods, registered by name: `unlearn.method` picks one.
+
+A method is a class with `@register_method(name)` in its own module, listed in `METHOD_MODULES`
+(so config validation knows the names without importing torch). It says which parameters train,
+precomputes what it compares against (original representations, reference log-probabilities)
+in `prepare`, and returns its loss and the loss terms to log for a forget batch (and a retain
+batch when `needs_retain` is set). The trainer does everything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kuda_cli.models.adapter import Adapter
+from kuda_cli.unlearn.data import TokenSet
+
+METHOD_MODULES = {
+    "kuda": "kuda_cli.unlearn.methods.kuda",
+}
+METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass
+class MethodContext:
+    model: nn.Module
+    adapter: Adapter
+    tokenizer: Any
+    layers: list[int]  # the located (or given) layers
+    cfg: Any  # the method's config dataclass (kuda_cli.config.*Method)
+    forget: TokenSet
+    retain: TokenSet
+    forget_used: list[int]  # forget items the trainer will draw, in no particular order
+    retain_used: list[int]
+    forget_heldout: TokenSet | None = None  # never trained on: KRD
+    work_dir: Path | None = None  # the run directory: disk stores go here
+    cache_dir: Path | None = None  # shared caches (null-space spectra)
+    model_key: str = ""  # content fingerprint of the starting model
+    seed: int = 0
+
+
+class Method:
+    """Base class: trainable parameters by `cfg.trainable` x layers, no projection."""
+
+    name = ""
+    needs_retain = False
+
+    def __init__(self, ctx: MethodContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    @property
+    def trained_layers(self) -> list[int]:
+        return list(self.cfg.layers) if self.cfg.layers is not None else list(self.ctx.layers)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return select_parameters(
+            self.ctx.model, self.ctx.adapter, list(self.cfg.trainable), self.trained_layers
+        )
+
+    def prepare(self) -> None:
+        """Precompute before the first step (runs again on resume, deterministically)."""
+
+    def projector(self, params: dict[str, nn.Parameter]):
+        """An UpdateProjector for `params`, or None."""
+        return None
+
+    def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def diagnostics(self, params: dict[str, nn.Parameter]) -> dict[str, Any]:
+        """Method-specific figures computed after training (e.g. KUDA's KRD)."""
+        return {}
+
+    def close(self) -> None:
+        """Release precomputed stores."""
+
+
+def select_parameters(
+    model: nn.Module, adapter: Adapter, kinds: list[str], layers: list[int]
+) -> dict[str, nn.Parameter]:
+    """The parameters of the module kinds (`down_proj`, `mlp`, `attn`, `layer`) of `layers`,
+    or every parameter for `all`."""
+    if "all" in kinds:
+        return dict(model.named_parameters())
+    chosen: dict[str, nn.Parameter] = {}
+    for layer in layers:
+        for kind in kinds:
+            prefix = adapter.module_name(kind, layer)
+            for name, param in adapter.module(model, kind, layer).named_parameters():
+                chosen[f"{prefix}.{name}"] = param
+    return chosen
+
+
+def register_method(name: str):
+    def wrap(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_method(name: str) -> type[Method]:
+    importlib.import_module(METHOD_MODULES[name])
+    return METHODS[name]
+
+
+def sequence_nll(model, batch: dict) -> torch.Tensor:
+    """Mean next-token NLL over the non-padding tokens of a batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"][:, 1:].bool()
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+    ).view_as(targets)
+    return nll[mask].mean()

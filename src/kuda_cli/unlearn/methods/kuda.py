@@ -1,0 +1,183 @@
+"""KUDA's deviation objective: push the representations of forget tokens at the located layers
+away from their original values, under a relaxed null-space projection of the retain keys.
+
+Per non-padding forget token and located layer, with c the cosine between the current and the
+original representation (the MLP output, or the residual stream after the block):
+
+    softplus  softplus(beta * (c - margin)) / beta     (default: a smooth hinge at `margin`)
+    linear    relu(c - margin)
+    square    relu(c - margin) ** 2
+
+averaged over tokens, then over layers. Originals come from the starting model, computed once
+before the first step (memory or disk), never from a second model copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kuda_cli.models.hooks import trace
+from kuda_cli.unlearn.data import TokenSet
+from kuda_cli.unlearn.methods import Method, register_method, sequence_nll
+from kuda_cli.unlearn.nullspace import UpdateProjector, projector, retain_spectra
+from kuda_cli.unlearn.representations import RepresentationStore, _deepest, record_sites
+
+log = logging.getLogger(__name__)
+
+
+def deviation(cos: torch.Tensor, form: str, beta: float, margin: float) -> torch.Tensor:
+    if form == "softplus":
+        return F.softplus(beta * (cos - margin)) / beta
+    if form == "linear":
+        return F.relu(cos - margin)
+    if form == "square":
+        return F.relu(cos - margin) ** 2
+    raise ValueError(f"unknown loss form {form!r}")
+
+
+def masked_cosine(h: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token cosine, 0 (and no gradient) at padding."""
+    cos = F.cosine_similarity(h.float(), h0.float(), dim=-1, eps=1e-8)
+    return torch.where(mask.bool(), cos, torch.zeros_like(cos))
+
+
+@register_method("kuda")
+class Kuda(Method):
+    @property
+    def needs_retain(self) -> bool:  # type: ignore[override]
+        return self.cfg.retain_weight > 0
+
+    def sites(self) -> dict[int, str]:
+        kind = "mlp" if self.cfg.site == "mlp_out" else "layer"
+        return {layer: self.ctx.adapter.module_name(kind, layer) for layer in self.trained_layers}
+
+    def prepare(self) -> None:
+        ctx = self.ctx
+        directory = ctx.work_dir / "originals" if ctx.work_dir else None
+        self.store = RepresentationStore(self.cfg.originals, directory)
+        sites = list(self.sites().values())
+        record_sites(ctx.model, ctx.forget, ctx.forget_used, sites, self.store)
+        self.heldout = ctx.forget_heldout
+        if self.heldout is not None:
+            self.heldout_store = RepresentationStore("memory")
+            record_sites(
+                ctx.model,
+                self.heldout,
+                list(range(len(self.heldout))),
+                sites,
+                self.heldout_store,
+                desc="held-out originals",
+            )
+
+    def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        sites = self.sites()
+        mask = forget["attention_mask"]
+        with trace(
+            self.ctx.model,
+            list(sites.values()),
+            stop_after=_deepest(self.ctx.model, list(sites.values())),
+        ) as rec:
+            self.ctx.model(input_ids=forget["input_ids"], attention_mask=mask)
+        width = mask.shape[1]
+        total = torch.zeros((), device=mask.device)
+        terms: dict[str, float] = {}
+        tokens = mask.sum().clamp_min(1)
+        for layer, site in sites.items():
+            original = self.store.padded(forget["index"], site, width, mask.device)
+            cos = masked_cosine(rec[site].output, original, mask)
+            per_token = deviation(cos, self.cfg.loss_form, self.cfg.beta, self.cfg.margin)
+            total = total + (per_token * mask).sum() / tokens / len(sites)
+            terms[f"cos_l{layer}"] = float(cos.detach().sum() / tokens)
+        terms["deviation"] = float(total.detach())
+        if retain is not None and self.cfg.retain_weight > 0:
+            nll = sequence_nll(self.ctx.model, retain)
+            total = total + self.cfg.retain_weight * nll
+            terms["retain_nll"] = float(nll)
+        return total, terms
+
+    def projector(self, params: dict[str, nn.Parameter]) -> UpdateProjector | None:
+        ns = self.cfg.nullspace
+        if not ns.enabled:
+            return None
+        ctx = self.ctx
+        retain = TokenSet(ctx.retain.ids[: ns.samples], ctx.retain.pad_id)
+        spectra = retain_spectra(
+            ctx.model,
+            ctx.adapter,
+            self.trained_layers,
+            retain,
+            cache_dir=ctx.cache_dir,
+            model_key=ctx.model_key,
+        )
+        by_param = {
+            f"{ctx.adapter.module_name('down_proj', layer)}.weight": layer
+            for layer in self.trained_layers
+        }
+        projectors, self.projector_info = {}, {}
+        for name, param in params.items():
+            if name not in by_param:
+                log.warning(
+                    "null-space projection covers down_proj weights only; %s is not projected", name
+                )
+                continue
+            layer = by_param[name]
+            p, info = projector(spectra[layer], ns.form, ns.tau, ns.tau_mode)
+            projectors[name] = (param, p.to(param.device), ctx.adapter.down_proj_weight_is_in_out)
+            self.projector_info[f"l{layer}"] = info
+        return UpdateProjector(projectors, ns.project_on)
+
+    @torch.no_grad()
+    def initialise(self, params: dict[str, nn.Parameter], projector) -> None:
+        if not self.cfg.init_noise:
+            return
+        generator = torch.Generator().manual_seed(self.ctx.seed)
+        for name, param in params.items():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            noise = (noise * self.cfg.init_noise * param.float().std().cpu()).to(param.device)
+            if projector is not None and name in projector.projectors:
+                _, p, in_out = projector.projectors[name]
+                noise = UpdateProjector.apply(noise, p, in_out)
+            param.add_(noise.to(param.dtype))
+
+    @torch.no_grad()
+    def diagnostics(self, params: dict[str, nn.Parameter]) -> dict[str, Any]:
+        """KRD: mean 1 - cos between the unlearned and the original representations of the
+        held-out forget inputs (about 1: orthogonal), per layer and averaged."""
+        out: dict[str, Any] = {}
+        if getattr(self, "projector_info", None):
+            out["projector"] = self.projector_info
+        if self.heldout is None:
+            return out
+        sites = self.sites()
+        now = RepresentationStore("memory")
+        indices = list(range(len(self.heldout)))
+        record_sites(
+            self.ctx.model,
+            self.heldout,
+            indices,
+            list(sites.values()),
+            now,
+            desc="held-out representations",
+        )
+        per_layer = {}
+        for layer, site in sites.items():
+            values = [
+                1
+                - F.cosine_similarity(
+                    now.get(i, site).float(), self.heldout_store.get(i, site).float(), dim=-1
+                )
+                for i in indices
+            ]
+            per_layer[f"l{layer}"] = float(torch.cat(values).mean())
+        out["krd"] = {"mean": sum(per_layer.values()) / len(per_layer), **per_layer}
+        return out
+
+    def close(self) -> None:
+        for store in (getattr(self, "store", None), getattr(self, "heldout_store", None)):
+            if store is not None:
+                store.close()

@@ -1,0 +1,225 @@
+"""Relaxed null-space projection: keep the weight change of a `down_proj` out of the directions
+its retain inputs ("keys") use, so `dW @ k_retain` stays close to 0.
+
+On retain data the second moment `C = K K^T / n` of each trained `down_proj`'s input is
+accumulated in a streaming way (float64), then eigen-decomposed. With threshold t:
+
+    hard     P = U_{lambda < t} U_{lambda < t}^T          (directions retain keys barely use)
+    relaxed  P = U diag(t / (lambda + t)) U^T             (no direction fully frozen)
+
+and `t` is `tau` itself (`absolute`), `tau` times the largest eigenvalue (`max`), or the
+eigenvalue below which the smallest directions hold a fraction `tau` of the keys' energy
+(`energy`). Eigen-decompositions are cached on disk per (model, layer, retain tokens), so
+sweeps over tau reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from kuda_cli.models.adapter import Adapter
+from kuda_cli.models.hooks import trace
+from kuda_cli.unlearn.data import TokenSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Spectrum:
+    eigenvalues: torch.Tensor  # ascending, float64, >= 0
+    eigenvectors: torch.Tensor  # columns, float32
+    tokens: int  # keys the moment was estimated from
+
+
+@torch.no_grad()
+def key_moments(
+    model,
+    adapter: Adapter,
+    layers: list[int],
+    tokens: TokenSet,
+    *,
+    batch_size: int = 8,
+    desc: str = "retain keys",
+) -> tuple[dict[int, torch.Tensor], int]:
+    """`C_l = K_l K_l^T / n` (float64) of the down_proj inputs of `layers` over every
+    non-padding token of `tokens`; the forward pass stops after the last of them."""
+    device = next(model.parameters()).device
+    names = {layer: adapter.module_name("down_proj", layer) for layer in layers}
+    last = names[max(layers)]
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    for start in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch"):
+        batch = tokens.batch(list(range(start, min(start + batch_size, len(tokens)))), device)
+        mask = batch["attention_mask"].bool()
+        with trace(model, list(names.values()), outputs=False, inputs=True, stop_after=last) as rec:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for layer, name in names.items():
+            keys = rec[name].input[mask].double()
+            sums[layer] = sums.get(layer, 0) + keys.T @ keys
+        count += int(mask.sum())
+    return {layer: s / count for layer, s in sums.items()}, count
+
+
+def spectrum_of(moment: torch.Tensor, tokens: int) -> Spectrum:
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment.double())
+    return Spectrum(eigenvalues.clamp_min(0.0), eigenvectors.float(), tokens)
+
+
+def threshold(eigenvalues: torch.Tensor, tau: float, tau_mode: str) -> float:
+    if tau_mode == "absolute":
+        return float(tau)
+    if tau_mode == "max":
+        return float(tau * eigenvalues.max())
+    if tau_mode == "energy":
+        ascending = eigenvalues.sort().values
+        share = ascending.cumsum(0) / ascending.sum().clamp_min(1e-300)
+        below = int((share <= tau).sum())  # the smallest directions holding <= tau of the energy
+        return float(ascending[min(below, len(ascending) - 1)])
+    raise ValueError(f"unknown tau_mode {tau_mode!r}")
+
+
+def projector(
+    spectrum: Spectrum, form: str, tau: float, tau_mode: str
+) -> tuple[torch.Tensor, dict]:
+    """The (d_ff x d_ff) float32 projector and what it keeps."""
+    lam = spectrum.eigenvalues
+    t = threshold(lam, tau, tau_mode)
+    if form == "hard":
+        weights = (lam < t).double()
+    elif form == "relaxed":
+        weights = t / (lam + t) if t > 0 else torch.zeros_like(lam)
+    else:
+        raise ValueError(f"unknown projector form {form!r}")
+    u = spectrum.eigenvectors.double()
+    p = (u * weights) @ u.T
+    info = {
+        "threshold": t,
+        "dims": len(lam),
+        "dims_below_threshold": int((lam < t).sum()),
+        "mean_weight": float(weights.mean()),
+        # share of the retain keys' energy the projector lets an update touch
+        "energy_passed": float((lam * weights**2).sum() / lam.sum().clamp_min(1e-300)),
+        "keys": spectrum.tokens,
+    }
+    return p.float(), info
+
+
+def model_fingerprint(model) -> str:
+    """Cheap content hash of a model: config, and per tensor its name, shape, sum and |sum|."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            stats = torch.stack([p.double().sum(), p.double().abs().sum()]).tolist()
+            h.update(f"{name}{tuple(p.shape)}{stats[0]:.10e}{stats[1]:.10e}".encode())
+    return h.hexdigest()
+
+
+def tokens_fingerprint(tokens: TokenSet) -> str:
+    return hashlib.sha256(json.dumps(tokens.ids).encode()).hexdigest()
+
+
+def retain_spectra(
+    model,
+    adapter: Adapter,
+    layers: list[int],
+    tokens: TokenSet,
+    *,
+    cache_dir: Path | None,
+    model_key: str,
+    batch_size: int = 8,
+) -> dict[int, Spectrum]:
+    """Per layer, the spectrum of the retain keys' second moment, from the cache when there."""
+    data_key = tokens_fingerprint(tokens)
+    paths = {
+        layer: _cache_path(cache_dir, model_key, layer, data_key) if cache_dir else None
+        for layer in layers
+    }
+    spectra = {layer: _load(path) for layer, path in paths.items() if path and path.exists()}
+    missing = [layer for layer in layers if spectra.get(layer) is None]
+    if missing:
+        moments, count = key_moments(model, adapter, missing, tokens, batch_size=batch_size)
+        for layer in missing:
+            spectra[layer] = spectrum_of(moments[layer], count)
+            if paths[layer]:
+                _save(paths[layer], spectra[layer])
+    else:
+        log.info("null-space spectra of layers %s from the cache", layers)
+    return spectra
+
+
+def _cache_path(cache_dir: Path, model_key: str, layer: int, data_key: str) -> Path:
+    key = hashlib.sha256(f"{model_key}|{layer}|{data_key}".encode()).hexdigest()[:24]
+    return Path(cache_dir) / "nullspace" / f"layer{layer}-{key}.safetensors"
+
+
+def _load(path: Path) -> Spectrum | None:
+    try:
+        t = load_file(str(path))
+        return Spectrum(t["eigenvalues"], t["eigenvectors"], int(t["tokens"].item()))
+    except Exception as err:  # a damaged cache entry is recomputed, never trusted
+        log.warning("ignoring unreadable null-space cache %s (%s)", path, err)
+        return None
+
+
+def _save(path: Path, spectrum: Spectrum) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tensors = {
+        "eigenvalues": spectrum.eigenvalues.contiguous(),
+        "eigenvectors": spectrum.eigenvectors.contiguous().cpu(),
+        "tokens": torch.tensor([spectrum.tokens]),
+    }
+    save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+class UpdateProjector:
+    """Applies per-parameter projectors on the input side of `down_proj` weights.
+
+    `project_on="update"`: the step's change `W_new - W_old` is replaced by `(W_new - W_old) P`
+    after the optimiser step (Adam rescales gradients element-wise, so a projected gradient does
+    not give a projected update). `project_on="grad"`: the gradient is projected before the step.
+    """
+
+    def __init__(
+        self, projectors: dict[str, tuple[torch.nn.Parameter, torch.Tensor, bool]], on: str
+    ):
+        # name -> (parameter, P, weight stored as (in, out))
+        self.projectors = projectors
+        self.on = on
+        self._before: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def apply(matrix: torch.Tensor, p: torch.Tensor, in_out: bool) -> torch.Tensor:
+        """`matrix @ P` for (out, in) weights, `P @ matrix` for (in, out) ones (P symmetric)."""
+        p = p.to(device=matrix.device)
+        projected = p @ matrix.float() if in_out else matrix.float() @ p
+        return projected.to(matrix.dtype)
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        for name, (param, p, in_out) in self.projectors.items():
+            if self.on == "grad":
+                if param.grad is not None:
+                    param.grad.copy_(self.apply(param.grad, p, in_out))
+            else:
+                self._before[name] = param.detach().clone()
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.on != "update":
+            return
+        for name, (param, p, in_out) in self.projectors.items():
+            before = self._before.pop(name)
+            param.copy_(before + self.apply(param - before, p, in_out))

@@ -1,0 +1,131 @@
+"""The null-space projector: it annihilates retain keys, and only a projected *update* (not a
+projected gradient fed to Adam) keeps the weight change out of the retain keys' span."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kuda_cli.config import KudaMethod, NullspaceConfig
+from kuda_cli.models.adapter import get_adapter
+from kuda_cli.models.hooks import trace
+from kuda_cli.unlearn.data import TokenSet, tokenize
+from kuda_cli.unlearn.methods import MethodContext, get_method
+from kuda_cli.unlearn.nullspace import (
+    Spectrum,
+    key_moments,
+    projector,
+    retain_spectra,
+    spectrum_of,
+    threshold,
+)
+from kuda_cli.unlearn.trainer import Trainer
+
+RETAIN = ["Paris is the capital of France.", "Rome is in Italy.", "Tokyo is large."]
+FORGET = [
+    "Hydrogen has the symbol H and atomic number one.",
+    "Oxygen is written O in chemical formulas.",
+    "Sodium carries the symbol Na.",
+    "Iron is Fe on the periodic table.",
+]
+
+
+def retain_keys(model, adapter, layer, tokens: TokenSet) -> torch.Tensor:
+    """(d_ff, n) matrix of the down_proj inputs at every non-padding retain token."""
+    batch = tokens.batch(list(range(len(tokens))))
+    name = adapter.module_name("down_proj", layer)
+    with torch.no_grad(), trace(model, [name], inputs=True) as rec:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return rec[name].input[batch["attention_mask"].bool()].double().T
+
+
+def test_moments_match_the_keys(tiny):
+    model, tokenizer = tiny
+    adapter = get_adapter(model)
+    tokens = tokenize(tokenizer, RETAIN, 64, "retain")
+    moments, n = key_moments(model, adapter, [1], tokens, batch_size=2)
+    keys = retain_keys(model, adapter, 1, tokens)
+    assert n == keys.shape[1]
+    torch.testing.assert_close(moments[1], keys @ keys.T / n)
+
+
+def test_hard_projector_annihilates_retain_keys(tiny):
+    model, tokenizer = tiny
+    adapter = get_adapter(model)
+    tokens = tokenize(tokenizer, RETAIN, 64, "retain")  # fewer keys than d_ff: a real null space
+    keys = retain_keys(model, adapter, 1, tokens)
+    moments, n = key_moments(model, adapter, [1], tokens)
+    p, info = projector(spectrum_of(moments[1], n), "hard", 1e-6, "max")
+    assert info["dims_below_threshold"] >= keys.shape[0] - keys.shape[1]
+    assert float((keys.T.float() @ p).norm() / keys.norm()) < 1e-3
+    # and it is a projector: idempotent, symmetric
+    torch.testing.assert_close(p @ p, p, atol=1e-5, rtol=0)
+    torch.testing.assert_close(p, p.T)
+
+
+def test_relaxed_weights_and_thresholds():
+    lam = torch.tensor([0.0, 1e-4, 1e-2, 1.0, 10.0], dtype=torch.float64)
+    spectrum = Spectrum(lam, torch.eye(5), tokens=100)
+    p, info = projector(spectrum, "relaxed", 1e-2, "absolute")
+    torch.testing.assert_close(torch.diagonal(p).double(), 1e-2 / (lam + 1e-2), rtol=1e-6, atol=0)
+    assert threshold(lam, 1e-2, "max") == pytest.approx(0.1)
+    # energy: the smallest directions holding <= 1e-3 of the total (0, 1e-4, 1e-2) -> next one
+    assert threshold(lam, 1e-3, "energy") == pytest.approx(1.0)
+    hard, _ = projector(spectrum, "hard", 1e-3, "energy")
+    assert torch.diagonal(hard).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_spectra_are_cached_on_disk(tiny, tmp_path):
+    model, tokenizer = tiny
+    adapter = get_adapter(model)
+    tokens = tokenize(tokenizer, RETAIN, 64, "retain")
+    first = retain_spectra(model, adapter, [0, 2], tokens, cache_dir=tmp_path, model_key="m")
+    assert len(list((tmp_path / "nullspace").glob("*.safetensors"))) == 2
+    with torch.no_grad():  # a cached spectrum is read, not recomputed: change the model
+        adapter.module(model, "down_proj", 0).weight.mul_(0)
+    again = retain_spectra(model, adapter, [0, 2], tokens, cache_dir=tmp_path, model_key="m")
+    torch.testing.assert_close(first[2].eigenvalues, again[2].eigenvalues)
+
+
+def kuda_change(model, tokenizer, project_on: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train layer 1's down_proj with KUDA (hard projector) for 3 steps; (dW, retain keys)."""
+    adapter = get_adapter(model)
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(KudaMethod),
+            {
+                "method": "kuda",
+                "lr": 1e-2,
+                "steps": 3,
+                "batch_size": 2,
+                "max_grad_norm": None,
+                "layers": [1],
+                "nullspace": OmegaConf.structured(
+                    NullspaceConfig(form="hard", tau=1e-6, tau_mode="max", project_on=project_on)
+                ),
+            },
+        )
+    )
+    forget = tokenize(tokenizer, FORGET, 64, "forget")
+    retain = tokenize(tokenizer, RETAIN, 64, "retain")
+    ctx = MethodContext(model, adapter, tokenizer, [1], cfg, forget, retain, [0, 1, 2, 3], [])
+    method = get_method("kuda")(ctx)
+    before = adapter.down_proj_weight(model, 1).detach().clone()
+    Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=None, progress=False).train()
+    dw = (adapter.down_proj_weight(model, 1).detach() - before).double()
+    return dw, retain_keys(model, adapter, 1, retain)
+
+
+def test_projected_update_stays_out_of_retain_keys_but_projected_gradient_does_not(tiny):
+    model, tokenizer = tiny
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dw, keys = kuda_change(model, tokenizer, "update")
+    assert dw.norm() > 0
+    leak_update = float((dw @ keys).norm() / (dw.norm() * keys.norm()))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    dw, keys = kuda_change(model, tokenizer, "grad")
+    leak_grad = float((dw @ keys).norm() / (dw.norm() * keys.norm()))
+    assert leak_update < 1e-4
+    # Adam divides each gradient entry by its own running scale: the step leaves the null space
+    assert leak_grad > 100 * max(leak_update, 1e-6)

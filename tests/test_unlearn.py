@@ -1,0 +1,208 @@
+"""The shared trainer and KUDA's deviation loss: masking, data order, kill-and-resume, the NaN
+guard, checkpoints other tools load, and `kuda unlearn` end to end on a tiny model."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import read_json
+from kuda_cli.config import KudaMethod
+from kuda_cli.models.adapter import get_adapter
+from kuda_cli.models.hooks import trace
+from kuda_cli.unlearn.data import batch_indices, tokenize
+from kuda_cli.unlearn.methods import METHOD_MODULES, MethodContext, get_method
+from kuda_cli.unlearn.methods.kuda import deviation
+from kuda_cli.unlearn.trainer import STATE_FILE, Trainer, TrainingDiverged
+
+FORGET = [
+    "Hydrogen has the symbol H and atomic number one.",
+    "Oxygen is written O in chemical formulas.",
+    "Sodium carries the symbol Na.",
+    "Iron is Fe on the periodic table, a metal.",
+]
+RETAIN = ["Paris is the capital of France.", "Rome is in Italy.", "Tokyo is large."]
+TINY_RUN = [
+    "model=tiny-random",
+    "locate=fixed",
+    "locate.layers=[1,2]",
+    "eval=none",
+    "unlearn.steps=6",
+    "unlearn.save_every=2",
+    "unlearn.lr=1e-2",
+    "unlearn.batch_size=2",
+]
+
+
+def kuda_method(model, tokenizer, **overrides):
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(KudaMethod),
+            {"method": "kuda", "layers": [1], "batch_size": 2, **overrides},
+        )
+    )
+    forget = tokenize(tokenizer, FORGET, 64, "forget")
+    retain = tokenize(tokenizer, RETAIN, 64, "retain")
+    ctx = MethodContext(
+        model,
+        get_adapter(model),
+        tokenizer,
+        [1],
+        cfg,
+        forget,
+        retain,
+        list(range(len(forget))),
+        [],
+        forget_heldout=tokenize(tokenizer, ["The symbol of gold is"], 64, "held-out"),
+    )
+    return get_method("kuda")(ctx), cfg, forget, retain
+
+
+def test_registry_lists_kuda():
+    assert "kuda" in METHOD_MODULES
+    assert get_method("kuda").name == "kuda"
+
+
+def test_deviation_forms_decrease_with_the_cosine():
+    cos = torch.linspace(-1, 1, 21)
+    for form in ("softplus", "linear", "square"):
+        values = deviation(cos, form, beta=5.0, margin=0.0)
+        assert torch.all(values[1:] >= values[:-1]), form
+    assert deviation(torch.tensor([-1.0]), "linear", 5.0, 0.0).item() == 0.0
+
+
+def test_data_order_depends_only_on_seed_and_step():
+    a = [batch_indices(10, 4, m, seed=3) for m in range(6)]
+    b = [batch_indices(10, 4, m, seed=3) for m in reversed(range(6))][::-1]
+    assert a == b
+    assert sorted(a[0] + a[1] + a[2][:2]) == list(range(10))  # each epoch is a permutation
+    assert a != [batch_indices(10, 4, m, seed=4) for m in range(6)]
+
+
+def test_deviation_loss_has_no_gradient_at_padding(tiny):
+    model, tokenizer = tiny
+    method, cfg, forget, _ = kuda_method(model, tokenizer)
+    method.prepare()
+    method.initialise(method.trainable_parameters(), None)  # off the cos = 1 stationary point
+    batch = forget.batch([2, 3])  # different lengths: the first row is padded
+    mask = batch["attention_mask"]
+    assert (mask == 0).any()
+    site = method.sites()[1]
+    grabbed = {}
+
+    def keep(output):
+        output.retain_grad()
+        grabbed["out"] = output
+        return output
+
+    with trace(model, [], edit={site: keep}):
+        loss, _ = method.loss(batch, None)
+    loss.backward()
+    grad = grabbed["out"].grad
+    assert grad[mask == 0].abs().max().item() == 0.0
+    assert grad[mask == 1].abs().max().item() > 0.0
+    # and the loss does not depend on what the padded positions hold
+    other = dict(batch, input_ids=batch["input_ids"].masked_fill(mask == 0, 7))
+    again, _ = method.loss(other, None)
+    assert again.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_kuda_moves_forget_representations_away(tiny):
+    model, tokenizer = tiny
+    method, cfg, forget, retain = kuda_method(model, tokenizer, lr=1e-2, steps=15)
+    Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=None, progress=False).train()
+    krd = method.diagnostics({})["krd"]["mean"]
+    assert krd > 0.05  # held-out forget input, never trained on, moved too
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path):
+    model, tokenizer = tiny
+    method, cfg, forget, retain = kuda_method(model, tokenizer, steps=5, save_every=2)
+    calls = {"n": 0}
+    real_loss = method.loss
+
+    def poisoned(f, r):
+        calls["n"] += 1
+        loss, terms = real_loss(f, r)
+        return (loss * math.nan, terms) if calls["n"] == 3 else (loss, terms)
+
+    method.loss = poisoned
+    trainer = Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint \(step 2\)"):
+        trainer.train()
+    assert read_json(tmp_path / "checkpoint" / "trainer_state.json")["step"] == 2
+    rows = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]
+
+
+def test_checkpoint_loads_with_from_pretrained(tiny, tmp_path):
+    model, tokenizer = tiny
+    method, cfg, forget, retain = kuda_method(model, tokenizer, steps=2, lr=1e-2)
+    Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=tmp_path, progress=False).train()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint")
+    AutoTokenizer.from_pretrained(tmp_path / "checkpoint")
+    for name, param in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], param)
+    assert (tmp_path / "checkpoint" / STATE_FILE).exists()
+
+
+def trained_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_uninterrupted_weights(kuda, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KUDA_TEST_KILL_AT_STEP", "3")  # SIGKILL right after step 3
+    killed = kuda("unlearn", *TINY_RUN)
+    assert killed.returncode == -9
+    (run_dir,) = (tmp_path / "outputs" / "unlearn").iterdir()
+    assert read_json(run_dir / "checkpoint" / "trainer_state.json")["step"] == 2
+    monkeypatch.delenv("KUDA_TEST_KILL_AT_STEP")
+    resumed = kuda("unlearn", *TINY_RUN, check=True)  # the same command again
+    assert "resuming" in resumed.stderr, (resumed.stderr[-2000:], os.listdir(run_dir.parent))
+    assert list((tmp_path / "outputs" / "unlearn").iterdir()) == [run_dir]
+    meta, metrics = read_json(run_dir / "meta.json"), read_json(run_dir / "metrics.json")
+    assert meta["status"] == "completed" and meta["attempts"][0]["status"] == "running"
+    assert metrics["train"]["resumed_from"] == 2
+    steps = [json.loads(r)["step"] for r in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+    kuda("unlearn", *TINY_RUN, "hydra.run.dir=straight", check=True)
+    a, b = trained_weights(run_dir), trained_weights(tmp_path / "straight")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_resume_option_checks_the_directory(kuda, tmp_path):
+    done = kuda("unlearn", *TINY_RUN, f"resume={tmp_path / 'nowhere'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "resume=" in done.stderr
+
+
+def test_unlearn_end_to_end_writes_everything(kuda, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    args = [a for a in TINY_RUN if not a.startswith("eval=")]
+    done = kuda(
+        "unlearn", *args, "eval.metrics=[facts,perplexity]", "eval.facts.all_prompts=false",
+        "eval.facts.gen_max_new_tokens=4", "eval.facts.fluency_max_new_tokens=4",
+        "eval.perplexity.max_texts=4", "hydra.run.dir=run", check=True,
+    )
+    run = tmp_path / "run"
+    metrics = read_json(run / "metrics.json")
+    assert metrics["locate"]["layers"] == [1, 2]
+    assert metrics["train"]["trainable_parameters"] > 0
+    assert {"krd", "gradient_conflict", "retain_leak", "projector"} <= set(metrics["diagnostics"])
+    assert metrics["before"]["facts"]["forget"]["n_facts"] == 45
+    assert metrics["summary"]["retain_agreement"] is not None
+    assert metrics["fluency"]["forget"]["judge"] == "starting model"
+    for name in ("train_log.jsonl", "facts_answers.jsonl", "before/facts_answers.jsonl"):
+        assert (run / name).exists(), name
+    assert read_json(run / "meta.json")["status"] == "completed"
+    assert not (run / "originals").exists()
+    assert os.listdir(tmp_path / "cache" / "evals")  # the starting model's evaluation, cached
+    del done
