@@ -28,7 +28,7 @@ test: install
 	$(BIN)/pytest -q
 
 demo: install
-	$(BIN)/kuda unlearn name=demo
+	$(BIN)/kuda unlearn name=demo locate.samples=3
 
 lint: install
 	$(BIN)/ruff check src tests scripts

@@ -10,7 +10,6 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_json
 from kuda_cli.config import KudaMethod
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
@@ -18,6 +17,8 @@ from kuda_cli.unlearn.data import batch_indices, tokenize
 from kuda_cli.unlearn.methods import METHOD_MODULES, MethodContext, get_method
 from kuda_cli.unlearn.methods.kuda import deviation
 from kuda_cli.unlearn.trainer import STATE_FILE, Trainer, TrainingDiverged
+
+from conftest import read_json
 
 FORGET = [
     "Hydrogen has the symbol H and atomic number one.",
@@ -188,9 +189,15 @@ def test_unlearn_end_to_end_writes_everything(kuda, tmp_path, monkeypatch):
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
     args = [a for a in TINY_RUN if not a.startswith("eval=")]
     done = kuda(
-        "unlearn", *args, "eval.metrics=[facts,perplexity]", "eval.facts.all_prompts=false",
-        "eval.facts.gen_max_new_tokens=4", "eval.facts.fluency_max_new_tokens=4",
-        "eval.perplexity.max_texts=4", "hydra.run.dir=run", check=True,
+        "unlearn",
+        *args,
+        "eval.metrics=[facts,perplexity]",
+        "eval.facts.all_prompts=false",
+        "eval.facts.gen_max_new_tokens=4",
+        "eval.facts.fluency_max_new_tokens=4",
+        "eval.perplexity.max_texts=4",
+        "hydra.run.dir=run",
+        check=True,
     )
     run = tmp_path / "run"
     metrics = read_json(run / "metrics.json")
@@ -206,3 +213,16 @@ def test_unlearn_end_to_end_writes_everything(kuda, tmp_path, monkeypatch):
     assert not (run / "originals").exists()
     assert os.listdir(tmp_path / "cache" / "evals")  # the starting model's evaluation, cached
     del done
+
+
+def test_unknown_trainable_kind_is_refused(kuda):
+    done = kuda("unlearn", "model=tiny-random", "unlearn.trainable=[foo]")
+    assert done.returncode == 2
+    assert "unlearn.trainable has foo" in done.stderr
+
+
+def test_unimplemented_method_stops_with_one_line(kuda, tmp_path):
+    done = kuda("unlearn", "model=tiny-random", "unlearn=ga", "hydra.run.dir=ga")
+    assert done.returncode == 2
+    assert "unlearn=ga is not implemented yet" in done.stderr
+    assert not (tmp_path / "ga").exists()

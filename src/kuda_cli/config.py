@@ -144,8 +144,13 @@ class LocateConfig:
     noise: float = bounded(3.0, gt=0)  # noise std, in multiples of the subject embeddings' std
     window: int = bounded(10, ge=1)  # layers restored together for mlp/attn effects
     select_window: int = bounded(3, ge=1)  # consecutive layers selected
-    module: str = choice("mlp", "mlp", "attn", "hidden")
-    max_probes: int | None = bounded(None, ge=1)
+    module: str = choice("mlp", "mlp", "attn", "hidden")  # whose effect selects the layers
+    max_probes: int | None = bounded(20, ge=1)  # drawn with the seed; null: every probe
+    # corrupted tokens: the subject where the data names one (facts), else the whole question;
+    # `prompt`: always the whole prompt
+    span: str = choice("subject", "subject", "prompt")
+    plot_probes: int = bounded(3, ge=0)  # single-probe heatmaps besides the average
+    batch_tokens: int = bounded(16384, ge=1)  # restored tokens per forward pass
 
 
 # ----------------------------------------------------------------------------- unlearn
@@ -168,6 +173,7 @@ class UnlearnConfig:
     save_every: int = bounded(0, ge=0)  # 0: only at the end
     trainable: list[str] = listed("down_proj")  # module kinds trained; see models.adapter
     layers: list[int] | None = None  # trained layers; null: the located layers
+    originals: str = choice("memory", "memory", "disk")  # where original representations live
 
 
 @dataclass
@@ -175,7 +181,7 @@ class NullspaceConfig:
     enabled: bool = True
     form: str = choice("relaxed", "relaxed", "hard")
     tau: float = bounded(1e-2, gt=0)
-    tau_mode: str = choice("energy", "energy", "absolute")
+    tau_mode: str = choice("energy", "energy", "max", "absolute")
     project_on: str = choice("update", "update", "grad")
     samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
 
@@ -187,6 +193,9 @@ class KudaMethod(UnlearnConfig):
     loss_form: str = choice("softplus", "softplus", "linear", "square")
     site: str = choice("mlp_out", "mlp_out", "residual")
     retain_weight: float = bounded(0.0, ge=0)
+    # the cosine is maximal at the original, so its gradient there is 0: a seeded perturbation of
+    # the trained weights (std = init_noise x the weight's std, projected) breaks the symmetry
+    init_noise: float = bounded(1e-2, ge=0)
     nullspace: NullspaceConfig = field(default_factory=NullspaceConfig)
 
 
@@ -283,6 +292,9 @@ class MuseEvalConfig:
 class EvalConfig:
     name: str = MISSING
     metrics: list[str] = listed("perplexity")  # names in kuda_cli.evaluate.METRIC_MODULES
+    # kuda unlearn: evaluate the starting model too (cached per model, data and eval settings),
+    # for the comparison and the retain agreement
+    before: bool = True
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     facts: FactsEvalConfig = field(default_factory=FactsEvalConfig)
     wmdp: WmdpEvalConfig = field(default_factory=WmdpEvalConfig)
@@ -301,6 +313,9 @@ class RootConfig:
     stage: str = choice(MISSING, *STAGES)
     name: str | None = None
     seed: int = 0
+    # kuda unlearn: continue the run in this directory from its last checkpoint (re-running the
+    # same command finds an unfinished run by itself)
+    resume: str | None = None
     cache_dir: str = MISSING
     model: ModelConfig = MISSING
     data: Any = MISSING

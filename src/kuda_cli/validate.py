@@ -21,8 +21,10 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model)
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval, cfg.data)
+    _check_trainable(cfg.unlearn)
     _check_text_source(cfg.eval)
     _check_local_paths(cfg)
+    _check_from_run(cfg.locate)
 
 
 def known_depth(model_cfg: DictConfig) -> int | None:
@@ -185,6 +187,17 @@ def _check_local_paths(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} does not exist; pass an existing file or directory")
 
 
+def _check_from_run(locate: DictConfig) -> None:
+    """A reused trace run must hold its selection, so a typo costs no model load."""
+    if not locate.get("from_run"):
+        return
+    if not (Path(str(locate.from_run)).expanduser() / "trace" / "layers.json").is_file():
+        raise ConfigError(
+            f"locate.from_run={locate.from_run} holds no trace/layers.json; pass the directory "
+            "of a completed kuda trace run (outputs/trace/DATE_TIME)"
+        )
+
+
 def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
     from kuda_cli.evaluate import METRIC_DATA_KIND, METRIC_MODULES
 
@@ -203,3 +216,15 @@ def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
                 f"data={data_cfg.name} does not have; pass {fitting[data_cfg.kind]} with "
                 f"data={data_cfg.name} (or eval=none)"
             )
+
+
+TRAINABLE_KINDS = ("down_proj", "mlp", "attn", "layer", "all")  # models.adapter.MODULE_KINDS
+
+
+def _check_trainable(unlearn: DictConfig) -> None:
+    bad = [k for k in unlearn.get("trainable", []) if k not in TRAINABLE_KINDS]
+    if bad:
+        raise ConfigError(
+            f"unlearn.trainable has {', '.join(map(str, bad))}; choose among: "
+            f"{', '.join(TRAINABLE_KINDS)}"
+        )

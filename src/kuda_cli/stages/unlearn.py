@@ -39,6 +39,7 @@ def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run) -> list[int]:
 
 
 def run(cfg: DictConfig, run: Run) -> None:
+    get_method(cfg.unlearn.method)  # an unimplemented method stops before any work
     loaded = load_configured_model(cfg, run)
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     ucfg = OmegaConf.to_object(cfg.unlearn)

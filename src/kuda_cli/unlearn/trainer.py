@@ -254,7 +254,9 @@ class Trainer:
                     loss, terms = self.method.loss(forget, retain)
                 if not torch.isfinite(loss):
                     bad = [k for k, v in terms.items() if not math.isfinite(v)] or ["loss"]
-                    raise self._diverged(step, f"the loss is {float(loss.detach())} ({', '.join(bad)})")
+                    raise self._diverged(
+                        step, f"the loss is {float(loss.detach())} ({', '.join(bad)})"
+                    )
                 (loss / self.cfg.grad_accum).backward()
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v / self.cfg.grad_accum

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kuda_cli.errors import UserError
 from kuda_cli.models.adapter import Adapter
 from kuda_cli.unlearn.data import TokenSet
 
@@ -107,6 +108,10 @@ def register_method(name: str):
 
 
 def get_method(name: str) -> type[Method]:
+    if name not in METHOD_MODULES:
+        raise UserError(
+            f"unlearn={name} is not implemented yet; implemented: {', '.join(METHOD_MODULES)}"
+        )
     importlib.import_module(METHOD_MODULES[name])
     return METHODS[name]
 
