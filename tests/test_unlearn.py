@@ -226,3 +226,16 @@ def test_unimplemented_method_stops_with_one_line(kuda, tmp_path):
     assert done.returncode == 2
     assert "unlearn=ga is not implemented yet" in done.stderr
     assert not (tmp_path / "ga").exists()
+
+
+def test_resumed_run_reuses_its_own_trace(kuda, tmp_path, monkeypatch):
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    args = [a for a in TINY_RUN if not a.startswith("locate")]
+    args += ["locate.max_probes=2", "locate.samples=2", "hydra.run.dir=run"]
+    monkeypatch.setenv("KUDA_TEST_KILL_AT_STEP", "3")
+    assert kuda("unlearn", *args).returncode == -9
+    layers = read_json(tmp_path / "run" / "trace" / "layers.json")["layers"]
+    monkeypatch.delenv("KUDA_TEST_KILL_AT_STEP")
+    done = kuda("unlearn", *args, check=True)
+    assert "the layers this run traced before" in done.stdout + done.stderr
+    assert read_json(tmp_path / "run" / "metrics.json")["locate"]["layers"] == layers

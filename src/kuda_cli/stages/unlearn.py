@@ -33,8 +33,11 @@ BEFORE = "before"
 def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run) -> list[int]:
     if cfg.locate.method == "fixed":
         return list(cfg.locate.layers)
-    from kuda_cli.stages.trace import locate_layers
+    from kuda_cli.stages.trace import LAYERS_FILE, TRACE_DIR, locate_layers, read_layers
 
+    if not cfg.locate.from_run and (run.dir / TRACE_DIR / LAYERS_FILE).exists():
+        log.info("resumed run: the layers this run traced before")  # tracing is not redone
+        return read_layers(str(run.dir), loaded.num_layers)
     return locate_layers(cfg, loaded, run.dir, run)
 
 
