@@ -85,6 +85,7 @@ def help_text() -> str:
         "",
         "common keys: seed=0 name=NAME cache_dir=DIR (or $KUDA_CACHE) model.device=auto|cpu|cuda",
         "             model.dtype=auto|float32|bfloat16|float16 model.path=DIR",
+        "             resume=DIR (kuda unlearn: continue an unfinished run from its checkpoint)",
         "",
         "Hydra flags: -m/--multirun (sweep: key=a,b), --cfg job|hydra|all (print the composed",
         "  config), --info, --hydra-help, hydra.run.dir=DIR, -sc install=bash (tab completion).",

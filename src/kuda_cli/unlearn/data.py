@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kuda_cli.errors import UserError
+from kuda_cli.evaluate.scoring import _pad_id
 
 
 @dataclass
@@ -50,16 +51,12 @@ class TokenSet:
         }
 
 
-def pad_id(tokenizer) -> int:
-    return next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-
-
 def tokenize(tokenizer, texts: list[str], max_length: int, what: str) -> TokenSet:
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
     ids = [list(row) for row in enc["input_ids"] if len(row) > 1]
     if not ids:
         raise UserError(f"the {what} texts are empty after tokenisation; check the data options")
-    return TokenSet(ids=ids, pad_id=pad_id(tokenizer))
+    return TokenSet(ids=ids, pad_id=_pad_id(tokenizer))
 
 
 @lru_cache(maxsize=8)
