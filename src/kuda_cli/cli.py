@@ -288,8 +288,7 @@ def _check_resume(directory: Path, cfg: DictConfig) -> Path:
             f"resume={directory} holds no checkpoint to continue from; start the run anew "
             "(unlearn.save_every=N writes one every N steps)"
         )
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    if meta.get("config_hash") != config_hash(job):
+    if meta.get("config_hash") != config_hash(cfg):
         raise ConfigError(
             f"resume={directory} was run with another config; resume it with its own command: "
             f"{meta.get('command')}"
@@ -304,7 +303,7 @@ def _unfinished_run(parent: Path, cfg: DictConfig) -> Path | None:
 
     if not parent.is_dir():
         return None
-    wanted = config_hash(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    wanted = config_hash(cfg)
     candidates = []
     for directory in parent.iterdir():
         meta = read_meta(directory) if directory.is_dir() else None

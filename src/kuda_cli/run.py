@@ -67,9 +67,8 @@ def set_seed(seed: int) -> None:
 def config_hash(cfg: DictConfig) -> str:
     """sha256 of the resolved job config, keys sorted: equal configs hash equal. `resume` and
     Hydra's own node do not count: a resumed run has the config of the run it continues."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved.pop("hydra", None)
-    resolved.pop("resume", None)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "resume")])
+    resolved = OmegaConf.to_container(job, resolve=True)
     blob = json.dumps(resolved, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 

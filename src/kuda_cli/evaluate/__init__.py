@@ -8,7 +8,8 @@ config validation knows the names without importing torch.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ METRIC_MODULES = {
 # the data kind a metric reads its sets from (validated before the run)
 METRIC_DATA_KIND = {"facts": "facts", "muse": "muse"}
 METRICS: dict[str, Callable[[EvalContext], dict[str, Any]]] = {}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +46,13 @@ def register_metric(name: str):
         return fn
 
     return wrap
+
+
+def compute_metrics(ctx: EvalContext) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, results) of each metric of `ctx.eval.metrics`, in order, as it finishes."""
+    for name in ctx.eval.metrics:
+        log.info("metric %s", name)
+        yield name, get_metric(name)(ctx)
 
 
 def get_metric(name: str) -> Callable[[EvalContext], dict[str, Any]]:

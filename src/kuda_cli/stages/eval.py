@@ -6,7 +6,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.evaluate import EvalContext, get_metric
+from kuda_cli.evaluate import EvalContext, compute_metrics
 from kuda_cli.run import Run
 from kuda_cli.stages.common import load_configured_model
 
@@ -22,8 +22,6 @@ def run(cfg: DictConfig, run: Run) -> None:
         out_dir=run.dir,
         cache_dir=cfg.cache_dir,
     )
-    for name in ctx.eval.metrics:
-        log.info("metric %s", name)
-        results = get_metric(name)(ctx)
+    for name, results in compute_metrics(ctx):
         run.log_metrics(results)
         log.info("%s: %s", name, results)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.evaluate import EvalContext, get_metric
+from kuda_cli.evaluate import EvalContext, compute_metrics
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, write_json_atomic
 from kuda_cli.stages.common import load_configured_model
@@ -169,9 +169,8 @@ def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None) -> dict[str, Any
         judge=judge,
     )
     results: dict[str, Any] = {}
-    for name in eval_cfg.metrics:
-        log.info("metric %s", name)
-        results.update(get_metric(name)(ctx))
+    for _, found in compute_metrics(ctx):
+        results.update(found)
     return results
 
 
