@@ -89,3 +89,37 @@ def retain_leak(
             "vs_random": (action2 / norm2 / isotropic2) ** 0.5,
         }
     return out
+
+
+@torch.no_grad()
+def heldout_krd(
+    model: nn.Module,
+    adapter: Adapter,
+    layers: list[int],
+    heldout: TokenSet,
+    starting_weights,
+) -> dict[str, Any]:
+    """KRD for any method: mean 1 - cos between the MLP outputs of the located layers on the
+    held-out forget inputs, now and with the starting weights (`starting_weights()`: a context
+    manager that swaps them in), over the subject tokens where the data names them, else every
+    token. About 0: unchanged; about 1: orthogonal."""
+    from kuda_cli.unlearn.representations import RepresentationStore, record_sites
+
+    sites = {layer: adapter.module_name("mlp", layer) for layer in layers}
+    indices = list(range(len(heldout)))
+    now, before = RepresentationStore("memory"), RepresentationStore("memory")
+    record_sites(model, heldout, indices, list(sites.values()), now, desc="held-out now")
+    with starting_weights():
+        record_sites(model, heldout, indices, list(sites.values()), before, desc="held-out start")
+    per_layer = {}
+    for layer, site in sites.items():
+        values = []
+        for i in indices:
+            krd = 1 - F.cosine_similarity(
+                now.get(i, site).float(), before.get(i, site).float(), dim=-1
+            )
+            if heldout.focus is not None and any(heldout.focus[i]):
+                krd = krd[torch.tensor(heldout.focus[i], dtype=torch.bool)]
+            values.append(krd)
+        per_layer[f"l{layer}"] = float(torch.cat(values).mean())
+    return {"mean": sum(per_layer.values()) / len(per_layer), **per_layer}

@@ -10,6 +10,7 @@ batch when `needs_retain` is set). The trainer does everything else.
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ from kuda_cli.unlearn.data import TokenSet
 
 METHOD_MODULES = {
     "kuda": "kuda_cli.unlearn.methods.kuda",
+    "ga": "kuda_cli.unlearn.methods.ga",
+    "graddiff": "kuda_cli.unlearn.methods.graddiff",
+    "npo": "kuda_cli.unlearn.methods.npo",
+    "simnpo": "kuda_cli.unlearn.methods.simnpo",
+    "rmu": "kuda_cli.unlearn.methods.rmu",
 }
 METHODS: dict[str, type[Method]] = {}
 
@@ -71,6 +77,9 @@ class Method:
         """An UpdateProjector for `params`, or None."""
         return None
 
+    def initialise(self, params: dict[str, nn.Parameter], projector) -> None:
+        """Change the trained weights before the first step (not on resume)."""
+
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
@@ -110,7 +119,8 @@ def register_method(name: str):
 def get_method(name: str) -> type[Method]:
     if name not in METHOD_MODULES:
         raise UserError(
-            f"unlearn={name} is not implemented yet; implemented: {', '.join(METHOD_MODULES)}"
+            f"unlearn.method={name} is not a registered method; choose one of: "
+            f"{', '.join(METHOD_MODULES)} (unlearn=NAME picks its config)"
         )
     importlib.import_module(METHOD_MODULES[name])
     return METHODS[name]
@@ -125,3 +135,35 @@ def sequence_nll(model, batch: dict) -> torch.Tensor:
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
     ).view_as(targets)
     return nll[mask].mean()
+
+
+def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the summed log-probability of each token given the ones before it, over
+    the non-padding tokens, and how many tokens that is (|y|)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["input_ids"][:, 1:]
+    mask = batch["attention_mask"][:, 1:].bool()
+    logp = -torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+    ).view_as(targets)
+    return logp.masked_fill(~mask, 0.0).sum(1), mask.sum(1)
+
+
+def with_retain_nll(
+    model, loss: torch.Tensor, retain: dict | None, weight: float, terms: dict[str, float]
+) -> torch.Tensor:
+    """`loss + weight * NLL(retain)`, logging `retain_nll`; `loss` alone without a retain batch
+    (the gradient-conflict diagnostic asks for the forget term only)."""
+    if retain is None or weight == 0:
+        return loss
+    nll = sequence_nll(model, retain)
+    terms["retain_nll"] = float(nll.detach())
+    return loss + weight * nll
+
+
+def precision_context(precision: str, device: torch.device):
+    """The autocast the trainer runs the loss under; precomputations use it too, so that a
+    reference equals what the loss computes on the same weights."""
+    if precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kuda_cli.errors import UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.data import TokenSet
 from kuda_cli.unlearn.methods import Method, register_method, sequence_nll
@@ -74,15 +75,27 @@ class Kuda(Method):
                 desc="held-out originals",
             )
 
+    def loss_mask(self, batch: dict) -> torch.Tensor:
+        """The tokens the loss reads: non-padding, and the subject's where asked and known."""
+        mask = batch["attention_mask"]
+        if self.cfg.tokens != "all" and "focus_mask" in batch:
+            return mask * batch["focus_mask"]
+        if self.cfg.tokens == "subject":
+            raise UserError(
+                "unlearn.tokens=subject needs data that names subjects (data=facts); "
+                "use unlearn.tokens=all"
+            )
+        return mask
+
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         sites = self.sites()
-        mask = forget["attention_mask"]
         with trace(
             self.ctx.model,
             list(sites.values()),
             stop_after=_deepest(self.ctx.model, list(sites.values())),
         ) as rec:
-            self.ctx.model(input_ids=forget["input_ids"], attention_mask=mask)
+            self.ctx.model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"])
+        mask = self.loss_mask(forget)
         width = mask.shape[1]
         total = torch.zeros((), device=mask.device)
         terms: dict[str, float] = {}
@@ -164,15 +177,17 @@ class Kuda(Method):
             now,
             desc="held-out representations",
         )
+        focus = self.heldout.focus if self.cfg.tokens != "all" else None
         per_layer = {}
         for layer, site in sites.items():
-            values = [
-                1
-                - F.cosine_similarity(
+            values = []
+            for i in indices:
+                krd = 1 - F.cosine_similarity(
                     now.get(i, site).float(), self.heldout_store.get(i, site).float(), dim=-1
                 )
-                for i in indices
-            ]
+                if focus is not None:
+                    krd = krd[torch.tensor(focus[i], dtype=torch.bool)]
+                values.append(krd)
             per_layer[f"l{layer}"] = float(torch.cat(values).mean())
         out["krd"] = {"mean": sum(per_layer.values()) / len(per_layer), **per_layer}
         return out

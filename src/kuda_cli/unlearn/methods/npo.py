@@ -1,0 +1,71 @@
+"""Negative preference optimisation (NPO, Zhang et al. 2024) with a retain NLL term:
+
+    -(2/beta) * mean_i log sigmoid(-beta * (log p_theta(y_i) - log p_ref(y_i)))
+      + retain_weight * NLL_retain
+
+with log p(y) the summed log-probability of a forget sequence's non-padding tokens. The loss is
+(2/beta) log 2 at the reference and falls to 0 (never below) as the forget log-probability
+falls: unlike GA it is bounded. The reference is the starting model; its log-probabilities are
+computed once in `prepare`, for every forget item the trainer will draw, and kept by item index:
+no second model copy. `prepare` runs in `Trainer.setup`, before a resumed run loads its
+checkpoint, so on resume they come from the original weights again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kuda_cli.unlearn.data import TokenSet
+from kuda_cli.unlearn.methods import (
+    Method,
+    precision_context,
+    register_method,
+    sequence_logprob,
+    with_retain_nll,
+)
+
+
+def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model, tokens: TokenSet, indices: list[int], precision: str, batch_size: int
+) -> dict[int, float]:
+    """Summed log-probability of each item `indices` under `model` as it is now."""
+    device = next(model.parameters()).device
+    order = sorted(dict.fromkeys(indices), key=lambda i: len(tokens.ids[i]))
+    out: dict[int, float] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        with precision_context(precision, device):
+            logp, _ = sequence_logprob(model, tokens.batch(chunk, device))
+        out.update(zip(chunk, logp.tolist(), strict=True))
+    return out
+
+
+@register_method("npo")
+class Npo(Method):
+    @property
+    def needs_retain(self) -> bool:  # type: ignore[override]
+        return self.cfg.retain_weight > 0
+
+    def prepare(self) -> None:
+        ctx = self.ctx
+        self.reference = reference_logprobs(
+            ctx.model, ctx.forget, ctx.forget_used, self.cfg.precision, self.cfg.batch_size
+        )
+
+    def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        logp, _ = sequence_logprob(self.ctx.model, forget)
+        ref = torch.tensor([self.reference[i] for i in forget["index"]], device=logp.device)
+        forget_term = npo_loss(logp, ref, self.cfg.beta)
+        terms = {
+            "npo": float(forget_term.detach()),
+            "forget_logratio": float((logp - ref).detach().mean()),
+        }
+        return with_retain_nll(
+            self.ctx.model, forget_term, retain, self.cfg.retain_weight, terms
+        ), terms

@@ -1,0 +1,106 @@
+"""Representation misdirection for unlearning (RMU, Li et al. 2024, WMDP).
+
+With h(x) the residual stream after block `steer_layer` (null: the last trained layer), u a
+fixed random unit vector and c the steering coefficient:
+
+    mean over forget tokens of  MSE(h(x), c * u)
+      + alpha * mean over retain tokens of  MSE(h(x), h_original(x))
+
+MSE is the mean over the hidden dimension; only non-padding tokens count (the WMDP code averages
+over padding too). u is drawn uniform in [0, 1) per dimension from the run's seed and normalised,
+as in the WMDP code. Retain originals come from the starting model, computed once in `prepare`
+(memory or disk, `unlearn.originals`): no second model copy; `prepare` runs before a resumed run
+loads its checkpoint. Trained: `unlearn.trainable` (default `down_proj`) of the trained layers.
+The forward pass stops after `steer_layer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kuda_cli.errors import UserError
+from kuda_cli.models.hooks import trace
+from kuda_cli.unlearn.methods import Method, precision_context, register_method
+from kuda_cli.unlearn.representations import RepresentationStore, record_sites
+
+
+def steering_vector(hidden_size: int, c: float, seed: int) -> torch.Tensor:
+    """c * u, u uniform in [0, 1)^hidden normalised to unit length (float32, CPU)."""
+    u = torch.rand(hidden_size, generator=torch.Generator().manual_seed(seed))
+    return u / u.norm() * c
+
+
+def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where `mask` is 1 of the per-token mean squared error; padding
+    contributes nothing, not even a gradient."""
+    per_token = (h.float() - target.float()).pow(2).mean(-1)
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1)
+
+
+@register_method("rmu")
+class Rmu(Method):
+    @property
+    def needs_retain(self) -> bool:  # type: ignore[override]
+        return self.cfg.alpha > 0
+
+    @property
+    def steer_layer(self) -> int:
+        if self.cfg.steer_layer is not None:
+            return self.cfg.steer_layer
+        return max(self.trained_layers)
+
+    @property
+    def site(self) -> str:
+        return self.ctx.adapter.module_name("layer", self.steer_layer)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        deepest = max(self.trained_layers)
+        if "all" not in self.cfg.trainable and self.steer_layer < deepest:
+            raise UserError(
+                f"unlearn.steer_layer={self.steer_layer} comes before trained layer {deepest}, "
+                f"which would get no gradient; set unlearn.steer_layer>={deepest} or null (the "
+                "last trained layer)"
+            )
+        return super().trainable_parameters()
+
+    def prepare(self) -> None:
+        ctx = self.ctx
+        device = next(ctx.model.parameters()).device
+        self.control = steering_vector(ctx.model.config.hidden_size, self.cfg.c, ctx.seed)
+        self.control = self.control.to(device)
+        self.store = None
+        if self.needs_retain:
+            directory = ctx.work_dir / "originals" if ctx.work_dir else None
+            self.store = RepresentationStore(self.cfg.originals, directory)
+            with precision_context(self.cfg.precision, device):  # as the loss will see them
+                record_sites(
+                    ctx.model,
+                    ctx.retain,
+                    ctx.retain_used,
+                    [self.site],
+                    self.store,
+                    desc="original retain activations",
+                )
+
+    def activations(self, batch: dict) -> torch.Tensor:
+        """h at `steer_layer` for a batch; the layers after it are not run."""
+        with trace(self.ctx.model, [self.site], stop_after=self.site) as rec:
+            self.ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return rec[self.site].output
+
+    def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        forget_mse = masked_mse(self.activations(forget), self.control, forget["attention_mask"])
+        terms = {"forget_mse": float(forget_mse.detach())}
+        if retain is None or not self.needs_retain:
+            return forget_mse, terms
+        mask = retain["attention_mask"]
+        original = self.store.padded(retain["index"], self.site, mask.shape[1], mask.device)
+        retain_mse = masked_mse(self.activations(retain), original, mask)
+        terms["retain_mse"] = float(retain_mse.detach())
+        return forget_mse + self.cfg.alpha * retain_mse, terms
+
+    def close(self) -> None:
+        if getattr(self, "store", None) is not None:
+            self.store.close()
