@@ -1,0 +1,140 @@
+"""What a run cannot do without (`requires: [gpu, hub]`), checked before anything is loaded.
+
+`gpu`: a CUDA device is visible. `hub`: every model, tokenizer and dataset the run would fetch
+from the Hugging Face hub (those without a local path) can be fetched: `HF_HUB_OFFLINE` is not
+set and a HEAD request to the hub endpoint answers within a few seconds. A run whose every
+source is local needs no hub, whatever `requires` says. A missing requirement is a `ConfigError`:
+one line, exit status 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from kuda_cli.errors import ConfigError
+
+TRUE = {"1", "ON", "YES", "TRUE"}
+HUB_TIMEOUT_S = 5.0
+# the data splits each use reads (kuda_cli.unlearn.data, evaluate.muse_metric, locate.probes)
+SPLITS_FOR_UNLEARN = ("forget", "retain")
+SPLITS_FOR_MUSE_EVAL = (
+    "verbmem",
+    "knowmem_forget",
+    "knowmem_retain",
+    "knowmem_forget_icl",
+    "knowmem_retain_icl",
+    "forget",
+    "holdout",
+)
+PROBES_SPLIT = {"corpus": "questions", "muse": "knowmem_forget"}
+LM_EVAL_FILES = {
+    "wmdp_bio": "bio_path",
+    "wmdp_cyber": "cyber_path",
+    "wmdp_chem": "chem_path",
+    "mmlu": "mmlu_path",
+}
+
+
+def describe(cfg: DictConfig) -> str:
+    """How the config names itself in messages: its experiment, else the stage."""
+    experiment = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
+    if experiment is None and "hydra" not in cfg:  # inside a job: Hydra's node was removed
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            experiment = HydraConfig.get().runtime.choices.get("experiment")
+    return f"experiment={experiment}" if experiment else f"kuda {cfg.stage}"
+
+
+def hub_sources(cfg: DictConfig) -> list[str]:
+    """`key (hub id)` for everything this run would fetch from the hub."""
+    found: list[str] = []
+    model = cfg.model
+    if not model.get("path") and model.source == "hub":
+        found.append(f"model ({model.id})")
+    if model.get("tokenizer") and not Path(str(model.tokenizer)).expanduser().is_dir():
+        found.append(f"model.tokenizer ({model.tokenizer})")
+    data = cfg.data
+    splits: list[str] = []
+    if cfg.stage == "unlearn":
+        splits += SPLITS_FOR_UNLEARN
+    if cfg.stage in ("trace", "unlearn") and cfg.locate.method == "causal_tracing":
+        if not cfg.locate.get("from_run") and data.kind in PROBES_SPLIT:
+            splits.append(PROBES_SPLIT[data.kind])
+    metrics = list(cfg.eval.metrics) if cfg.stage in ("eval", "unlearn") else []
+    if "muse" in metrics:
+        splits += SPLITS_FOR_MUSE_EVAL
+    for name in dict.fromkeys(splits):
+        split = data.get(name)
+        if isinstance(split, DictConfig) and split.get("hub_id") and not split.get("path"):
+            found.append(f"data.{name} ({split.hub_id})")
+    if "lm_eval" in metrics:
+        from kuda_cli.evaluate.lm_eval_bridge import HUB_DATASETS, dataset_of
+
+        for task in cfg.eval.wmdp.tasks:
+            try:
+                dataset = dataset_of(task)
+            except Exception:  # an unknown task is reported by lm-eval itself
+                continue
+            if not cfg.eval.wmdp.get(LM_EVAL_FILES[dataset]):
+                found.append(f"eval.wmdp.{LM_EVAL_FILES[dataset]} ({HUB_DATASETS[dataset]})")
+    if "perplexity" in metrics and cfg.eval.perplexity.source == "hub":
+        found.append(f"eval.perplexity ({cfg.eval.perplexity.hub_id})")
+    return list(dict.fromkeys(found))
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+@functools.lru_cache(maxsize=1)  # once per process: a sweep's jobs and its pre-flight share it
+def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the hub cannot be used now, or None when it answers."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE:
+        return "HF_HUB_OFFLINE is set"
+    request = urllib.request.Request(hub_endpoint(), method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        return f"{hub_endpoint()} is unreachable ({reason})"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_missing() -> str | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "no CUDA device is visible (torch.cuda.is_available() is false)"
+
+
+def check(cfg: DictConfig, *, gpu: bool = True, hub: bool = True) -> None:
+    """Raise ConfigError naming the first requirement of `cfg.requires` that is not met.
+    `gpu=False` skips the GPU check (a SLURM launcher submits from a node without one)."""
+    wanted = list(cfg.get("requires") or [])
+    who = describe(cfg)
+    if gpu and "gpu" in wanted and (why := gpu_missing()):
+        raise ConfigError(
+            f"{who} needs a GPU but {why}; run it on a GPU machine, or submit it to a cluster "
+            "with -m hydra/launcher=slurm (requires=[] skips this check)"
+        )
+    if hub and "hub" in wanted:
+        sources = hub_sources(cfg)
+        if sources and (why := hub_unreachable()):
+            shown = ", ".join(sources[:3]) + (
+                f" and {len(sources) - 3} more" if sources[3:] else ""
+            )
+            raise ConfigError(
+                f"{who} needs the Hugging Face hub for {shown}, but {why}; pass local copies "
+                "(model.path=DIR, data.<split>.path=FILE, eval.wmdp.<set>_path=FILE)"
+            )

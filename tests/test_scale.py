@@ -1,0 +1,449 @@
+"""Scale: reproduction targets that refuse to start without a GPU or the hub, two-stage tuning's
+picker, sweeps that skip completed jobs and survive failing ones, the SLURM launcher config."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kuda_cli import cli, requirements
+from kuda_cli.errors import ConfigError
+
+from conftest import read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    requirements.gpu_missing.cache_clear()
+    requirements.hub_unreachable.cache_clear()
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- requirements
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "-m", "experiment=table_wmdp"],
+        [
+            "unlearn",
+            "-m",
+            "experiment=table_wmdp",
+            "data=wmdp_bio,wmdp_cyber",
+            "unlearn=rmu_zephyr",
+        ],
+        ["eval", "-m", "experiment=table_muse"],
+        ["unlearn", "experiment=table_muse", "model=muse-books-iclm-7b", "data=muse_books"],
+    ],
+)
+def test_table_experiments_stop_before_loading_without_a_gpu(capsys, in_tmp, argv, monkeypatch):
+    monkeypatch.setattr(requirements, "gpu_missing", lambda: "no CUDA device is visible")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("kuda: experiment=table_") and "needs a GPU" in err
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_gpu_present_but_hub_offline_names_what_needs_the_hub(capsys, in_tmp, monkeypatch):
+    monkeypatch.setattr(requirements, "gpu_missing", lambda: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.main(["unlearn", "experiment=table_wmdp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "needs the Hugging Face hub for model (HuggingFaceH4/zephyr-7b-beta)" in err
+    assert "HF_HUB_OFFLINE is set" in err and "model.path=DIR" in err
+    assert not (in_tmp / "outputs").exists()
+
+
+def test_unreachable_hub_is_found_by_a_quick_request(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    why = requirements.hub_unreachable(timeout=2.0)
+    assert why is not None and "http://127.0.0.1:9 is unreachable" in why
+
+
+def test_local_copies_need_no_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(requirements, "gpu_missing", lambda: None)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for name in ("forget.jsonl", "retain.jsonl", "bio.jsonl", "cyber.jsonl", "mmlu.jsonl"):
+        (tmp_path / name).write_text("")
+    local = [
+        "experiment=table_wmdp",
+        f"model.path={tmp_path / 'model'}",
+        f"data.forget.path={tmp_path / 'forget.jsonl'}",
+        f"data.retain.path={tmp_path / 'retain.jsonl'}",
+        f"eval.wmdp.bio_path={tmp_path / 'bio.jsonl'}",
+        f"eval.wmdp.cyber_path={tmp_path / 'cyber.jsonl'}",
+        f"eval.wmdp.mmlu_path={tmp_path / 'mmlu.jsonl'}",
+        "stage=unlearn",
+    ]
+    cfg = cli.compose(local)
+    assert requirements.hub_sources(cfg) == []
+    requirements.check(cfg)  # nothing to fetch: no hub needed
+    cfg = cli.compose([o for o in local if not o.startswith("eval.wmdp.mmlu_path")])
+    assert requirements.hub_sources(cfg) == ["eval.wmdp.mmlu_path (cais/mmlu)"]
+    with pytest.raises(ConfigError, match="eval.wmdp.mmlu_path"):
+        requirements.check(cfg)
+
+
+def test_requires_takes_only_known_values(capsys):
+    assert cli.main(["eval", "requires=[tpu]"]) == 2
+    assert "requires has tpu; choose among: gpu, hub" in capsys.readouterr().err
+
+
+def test_make_dry_prints_every_command_and_runs_nothing(in_tmp):
+    def dry(target: str) -> list[str]:
+        done = subprocess.run(
+            ["make", "-s", "-C", str(ROOT), target, "DRY=1", f"TABLES={in_tmp}/t"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()
+
+    wmdp = dry("table-wmdp")
+    assert [line.split()[1] for line in wmdp if "kuda " in line] == [
+        "eval",
+        "unlearn",
+        "unlearn",
+        "report",
+    ]
+    assert all(line.startswith((".venv/bin/kuda ", "rm -rf ")) for line in wmdp)
+    assert "unlearn=rmu_zephyr,npo,simnpo,ga" in wmdp[1] and "unlearn=kuda" in wmdp[2]
+    muse = dry("table-muse")
+    assert sum("model=muse-books-iclm-7b" in line for line in muse) == 3
+    assert "report.metric_prefix=muse" in muse[-1]
+    tune = dry("tune")
+    assert [line.split()[1] for line in tune if "kuda " in line] == [
+        "trace",
+        "unlearn",
+        "pick",
+        "unlearn",
+        "pick",
+    ]
+    assert not (in_tmp / "t").exists() and not (ROOT / "outputs" / "tune" / "pick1").exists()
+
+
+# ----------------------------------------------------------------------------- SLURM
+def test_slurm_launcher_composes(capsys):
+    argv = ["unlearn", "-m", "hydra/launcher=slurm", "model=tiny-random", "seed=1,2"]
+    assert cli.main([*argv, "--cfg", "hydra"]) == 0
+    out = capsys.readouterr().out
+    launcher = yaml.safe_load(out)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["gpus_per_node"] == 1 and launcher["partition"] is None
+    assert {"timeout_min", "cpus_per_task", "mem_gb"} <= set(launcher)
+
+
+def test_slurm_sweeps_check_the_gpu_on_the_node_not_at_submission(monkeypatch):
+    monkeypatch.setattr(requirements, "gpu_missing", lambda: "no CUDA device is visible")
+    job = ["experiment=table_wmdp", "requires=[gpu]"]
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        cli.plan("unlearn", job, multirun=True)
+    planned = cli.plan("unlearn", [*job, "hydra/launcher=slurm"], multirun=True)
+    assert len(planned.jobs) == 1
+
+
+# ----------------------------------------------------------------------------- sweeps
+def test_an_experiment_that_sweeps_expands_its_params_and_needs_m():
+    planned = cli.plan("unlearn", ["experiment=tune_stage1", "model=tiny-random"], multirun=True)
+    assert len(planned.jobs) == 9
+    assert len(cli.plan("unlearn", ["experiment=tune_stage1", "unlearn.lr=5e-3"], True).jobs) == 3
+    with pytest.raises(ConfigError, match="run it with -m"):
+        cli.plan("unlearn", ["experiment=tune_stage1"], multirun=False)
+
+
+STUB = """
+import sys
+from kuda_cli import cli, stages
+
+failing, extra = int(sys.argv[1]), sys.argv[2:]
+
+def stage(cfg, run):
+    if cfg.seed == failing:
+        raise RuntimeError("boom")
+    run.log_metrics({"seed": cfg.seed})
+
+stages.STAGE_FUNCTIONS["eval"] = stage
+sys.exit(cli.main(["eval", "-m", "model=tiny-random", "eval=none", "seed=0,1,2", *extra]))
+"""
+
+
+def run_stub(tmp_path: Path, failing_seed: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", STUB, str(failing_seed), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_failing_job_is_recorded_the_others_run_and_a_rerun_skips_the_completed(tmp_path):
+    first = run_stub(tmp_path, 1)
+    assert first.returncode == 1, first.stderr[-2000:]
+    (sweep,) = (tmp_path / "outputs" / "eval" / "multirun").iterdir()
+    statuses = [read_json(sweep / str(i) / "meta.json")["status"] for i in range(3)]
+    assert statuses == ["completed", "failed", "completed"]
+    assert "RuntimeError: boom" in read_json(sweep / "1" / "meta.json")["error"]
+    shown = sweep.relative_to(tmp_path)  # the sweep directory as the command names it
+    summary = first.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"kuda: sweep {shown}: 3 jobs, 2 completed, 1 not completed")
+    assert "job 1 failed: RuntimeError: boom" in summary
+
+    stamps = {i: os.stat(sweep / str(i) / "meta.json").st_mtime_ns for i in (0, 2)}
+    again = run_stub(tmp_path, -1)  # the same sweep, the bug fixed
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"continuing the unfinished sweep {shown} (2 of 3 jobs completed)" in again.stderr
+    log = again.stdout + again.stderr
+    assert "skipping job 0: already completed" in log and "skipping job 2" in log
+    assert {i: os.stat(sweep / str(i) / "meta.json").st_mtime_ns for i in (0, 2)} == stamps
+    meta = read_json(sweep / "1" / "meta.json")
+    assert meta["status"] == "completed" and meta["attempts"][0]["status"] == "failed"
+    assert (
+        again.stderr.strip().splitlines()[-1].endswith("3 completed (2 skipped: completed before)")
+    )
+    assert [p.name for p in (tmp_path / "outputs" / "eval" / "multirun").iterdir()] == [sweep.name]
+
+
+def test_a_pinned_sweep_dir_of_other_jobs_is_refused(tmp_path):
+    run_stub(tmp_path, -1, "hydra.sweep.dir=sweep")
+    before = (tmp_path / "sweep" / "0" / "meta.json").read_text()
+    done = subprocess.run(
+        [sys.executable, "-m", "kuda_cli.cli", "eval", "-m", "model=tiny-random", "eval=none"]
+        + ["seed=5,6", "hydra.sweep.dir=sweep"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "holds a run of another config" in done.stderr.strip().splitlines()[-1]
+    assert (tmp_path / "sweep" / "0" / "meta.json").read_text() == before
+
+
+TINY_SWEEP = [
+    "unlearn",
+    "-m",
+    "model=tiny-random",
+    "locate=fixed",
+    "locate.layers=[1,2]",
+    "eval=none",
+    "unlearn.steps=2,6",
+    "unlearn.save_every=2",
+    "unlearn.lr=1e-2",
+    "unlearn.batch_size=2",
+    "hydra.sweep.dir=sweep",
+]
+
+
+def test_a_killed_sweep_rerun_skips_completed_jobs_and_resumes_the_unfinished(
+    kuda, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("KUDA_TEST_KILL_AT_STEP", "4")
+    killed = kuda(*TINY_SWEEP)
+    assert killed.returncode == -9  # job 1 was killed at its step 4, as `kill -9` would
+    sweep = tmp_path / "sweep"
+    assert read_json(sweep / "0" / "meta.json")["status"] == "completed"
+    assert read_json(sweep / "1" / "meta.json")["status"] == "running"
+    done_at = os.stat(sweep / "0" / "meta.json").st_mtime_ns
+    weights_at = os.stat(sweep / "0" / "checkpoint" / "model.safetensors").st_mtime_ns
+
+    monkeypatch.delenv("KUDA_TEST_KILL_AT_STEP")
+    again = kuda(*TINY_SWEEP, check=True)  # the same command again
+    log = again.stdout + again.stderr
+    assert "skipping job 0: already completed" in log
+    assert os.stat(sweep / "0" / "meta.json").st_mtime_ns == done_at
+    assert os.stat(sweep / "0" / "checkpoint" / "model.safetensors").st_mtime_ns == weights_at
+    assert read_json(sweep / "1" / "metrics.json")["train"]["resumed_from"] == 4
+    steps = [
+        json.loads(r)["step"] for r in (sweep / "1" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (
+        again.stderr.strip().splitlines()[-1].endswith("2 completed (1 skipped: completed before)")
+    )
+
+
+# ----------------------------------------------------------------------------- tuning: the picker
+def fake_run(root: Path, name: str, status: str, lr: float, tau: float, krd, retain, start=1.0):
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "meta.json").write_text(json.dumps({"stage": "unlearn", "status": status}))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump({"unlearn": {"lr": lr, "nullspace": {"tau": tau}, "beta": 10.0}})
+    )
+    metrics = {"before": {"facts": {"retain": {"mc_acc": start}}}}
+    if krd is not None:
+        metrics["diagnostics"] = {"krd": {"mean": krd}}
+    if retain is not None:
+        metrics["facts"] = {"retain": {"mc_acc": retain}, "forget": {"mc_acc": 1.0 - krd}}
+    if status != "running":
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+@pytest.fixture
+def stage1(tmp_path):
+    sweep = tmp_path / "stage1"
+    fake_run(sweep, "0", "completed", 1e-3, 1e-2, krd=0.20, retain=0.99)
+    fake_run(sweep, "1", "completed", 3e-3, 1e-2, krd=0.55, retain=0.975)  # the choice
+    fake_run(sweep, "2", "completed", 1e-2, 1e-2, krd=0.90, retain=0.90)  # too much damage
+    fake_run(sweep, "3", "failed", 1e-2, 1e-3, krd=0.99, retain=1.0)  # failed: ignored
+    fake_run(sweep, "4", "running", 1e-2, 1e-4, krd=None, retain=None)  # unfinished: ignored
+    fake_run(sweep, "5", "completed", 3e-3, 1e-3, krd=0.50, retain=0.98)
+    return sweep
+
+
+def test_pick_chooses_the_largest_change_within_3_percent(capsys, stage1, tmp_path):
+    out = tmp_path / "pick"
+    assert cli.main(["pick", f"tune.runs=[{stage1}]", f"hydra.run.dir={out}"]) == 0
+    choice = yaml.safe_load((out / "choice.yaml").read_text())
+    assert choice["overrides"] == {"unlearn.lr": 3e-3, "unlearn.nullspace.tau": 1e-2}
+    assert choice["run"] == str((stage1 / "1").resolve())
+    assert choice["candidates"] == 4 and choice["qualified"] == 3
+    assert choice["utility"]["ratio"] == pytest.approx(0.975)
+    log = (out / "kuda.log").read_text()
+    assert "ignoring" in log and "3 (status failed)" in log and "4 (status running)" in log
+    assert read_json(out / "metrics.json")["pick"]["ignored"] == 2
+    assert len((out / "candidates.csv").read_text().splitlines()) == 5
+
+    # the smallest forget accuracy instead of the largest KRD, with a looser tolerance
+    other = tmp_path / "pick-min"
+    argv = ["tune.objective=facts.forget.mc_acc", "tune.direction=min", "tune.tolerance=0.2"]
+    assert cli.main(["pick", f"tune.runs=[{stage1}]", *argv, f"hydra.run.dir={other}"]) == 0
+    assert yaml.safe_load((other / "choice.yaml").read_text())["run"].endswith("/2")
+
+
+def test_pick_exits_2_when_nothing_qualifies(stage1, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "kuda_cli.cli", "pick", f"tune.runs=[{stage1}]"]
+        + ["tune.tolerance=0.001", "hydra.run.dir=pick"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("kuda: none of the 4 runs keeps facts.retain.mc_acc within 0%")
+    assert "raise tune.tolerance" in last
+    assert not (tmp_path / "pick" / "choice.yaml").exists()
+
+
+def test_pick_needs_runs(capsys, tmp_path):
+    assert cli.main(["pick"]) == 2
+    assert "kuda pick needs tune.runs" in capsys.readouterr().err
+
+
+def test_stage2_starts_from_the_choice_and_sweeps_beta(capsys, stage1, tmp_path):
+    out = tmp_path / "pick"
+    assert cli.main(["pick", f"tune.runs=[{stage1}]", f"hydra.run.dir={out}"]) == 0
+    overrides = cli.apply_choice(["experiment=tune_stage2", f"tune.choice={out / 'choice.yaml'}"])
+    planned = cli.plan("unlearn", [*overrides, "model=tiny-random"], multirun=True)
+    cfgs = [cli.compose(job) for job in planned.jobs]
+    assert [c.unlearn.beta for c in cfgs] == [2, 5, 10, 20, 50]
+    assert {(c.unlearn.lr, c.unlearn.nullspace.tau) for c in cfgs} == {(3e-3, 1e-2)}
+    # what the command line sets itself wins over the choice
+    mine = cli.apply_choice([f"tune.choice={out / 'choice.yaml'}", "unlearn.lr=1e-4"])
+    assert mine.count("unlearn.lr=1e-4") == 1 and not any("0.003" in o for o in mine)
+    # stage 2 without a choice, or with a file that is not one
+    assert cli.main(["unlearn", "-m", "experiment=tune_stage2"]) == 2
+    assert "pass tune.choice=FILE" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("just: text\n")
+    assert cli.main(["unlearn", "-m", "experiment=tune_stage2", "tune.choice=bad.yaml"]) == 2
+    assert "holds no overrides" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- several processes
+def equal_length_corpus(directory: Path) -> list[str]:
+    """Forget and retain files whose texts all have 80 bytes (80 tokens for the byte-level tiny
+    tokenizer): each process's share of a batch then holds as many tokens as the others."""
+    words = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split()
+    rng = random.Random(0)
+
+    def text() -> str:
+        out = ""
+        while len(out) < 80:
+            out += rng.choice(words) + " "
+        return out[:80]
+
+    for name, count in (("forget", 12), ("retain", 24)):
+        rows = "".join(json.dumps({"text": text()}) + "\n" for _ in range(count))
+        (directory / f"{name}.jsonl").write_text(rows)
+    return [
+        "model=tiny-random",
+        "data=wmdp_bio",
+        f"data.forget.path={directory / 'forget.jsonl'}",
+        f"data.retain.path={directory / 'retain.jsonl'}",
+        "eval.metrics=[perplexity]",
+        "eval.perplexity.max_texts=4",
+        "eval.perplexity.max_length=64",
+        "locate=fixed",
+        "locate.layers=[1,2]",
+        "unlearn.steps=3",
+        "unlearn.batch_size=2",
+        "unlearn.lr=1e-2",
+    ]
+
+
+def test_two_processes_train_as_one_with_the_whole_batch(kuda, tmp_path, monkeypatch):
+    """torchrun sets what accelerate launch sets (RANK, LOCAL_RANK, WORLD_SIZE): two CPU
+    processes (Gloo) each take half of every batch; the averaged step equals one process's."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    args = equal_length_corpus(tmp_path)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "kuda_cli.cli", "unlearn", *args]
+        + ["hydra.run.dir=two"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    kuda("unlearn", *args, "hydra.run.dir=one", check=True)
+    a = load_file(str(tmp_path / "two" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "checkpoint" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # lr is 1e-2
+    rows = (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]  # written once, by process 0
+    meta = read_json(tmp_path / "two" / "meta.json")
+    assert meta["status"] == "completed"
+    assert "perplexity" in read_json(tmp_path / "two" / "metrics.json")  # process 0 evaluated
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["unlearn", "model=tiny-random", "locate=fixed", "locate.layers=[1]"], "hydra.run.dir"),
+        (["eval", "model=tiny-random", "hydra.run.dir=r"], "one kuda unlearn run trains"),
+        (["unlearn", "model=tiny-random", "hydra.run.dir=r"], "locate.from_run=DIR"),
+        (
+            ["unlearn", "model=tiny-random", "locate=fixed", "locate.layers=[1]"]
+            + ["unlearn.batch_size=3", "hydra.run.dir=r"],
+            "multiple of the 2 processes",
+        ),
+    ],
+)
+def test_several_processes_refuse_what_they_cannot_share(capsys, monkeypatch, argv, expected):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
