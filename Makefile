@@ -11,7 +11,8 @@ TORCH ?= torch==2.13.0
 # This machine's pip configuration warns about every local index it cannot use: hide that noise.
 QUIET := 2> >(grep -v '^WARNING: Location' >&2)
 
-.PHONY: install test demo lint clean-outputs
+.PHONY: install test demo lint clean-outputs table-wmdp table-muse tune tune-stage1 tune-stage2 \
+  bench-unlearn
 
 install: $(VENV)/.installed
 
@@ -36,3 +37,86 @@ lint: install
 
 clean-outputs:
 	rm -rf outputs
+
+# ----------------------------------------------------------------------------- paper tables, tuning
+# Sequences of kuda commands (docs/scale.md). DRY=1 prints them instead of running them. Each
+# command is a sweep with a fixed hydra.sweep.dir: run the target again after an interruption
+# and completed jobs are skipped. A sweep whose jobs partly failed exits 1; the sequence goes on
+# (the report lists failed runs, the picker ignores them); bad input (exit 2) stops it.
+KUDA ?= $(BIN)/kuda
+RUN := $(if $(DRY),@echo,)
+DEPS := $(if $(DRY),,install)
+SWEEP_OK := || [ $$? -eq 1 ]
+TABLES ?= outputs/tables
+ARGS ?=
+# unlearn options of the baselines; rmu_zephyr is the published 7B setting (unlearn=rmu is sized
+# for the embedded SmolLM2-135M)
+BASELINES ?= rmu_zephyr,npo,simnpo,ga
+
+# zephyr-7b-beta on WMDP-bio, WMDP-cyber and MMLU: the starting model, RMU, NPO, SimNPO, GA and
+# KUDA. Needs a GPU and the hub (or local copies in ARGS): checked first, one line, exit 2.
+table-wmdp: $(DEPS)
+	$(RUN) $(KUDA) eval -m experiment=table_wmdp $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/start
+	$(RUN) $(KUDA) unlearn -m experiment=table_wmdp data=wmdp_bio,wmdp_cyber \
+	  unlearn=$(BASELINES) $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/baselines $(SWEEP_OK)
+	$(RUN) $(KUDA) unlearn -m experiment=table_wmdp data=wmdp_bio,wmdp_cyber unlearn=kuda \
+	  locate=causal_tracing $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/kuda $(SWEEP_OK)
+	$(RUN) rm -rf $(TABLES)/wmdp/report
+	$(RUN) $(KUDA) report report.runs=[$(TABLES)/wmdp] report.metric_prefix=lm_eval \
+	  hydra.run.dir=$(TABLES)/wmdp/report
+
+# MUSE News (the Llama-2-7B target) and Books (the ICLM-7B target): VerbMem, KnowMem forget and
+# retain, PrivLeak. The retrained models are evaluated too: their PrivLeak AUC is the reference
+# (pass it back as NEWS_RETRAIN_AUC=... BOOKS_RETRAIN_AUC=...).
+NEWS_RETRAIN_AUC ?= null
+BOOKS_RETRAIN_AUC ?= null
+MUSE_NEWS := experiment=table_muse data.retrain_auc=$(NEWS_RETRAIN_AUC)
+MUSE_BOOKS := experiment=table_muse model=muse-books-iclm-7b data=muse_books \
+  data.retrain_auc=$(BOOKS_RETRAIN_AUC)
+table-muse: $(DEPS)
+	$(RUN) $(KUDA) eval -m $(MUSE_NEWS) $(ARGS) hydra.sweep.dir=$(TABLES)/muse/news/start
+	$(RUN) $(KUDA) eval -m $(MUSE_BOOKS) $(ARGS) hydra.sweep.dir=$(TABLES)/muse/books/start
+	$(RUN) $(KUDA) eval -m experiment=table_muse model=muse-bench/MUSE-News_retrain \
+	  model.tokenizer=meta-llama/Llama-2-7b-hf $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/muse/news/retrain $(SWEEP_OK)
+	$(RUN) $(KUDA) eval -m experiment=table_muse model=muse-bench/MUSE-Books_retrain \
+	  model.tokenizer=meta-llama/Llama-2-7b-hf data=muse_books $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/muse/books/retrain $(SWEEP_OK)
+	$(RUN) $(KUDA) unlearn -m $(MUSE_NEWS) unlearn=$(BASELINES) $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/muse/news/baselines $(SWEEP_OK)
+	$(RUN) $(KUDA) unlearn -m $(MUSE_NEWS) unlearn=kuda locate=causal_tracing $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/muse/news/kuda $(SWEEP_OK)
+	$(RUN) $(KUDA) unlearn -m $(MUSE_BOOKS) unlearn=$(BASELINES) $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/muse/books/baselines $(SWEEP_OK)
+	$(RUN) $(KUDA) unlearn -m $(MUSE_BOOKS) unlearn=kuda locate=causal_tracing $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/muse/books/kuda $(SWEEP_OK)
+	$(RUN) rm -rf $(TABLES)/muse/report
+	$(RUN) $(KUDA) report report.runs=[$(TABLES)/muse/news,$(TABLES)/muse/books] \
+	  report.metric_prefix=muse hydra.run.dir=$(TABLES)/muse/report
+
+# Two-stage tuning of KUDA (docs/scale.md): trace once; stage 1 sweeps tau and lr and picks the
+# largest change keeping utility within 3%; stage 2 sweeps beta from that choice and picks again.
+# ARGS go to every command (model=..., data=...), PICK to the pickers (tune.utility=...).
+TUNE ?= outputs/tune
+PICK ?=
+tune: tune-stage1 tune-stage2
+
+tune-stage1: $(DEPS)
+	$(RUN) $(KUDA) trace -m $(ARGS) hydra.sweep.dir=$(TUNE)/trace
+	$(RUN) $(KUDA) unlearn -m experiment=tune_stage1 locate.from_run=$(TUNE)/trace/0 $(ARGS) \
+	  hydra.sweep.dir=$(TUNE)/stage1 $(SWEEP_OK)
+	$(RUN) rm -rf $(TUNE)/pick1
+	$(RUN) $(KUDA) pick tune.runs=[$(TUNE)/stage1] $(PICK) hydra.run.dir=$(TUNE)/pick1
+
+tune-stage2: $(DEPS)
+	$(RUN) $(KUDA) unlearn -m experiment=tune_stage2 tune.choice=$(TUNE)/pick1/choice.yaml \
+	  locate.from_run=$(TUNE)/trace/0 $(ARGS) hydra.sweep.dir=$(TUNE)/stage2 $(SWEEP_OK)
+	$(RUN) rm -rf $(TUNE)/pick2
+	$(RUN) $(KUDA) pick tune.runs=[$(TUNE)/stage2] \
+	  tune.carry=[unlearn.lr,unlearn.nullspace.tau,unlearn.beta] $(PICK) hydra.run.dir=$(TUNE)/pick2
+
+# Step time and peak memory of KUDA, RMU and full fine-tuning side by side (docs/benchmarks.md).
+# GPU, 7B shapes: make bench-unlearn BENCH='--shape zephyr-7b --device cuda'
+BENCH ?= --model embedded
+bench-unlearn: $(DEPS)
+	$(RUN) $(BIN)/python scripts/bench_unlearn.py $(BENCH)

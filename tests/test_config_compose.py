@@ -22,6 +22,7 @@ GROUP_SCHEMAS = {
     "unlearn": {
         "kuda": config.KudaMethod,
         "rmu": config.RmuMethod,
+        "rmu_zephyr": config.RmuMethod,
         "ga": config.GaMethod,
         "graddiff": config.GradDiffMethod,
         "npo": config.NpoMethod,
@@ -40,6 +41,7 @@ EXTRA = {
     ("data", "wmdp_cyber"): ["eval=wmdp"],
     ("data", "muse_news"): ["eval=muse"],
     ("data", "muse_books"): ["eval=muse"],
+    ("experiment", "tune_stage2"): ["tune.choice={tmp}/choice.yaml"],
 }
 NOT_YET: set[tuple[str, str]] = set()
 
@@ -63,6 +65,7 @@ def test_defaults_are_the_documented_ones():
 @pytest.mark.parametrize(("group", "option"), all_options())
 def test_every_group_option_composes_and_validates(group, option, tmp_path):
     (tmp_path / "config.json").write_text("{}")  # what model=local needs to find
+    (tmp_path / "choice.yaml").write_text("overrides: {unlearn.lr: 0.001}\n")  # tune_stage2's
     extra = [o.format(tmp=tmp_path) for o in EXTRA.get((group, option), [])]
     cfg = cli.compose([f"{group}={option}", *extra, "stage=eval"])
     if group in GROUP_SCHEMAS:
@@ -94,8 +97,8 @@ def test_paper_models_carry_their_hub_ids():
     assert all("/" in hub_id for hub_id in ids.values())
 
 
-def test_rmu_reference_setting_is_the_published_one():
-    rmu = cli.compose(["unlearn=rmu", "stage=unlearn"]).unlearn
+def test_rmu_zephyr_is_the_published_setting():
+    rmu = cli.compose(["unlearn=rmu_zephyr", "stage=unlearn"]).unlearn
     assert (rmu.c, rmu.alpha, rmu.lr, rmu.steps, rmu.batch_size, rmu.max_length) == (
         6.5,
         1200.0,
@@ -104,6 +107,7 @@ def test_rmu_reference_setting_is_the_published_one():
         4,
         512,
     )
+    assert (rmu.steer_layer, list(rmu.layers), list(rmu.trainable)) == (7, [5, 6, 7], ["down_proj"])
 
 
 def test_experiment_smoke_overrides_globally():

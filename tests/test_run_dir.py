@@ -70,7 +70,7 @@ def test_multirun_makes_one_complete_directory_per_job(kuda, tmp_path):
 
 
 def test_cfg_job_prints_the_composed_config_and_writes_nothing(kuda, tmp_path):
-    done = kuda("unlearn", "--cfg", "job", "unlearn=rmu", check=True)
+    done = kuda("unlearn", "--cfg", "job", "unlearn=rmu_zephyr", check=True)
     printed = yaml.safe_load(done.stdout)
     assert printed["stage"] == "unlearn" and printed["unlearn"]["method"] == "rmu"
     assert printed["unlearn"]["c"] == 6.5
@@ -99,15 +99,16 @@ def test_a_failing_job_of_a_sweep_is_kept_as_failed_and_the_others_run(kuda, tmp
     (tmp_path / "bad.jsonl").write_text('{"body": "no text field here"}\n')
     (tmp_path / "good.jsonl").write_text('{"text": "Bees make honey."}\n')
     sweep = tmp_path / "sweep"
-    kuda(
+    done = kuda(
         "eval",
         "-m",
         *FAST_EVAL,
         "eval.perplexity.source=path",
         "eval.perplexity.path=bad.jsonl,good.jsonl",
         f"hydra.sweep.dir={sweep}",
-        check=True,
     )
+    assert done.returncode == 1  # the sweep ran to its end, then reports the failed job
+    assert "2 jobs, 1 completed, 1 not completed (job 0 failed" in done.stderr.splitlines()[-1]
     assert read_json(sweep / "0" / "meta.json")["status"] == "failed"
     assert "no field 'text'" in read_json(sweep / "0" / "meta.json")["error"]
     assert read_json(sweep / "1" / "meta.json")["status"] == "completed"

@@ -27,9 +27,12 @@ from kuda_cli.locate.probes import (
 from kuda_cli.locate.select import last_subject_scores, select_window
 from kuda_cli.locate.tracing import (
     KINDS,
+    autocast,
     average_by_category,
     embedding_std,
+    fast_bf16,
     make_noise,
+    resolve_precision,
     restored_layers,
     trace_probe,
 )
@@ -162,6 +165,30 @@ def assert_naive_equals_fast(model, tokenizer, prompt, span, window):
         np.testing.assert_allclose(fast.restored[kind], naive.restored[kind], rtol=0, atol=AGREE)
 
 
+def test_bf16_autocast_traces_close_to_float32(sharp_llama):
+    model, tokenizer = sharp_llama
+    enc = probe_for(model, tokenizer, "The Au of gold", (11, 15))
+    adapter, noise = get_adapter(model), noise_for(model, enc)
+    exact = trace_probe(model, adapter, enc, noise, window=2)
+    with autocast("bfloat16", torch.device("cpu")):
+        low = trace_probe(model, adapter, enc, noise, window=2)
+    for kind in KINDS:
+        scale = np.abs(exact.effect(kind)).max()
+        assert scale > 0.01
+        diff = np.abs(low.effect(kind) - exact.effect(kind)).max()
+        # bf16 products did run, and stayed close (the sharpened weights amplify rounding: on
+        # the embedded model the difference is about 2% of the largest effect)
+        assert 0 < diff < 0.2 * scale, kind
+
+
+def test_precision_auto_resolves_by_hardware():
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) == "float32"
+    assert resolve_precision("bfloat16", cpu) == "bfloat16"
+    assert resolve_precision("auto", cpu) == ("bfloat16" if fast_bf16(cpu) else "float32")
+    assert resolve_precision("auto", torch.device("meta")) == "float32"
+
+
 def test_naive_and_fast_agree_on_llama(sharp_llama):
     assert_naive_equals_fast(*sharp_llama, "The Au of gold", (11, 15), window=2)
 
@@ -284,6 +311,7 @@ def test_kuda_trace_writes_effects_heatmaps_and_layers(kuda, tmp_path, monkeypat
     out = tmp_path / "run" / "trace"
     layers = read_json(out / "layers.json")
     assert len(layers["layers"]) == 3 and layers["module"] == "mlp"
+    assert layers["precision"] in ("float32", "bfloat16")
     assert len(layers["scores"]) == 4
     best = max(np.convolve(layers["scores"], np.ones(3) / 3, mode="valid"))
     assert layers["window_score"] == pytest.approx(best)

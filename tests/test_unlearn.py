@@ -221,11 +221,12 @@ def test_unknown_trainable_kind_is_refused(kuda):
     assert "unlearn.trainable has foo" in done.stderr
 
 
-def test_unimplemented_method_stops_with_one_line(kuda, tmp_path):
-    done = kuda("unlearn", "model=tiny-random", "unlearn=ga", "hydra.run.dir=ga")
+def test_unregistered_method_stops_with_one_line(kuda, tmp_path):
+    done = kuda("unlearn", "model=tiny-random", "unlearn.method=nope", "hydra.run.dir=nope")
     assert done.returncode == 2
-    assert "unlearn=ga is not implemented yet" in done.stderr
-    assert not (tmp_path / "ga").exists()
+    assert done.stderr.strip().count("\n") == 0
+    assert "unlearn.method=nope is not a registered method" in done.stderr
+    assert not (tmp_path / "nope").exists()
 
 
 def test_resumed_run_reuses_its_own_trace(kuda, tmp_path, monkeypatch):

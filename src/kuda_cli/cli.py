@@ -8,19 +8,22 @@ and passed to Hydra explicitly: the directory that was checked is the one that i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from kuda_cli import distributed
 from kuda_cli.config import STAGES, register_schemas
 from kuda_cli.errors import ConfigError, UserError
 
@@ -86,6 +89,7 @@ def help_text() -> str:
         "common keys: seed=0 name=NAME cache_dir=DIR (or $KUDA_CACHE) model.device=auto|cpu|cuda",
         "             model.dtype=auto|float32|bfloat16|float16 model.path=DIR",
         "             resume=DIR (kuda unlearn: continue an unfinished run from its checkpoint)",
+        "             requires=[gpu,hub] (checked before anything loads; experiment=table_*)",
         "",
         "Hydra flags: -m/--multirun (sweep: key=a,b), --cfg job|hydra|all (print the composed",
         "  config), --info, --hydra-help, hydra.run.dir=DIR, -sc install=bash (tab completion).",
@@ -98,14 +102,48 @@ def help_text() -> str:
         "  kuda unlearn model=zephyr-7b data=wmdp_bio  (eval follows the data: eval=wmdp)",
         "  kuda eval -m seed=1,2                       two runs, one directory each",
         "  kuda unlearn --cfg job                      print the composed config, run nothing",
+        "  kuda unlearn -m experiment=tune_stage1      tuning sweep (tau x lr), then:",
+        "  kuda pick tune.runs=[SWEEP_DIR]             its choice.yaml -> tune.choice=FILE",
+        "  kuda unlearn -m hydra/launcher=slurm ...    a sweep as SLURM jobs (docs/scale.md)",
+        "  make table-wmdp DRY=1                       the commands of a paper table",
         "",
         "Each run writes outputs/STAGE/DATE_TIME[_NAME]/: config.yaml, meta.json, metrics.json,",
-        "kuda.log. Bad input: one line on stderr, exit status 2, no run directory.",
+        "kuda.log. Bad input: one line on stderr, exit status 2, no run directory. A sweep run",
+        "again continues: completed jobs are skipped; it exits 1 when a job failed.",
     ]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- pre-flight
+def _override_value(value) -> str:
+    """A value of a choice file as Hydra override syntax."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def apply_choice(overrides: list[str]) -> list[str]:
+    """`tune.choice=FILE` (a choice.yaml written by kuda pick): its settings become overrides,
+    after the config's own and before nothing the command line sets itself (that wins)."""
+    given = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "tune.choice"]
+    if not given or not given[-1] or given[-1] == "null":
+        return overrides
+    path = Path(given[-1]).expanduser()
+    try:
+        chosen = (yaml.safe_load(path.read_text()) or {}).get("overrides")
+    except (OSError, yaml.YAMLError, AttributeError) as err:
+        raise ConfigError(
+            f"tune.choice={given[-1]} cannot be read ({type(err).__name__}); pass the "
+            "choice.yaml a kuda pick run wrote"
+        ) from err
+    if not isinstance(chosen, dict) or not chosen:
+        raise ConfigError(f"tune.choice={given[-1]} holds no overrides; is it a kuda pick choice?")
+    keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    return [*overrides, *(f"{k}={_override_value(v)}" for k, v in chosen.items() if k not in keys)]
+
+
 def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
     """Shortcuts: `model=ORG/NAME` -> `model=hub model.id=ORG/NAME`;
     `model=DIR` -> `model=local model.path=DIR`."""
@@ -228,31 +266,96 @@ def compose(overrides: list[str]) -> DictConfig:
             raise ConfigError(explain_composition_error(err)) from err
 
 
+@dataclass
+class Sweep:
+    """A multirun about to start: its directory and, per job, the run directory and config hash."""
+
+    directory: Path
+    job_dirs: list[Path]
+    hashes: list[str]
+    done_before: list[int] = field(default_factory=list)  # jobs completed before: skipped
+
+
+@dataclass
+class Plan:
+    overrides: list[str]  # what Hydra gets, the run (or sweep) directory pinned
+    sweep: Sweep | None = None
+    jobs: list[list[str]] = field(default_factory=list)  # each job's overrides
+
+
 def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
     """Validate every job's config; return the overrides to hand to Hydra, with the run (or
     sweep) directory pinned to a fresh directory."""
+    return plan(stage, overrides, multirun).overrides
+
+
+def sweeper_params(cfg: DictConfig) -> list[str]:
+    """`hydra.sweeper.params` of a composed config (an experiment that sweeps), as overrides."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = False) -> Plan:
+    """`preflight`, plus what a sweep needs to skip its completed jobs and report at the end.
+    `printing` (--cfg): the config is printed and nothing runs; requirements are not checked."""
+    from kuda_cli import requirements
+    from kuda_cli.run import config_hash
     from kuda_cli.validate import validate
 
     if any(o.partition("=")[0].lstrip("+~") == "stage" for o in overrides):
         raise ConfigError("stage is set by the command (kuda STAGE ...), not by stage=")
     overrides = [*overrides, f"stage={stage}"]
-    first = None
-    for job in job_override_lists(overrides, multirun):
+    jobs = job_override_lists(overrides, multirun)
+    params = sweeper_params(compose(jobs[0]))
+    if params and not multirun and not printing:
+        raise ConfigError(
+            f"this config sweeps ({' '.join(params)}, hydra.sweeper.params); run it with -m"
+        )
+    if params and multirun:  # as Hydra's basic sweeper: the config's params, then the command line
+        jobs = job_override_lists([*params, *overrides], multirun)
+    cfgs = []
+    for job in jobs:
         cfg = compose(job)
         try:
             validate(cfg)
         except OmegaConfBaseException as err:  # an interpolation that cannot resolve
             raise ConfigError(_explain_omegaconf(err)) from err
-        first = first or cfg
+        cfgs.append(cfg)
+    first = cfgs[0]
+    if not printing:
+        launcher = str(OmegaConf.select(first, "hydra.launcher._target_", default="") or "")
+        on_cluster = multirun and "Slurm" in launcher  # the GPU is checked in the job
+        for cfg in cfgs:
+            requirements.check(cfg, gpu=not on_cluster)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), None)
     target = Path(chosen or OmegaConf.select(first, key))
-    resumable = stage == "unlearn" and not multirun
+    if distributed.active() and not printing:
+        _check_distributed(stage, multirun, chosen, first)
+    if multirun:
+        hashes = [config_hash(cfg) for cfg in cfgs]
+        if chosen is None:
+            unfinished = _unfinished_sweep(target.parent, cfgs, hashes)
+            if unfinished is not None:
+                target = unfinished
+            else:
+                target = _fresh(target)
+            overrides.append(f"{key}={target}")
+        sweep = Sweep(target, [_job_dir(cfg, target, i) for i, cfg in enumerate(cfgs)], hashes)
+        sweep.done_before = _check_sweep_dir(sweep, pinned=chosen is not None)
+        if chosen is None and target.exists():
+            print(
+                f"kuda: continuing the unfinished sweep {target} ({len(sweep.done_before)} of "
+                f"{len(cfgs)} jobs completed)",
+                file=sys.stderr,
+            )
+        return Plan(overrides, sweep, jobs)
+    resumable = stage == "unlearn"
     if resumable and first.get("resume"):
         if chosen is not None:
             raise ConfigError("resume=PATH is the run directory; drop hydra.run.dir")
         resumed = _check_resume(Path(first.resume).expanduser(), first)
-        return [*overrides, f"{key}={resumed}"]
+        return Plan([*overrides, f"{key}={resumed}"])
     unfinished = _unfinished_run(target.parent, first) if resumable and chosen is None else None
     if unfinished is not None:
         print(f"kuda: resuming the unfinished run {unfinished}", file=sys.stderr)
@@ -260,12 +363,120 @@ def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
     elif chosen is None:
         target = _fresh(target)
         overrides.append(f"{key}={target}")
-    elif _holds_completed_run(target, multirun):
+    elif _holds_completed_run(target):
         raise ConfigError(
             f"{key}={target} already holds a completed run; choose another directory "
             "(nothing was overwritten)"
         )
-    return overrides
+    return Plan(overrides)
+
+
+def _check_distributed(stage: str, multirun: bool, chosen: str | None, cfg: DictConfig) -> None:
+    """Several processes (accelerate launch) train one kuda unlearn run together."""
+    where = f"under accelerate launch ({distributed.world_size()} processes)"
+    if stage != "unlearn" or multirun:
+        raise ConfigError(
+            f"{where} one kuda unlearn run trains; run kuda {stage}"
+            + (" -m" if multirun else "")
+            + " as a single process (sweeps of multi-GPU jobs: docs/scale.md)"
+        )
+    if chosen is None:
+        raise ConfigError(f"{where} pass hydra.run.dir=DIR, the one run directory of every process")
+    if cfg.locate.method == "causal_tracing" and not cfg.locate.get("from_run"):
+        raise ConfigError(
+            f"{where} the layers must be known: trace first (kuda trace) and pass "
+            "locate.from_run=DIR, or locate=fixed locate.layers=[...]"
+        )
+    if cfg.unlearn.batch_size % distributed.world_size():
+        raise ConfigError(
+            f"unlearn.batch_size={cfg.unlearn.batch_size} must be a multiple of the "
+            f"{distributed.world_size()} processes (each takes an equal share of every batch)"
+        )
+    if cfg.unlearn.get("originals") == "disk":
+        raise ConfigError(f"{where} unlearn.originals=disk is not supported; use memory")
+
+
+def _job_dir(cfg: DictConfig, sweep_dir: Path, num: int) -> Path:
+    """Where Hydra puts job `num` of a sweep: sweep_dir / hydra.sweep.subdir."""
+    job = OmegaConf.masked_copy(cfg, ["hydra"])
+    try:
+        with open_dict(job):
+            job.hydra.job.num = num
+            job.hydra.job.id = num
+            job.hydra.sweep.dir = str(sweep_dir)
+        subdir = str(OmegaConf.select(job, "hydra.sweep.subdir", throw_on_resolution_failure=True))
+    except OmegaConfBaseException:
+        subdir = str(num)
+    return sweep_dir / subdir
+
+
+def _check_sweep_dir(sweep: Sweep, pinned: bool) -> list[int]:
+    """The jobs already completed with their config (to skip). A job directory holding a run of
+    another config is refused: nothing is overwritten."""
+    from kuda_cli.run import read_meta
+
+    done = []
+    for num, (directory, wanted) in enumerate(zip(sweep.job_dirs, sweep.hashes, strict=True)):
+        meta = read_meta(directory)
+        if meta is None:
+            continue
+        if meta.get("config_hash") != wanted:
+            where = "hydra.sweep.dir=" + str(sweep.directory) if pinned else str(sweep.directory)
+            raise ConfigError(
+                f"{where}: job {num}'s directory {directory} holds a run of another config; "
+                "choose another hydra.sweep.dir (nothing was overwritten)"
+            )
+        if meta.get("status") == "completed":
+            done.append(num)
+    return done
+
+
+def _unfinished_sweep(parent: Path, cfgs: list[DictConfig], hashes: list[str]) -> Path | None:
+    """The newest sweep under `parent` with these jobs that has not completed every one:
+    re-running a sweep's command continues it (completed jobs are skipped)."""
+    from kuda_cli.run import read_meta
+
+    if not parent.is_dir():
+        return None
+    candidates = []
+    for directory in parent.iterdir():
+        if not directory.is_dir():
+            continue
+        metas = [read_meta(_job_dir(cfg, directory, i)) for i, cfg in enumerate(cfgs)]
+        if all(m is None for m in metas):
+            continue
+        if any(
+            m is not None and m.get("config_hash") != h for m, h in zip(metas, hashes, strict=True)
+        ):
+            continue
+        if all(m is not None and m.get("status") == "completed" for m in metas):
+            continue
+        candidates.append((directory.stat().st_mtime, directory.name, directory))
+    return max(candidates)[2] if candidates else None
+
+
+def sweep_summary(sweep: Sweep) -> tuple[int, str]:
+    """(exit status, one line) after a sweep: 1 when a job failed or did not run."""
+    from kuda_cli.run import read_meta
+
+    metas = [read_meta(d) for d in sweep.job_dirs]
+    statuses = [m.get("status") if m else "not run" for m in metas]
+    completed = statuses.count("completed")
+    skipped = sum(1 for i in sweep.done_before if statuses[i] == "completed")
+    bad = [
+        (i, s, (metas[i] or {}).get("error")) for i, s in enumerate(statuses) if s != "completed"
+    ]
+    line = f"kuda: sweep {sweep.directory}: {len(statuses)} jobs, {completed} completed"
+    if skipped:
+        line += f" ({skipped} skipped: completed before)"
+    if not bad:
+        return 0, line
+    shown = "; ".join(
+        f"job {i} {status}" + (f": {str(error).splitlines()[0][:120]}" if error else "")
+        for i, status, error in bad[:3]
+    )
+    more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return 1, f"{line}, {len(bad)} not completed ({shown}{more}); see each job's meta.json"
 
 
 def _has_checkpoint(directory: Path) -> bool:
@@ -317,15 +528,11 @@ def _unfinished_run(parent: Path, cfg: DictConfig) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def _holds_completed_run(directory: Path, multirun: bool) -> bool:
+def _holds_completed_run(directory: Path) -> bool:
     from kuda_cli.run import read_meta
 
-    metas = (
-        [read_meta(d) for d in directory.iterdir() if d.is_dir()]
-        if (multirun and directory.is_dir())
-        else [read_meta(directory)]
-    )
-    return any(m and m.get("status") == "completed" for m in metas)
+    meta = read_meta(directory)
+    return bool(meta and meta.get("status") == "completed")
 
 
 def _fresh(directory: Path) -> Path:
@@ -342,16 +549,23 @@ def _fresh(directory: Path) -> Path:
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
-    from kuda_cli.run import Run
+    from kuda_cli import requirements
+    from kuda_cli.run import Run, completed_with
     from kuda_cli.stages import STAGE_FUNCTIONS
     from kuda_cli.validate import validate
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and completed_with(out_dir, cfg):
+        # a sweep run again (after an interruption, a timeout, a failed job) recomputes nothing
+        num = hydra_cfg.job.num
+        log.info("kuda: skipping job %s: already completed in %s", num, out_dir)
+        return
     run = Run(out_dir, cfg)
     try:
         validate(cfg)
+        requirements.check(cfg)  # on a cluster node this is where the GPU is checked
         run = Run.start(out_dir, cfg, list(hydra_cfg.overrides.task))
         log.info("kuda %s: run directory %s", cfg.stage, out_dir)
         STAGE_FUNCTIONS[cfg.stage](cfg, run)
@@ -365,7 +579,14 @@ def hydra_entry(cfg: DictConfig) -> None:
             run.finish("failed", error=str(err))
         print(f"kuda: {err}", file=sys.stderr)
         sys.exit(2)
-    except BaseException as err:
+    except Exception as err:
+        if run.meta:
+            run.finish("failed", error=f"{type(err).__name__}: {err}")
+        if multirun:  # a bug in one job: recorded, and the sweep goes on; main() reports it
+            log.exception("kuda %s: job %s failed", cfg.stage, hydra_cfg.job.num)
+            return
+        raise
+    except BaseException as err:  # an interrupt stops the sweep too
         if run.meta:
             run.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
@@ -421,20 +642,31 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"kuda: unknown flag {unknown[0]}; see kuda --help", file=sys.stderr)
         return 2
+    sweep = None
     try:
         overrides = fit_eval_to_data(rewrite_model_shortcut(list(args.overrides)))
+        overrides = apply_choice(overrides)
         if args.help or args.hydra_help or args.info or args.shell_completion:
             overrides.append(f"stage={stage}")
         else:
-            overrides = preflight(stage, overrides, args.multirun)
+            planned = plan(stage, overrides, args.multirun, printing=bool(args.cfg))
+            overrides, sweep = planned.overrides, planned.sweep
     except UserError as err:
         print(f"kuda: {err}", file=sys.stderr)
         return 2
     flags = [a for a in rest if a not in args.overrides]
+    if args.multirun and args.cfg:  # Hydra prints no sweep's config: show its first job's
+        print(f"kuda: the config of job 0 of {len(planned.jobs)}", file=sys.stderr)
+        overrides = planned.jobs[0]
+        flags = [f for f in flags if f not in ("-m", "--multirun")]
     # overrides first: a flag with an optional value (--info) must not swallow one
     sys.argv = ["kuda", *overrides, *flags]
     hydra_entry()
-    return 0
+    if sweep is None or args.cfg:
+        return 0
+    status, line = sweep_summary(sweep)
+    print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

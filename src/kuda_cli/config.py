@@ -18,6 +18,7 @@ STAGES = {
     "unlearn": "unlearn the forget data with the chosen method, then evaluate",
     "eval": "evaluate a model (hub id, local path or a run's checkpoint)",
     "report": "collect run directories into tables (markdown, CSV, LaTeX)",
+    "pick": "tuning: choose the sweep run with the largest change that keeps utility",
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -151,6 +152,9 @@ class LocateConfig:
     span: str = choice("subject", "subject", "prompt")
     plot_probes: int = bounded(3, ge=0)  # single-probe heatmaps besides the average
     batch_tokens: int = bounded(16384, ge=1)  # restored tokens per forward pass
+    # matrix products of the traced passes: `auto` is bfloat16 (autocast, float32 elsewhere)
+    # where the hardware multiplies bf16 fast (CUDA with bf16, CPUs with AMX), else float32
+    precision: str = choice("auto", "auto", "float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------- unlearn
@@ -192,6 +196,9 @@ class KudaMethod(UnlearnConfig):
     margin: float = bounded(0.0, ge=-1, le=1)
     loss_form: str = choice("softplus", "softplus", "linear", "square")
     site: str = choice("mlp_out", "mlp_out", "residual")
+    # forget tokens the loss reads: `subject` (the subject's tokens, where the data names one:
+    # facts), `all` (every non-padding token), `auto` (subject when known, else all)
+    tokens: str = choice("auto", "auto", "subject", "all")
     retain_weight: float = bounded(0.0, ge=0)
     # the cosine is maximal at the original, so its gradient there is 0: a seeded perturbation of
     # the trained weights (std = init_noise x the weight's std, projected) breaks the symmetry
@@ -208,25 +215,28 @@ class RmuMethod(UnlearnConfig):
 
 @dataclass
 class GaMethod(UnlearnConfig):
-    pass
+    trainable: list[str] = listed("all")
 
 
 @dataclass
 class GradDiffMethod(UnlearnConfig):
+    trainable: list[str] = listed("all")
     forget_weight: float = bounded(1.0, ge=0)
     retain_weight: float = bounded(1.0, ge=0)
 
 
 @dataclass
 class NpoMethod(UnlearnConfig):
+    trainable: list[str] = listed("all")
     beta: float = bounded(0.1, gt=0)
     retain_weight: float = bounded(1.0, ge=0)
 
 
 @dataclass
 class SimNpoMethod(UnlearnConfig):
+    trainable: list[str] = listed("all")
     beta: float = bounded(2.5, gt=0)
-    gamma: float = bounded(0.0, ge=0)
+    gamma: float = bounded(0.0, ge=0)  # margin (the authors' code: delta = gamma / beta)
     retain_weight: float = bounded(1.0, ge=0)
 
 
@@ -306,6 +316,30 @@ class EvalConfig:
 class ReportConfig:
     runs: list[str] = listed("outputs/unlearn/*")  # run directories or globs
     metric_prefix: str | None = None  # keep only metrics under this dotted prefix
+    # metrics shown in report.md and report.tex, in order (dotted keys or prefixes, e.g.
+    # facts.forget.mc_acc or diagnostics.krd.mean); null: all. report.csv keeps every metric.
+    columns: list[str] | None = None
+
+
+@dataclass
+class TuneConfig:
+    """Two-stage tuning. `kuda pick` reads the runs of a sweep and chooses the one with the
+    largest `objective` whose `utility` stays within `tolerance` of the starting model's; a
+    later sweep starts from its choice with `tune.choice=FILE`."""
+
+    runs: list[str] = field(default_factory=list)  # kuda pick: run directories or globs
+    objective: str = "diagnostics.krd.mean"  # dotted metrics.json key: the change to maximise
+    direction: str = choice("max", "max", "min")  # min: e.g. forget accuracy
+    utility: str = "facts.retain.mc_acc"  # dotted key, higher is better (accuracy, MMLU)
+    # the starting model's utility: null reads `before.<utility>` from each run
+    baseline: float | None = None
+    tolerance: float = bounded(0.03, ge=0, lt=1)  # relative drop of utility allowed
+    carry: list[str] = listed("unlearn.lr", "unlearn.nullspace.tau")  # what the choice carries
+    choice: str | None = None  # a choice.yaml written by kuda pick: its settings become overrides
+    require_choice: bool = False  # a stage-2 sweep: refuse to start without tune.choice
+
+
+REQUIREMENTS = ("gpu", "hub")
 
 
 @dataclass
@@ -323,6 +357,10 @@ class RootConfig:
     unlearn: Any = MISSING
     eval: EvalConfig = MISSING
     report: ReportConfig = field(default_factory=ReportConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    # what the run cannot do without (gpu: a CUDA device; hub: the Hugging Face hub, for whatever
+    # has no local path): checked before anything is loaded, one line and exit 2 when missing
+    requires: list[str] = field(default_factory=list)
 
 
 # (group in the ConfigStore, name) -> schema; options start from theirs with

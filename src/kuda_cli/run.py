@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli import __version__
+from kuda_cli import __version__, distributed
 
 STATUSES = ("running", "completed", "failed")
 BOOTSTRAP_FILES = {"config.yaml", "meta.json", "kuda.log", ".hydra"}
@@ -125,6 +125,14 @@ def read_meta(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def completed_with(run_dir: Path, cfg: DictConfig) -> bool:
+    """Whether `run_dir` holds a completed run of this very config (same config hash)."""
+    meta = read_meta(run_dir)
+    return bool(
+        meta and meta.get("status") == "completed" and meta.get("config_hash") == config_hash(cfg)
+    )
+
+
 class Run:
     """One run directory. `start` writes config.yaml and meta.json (status running); the stage
     adds its files and metrics; `finish` records the end time and final status."""
@@ -140,7 +148,8 @@ class Run:
         run = cls(directory, cfg)
         previous = read_meta(run.dir)
         run.dir.mkdir(parents=True, exist_ok=True)
-        (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if distributed.is_main():
+            (run.dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         run.meta = {
             "stage": cfg.stage,
             "name": cfg.get("name"),
@@ -168,7 +177,8 @@ class Run:
         return run
 
     def write_meta(self) -> None:
-        write_json_atomic(self.dir / "meta.json", self.meta)
+        if distributed.is_main():  # several processes: process 0 keeps the run's files
+            write_json_atomic(self.dir / "meta.json", self.meta)
 
     def update_meta(self, **fields: Any) -> None:
         self.meta.update(fields)
@@ -177,11 +187,12 @@ class Run:
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         """Merge `metrics` (nested dicts) into metrics.json, atomically."""
         _deep_merge(self.metrics, metrics)
-        write_json_atomic(self.dir / "metrics.json", self.metrics)
+        if distributed.is_main():
+            write_json_atomic(self.dir / "metrics.json", self.metrics)
 
     def finish(self, status: str, error: str | None = None) -> None:
         assert status in STATUSES
-        if not (self.dir / "metrics.json").exists():
+        if distributed.is_main() and not (self.dir / "metrics.json").exists():
             write_json_atomic(self.dir / "metrics.json", self.metrics)
         end = datetime.now(timezone.utc)
         start = datetime.fromisoformat(self.meta["start_time"])
@@ -194,7 +205,7 @@ class Run:
 
     def discard(self) -> bool:
         """Remove the directory if it holds nothing but what `start` and Hydra wrote."""
-        if not self.dir.is_dir():
+        if not self.dir.is_dir() or not distributed.is_main():
             return True
         if any(p.name not in BOOTSTRAP_FILES for p in self.dir.iterdir()):
             return False

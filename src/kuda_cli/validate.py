@@ -22,9 +22,12 @@ def validate(cfg: DictConfig) -> None:
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval, cfg.data)
     _check_trainable(cfg.unlearn)
+    _check_steer_layer(cfg)
     _check_text_source(cfg.eval)
     _check_local_paths(cfg)
     _check_from_run(cfg.locate)
+    _check_requires(cfg)
+    _check_tune(cfg)
 
 
 def known_depth(model_cfg: DictConfig) -> int | None:
@@ -222,9 +225,66 @@ TRAINABLE_KINDS = ("down_proj", "mlp", "attn", "layer", "all")  # models.adapter
 
 
 def _check_trainable(unlearn: DictConfig) -> None:
-    bad = [k for k in unlearn.get("trainable", []) if k not in TRAINABLE_KINDS]
+    kinds = list(unlearn.get("trainable", []))
+    bad = [k for k in kinds if k not in TRAINABLE_KINDS]
     if bad:
         raise ConfigError(
             f"unlearn.trainable has {', '.join(map(str, bad))}; choose among: "
             f"{', '.join(TRAINABLE_KINDS)}"
         )
+    if not kinds:
+        raise ConfigError(
+            "unlearn.trainable is empty; name what trains, e.g. unlearn.trainable=[down_proj] "
+            "or [all]"
+        )
+    if "all" in kinds and len(kinds) > 1:
+        raise ConfigError(
+            f"unlearn.trainable=[{', '.join(kinds)}]: all already trains every parameter; pass "
+            "unlearn.trainable=[all] alone, or list module kinds without all"
+        )
+
+
+def _check_steer_layer(cfg: DictConfig) -> None:
+    """RMU reads the layer `steer_layer` and stops the forward pass there: a trained layer
+    after it would get no gradient."""
+    steer = cfg.unlearn.get("steer_layer")
+    if steer is None or "all" in cfg.unlearn.get("trainable", []):
+        return
+    if cfg.unlearn.get("layers") is not None:
+        key, trained = "unlearn.layers", list(cfg.unlearn.layers)
+    elif cfg.locate.method == "fixed":
+        key, trained = "locate.layers", list(cfg.locate.layers or [])
+    else:
+        return  # located at run time; the method checks then
+    if trained and steer < max(trained):
+        raise ConfigError(
+            f"unlearn.steer_layer={steer} comes before layer {max(trained)} of {key}, which "
+            f"would get no gradient; set unlearn.steer_layer>={max(trained)} or null"
+        )
+
+
+def _check_requires(cfg: DictConfig) -> None:
+    from kuda_cli.config import REQUIREMENTS
+
+    bad = [str(r) for r in cfg.get("requires") or [] if r not in REQUIREMENTS]
+    if bad:
+        raise ConfigError(
+            f"requires has {', '.join(bad)}; choose among: {', '.join(REQUIREMENTS)} (or [])"
+        )
+
+
+def _check_tune(cfg: DictConfig) -> None:
+    tune = cfg.get("tune")
+    if tune is None:
+        return
+    if tune.get("choice") and not Path(str(tune.choice)).expanduser().is_file():
+        raise ConfigError(
+            f"tune.choice={tune.choice} does not exist; pass the choice.yaml a kuda pick run wrote"
+        )
+    if tune.get("require_choice") and not tune.get("choice"):
+        raise ConfigError(
+            "this sweep starts from stage 1's choice: pass tune.choice=FILE (the choice.yaml a "
+            "kuda pick run wrote, e.g. outputs/tune/pick1/choice.yaml)"
+        )
+    if cfg.stage == "pick" and not tune.runs:
+        raise ConfigError("kuda pick needs tune.runs=[SWEEP_DIR,...] (run directories or globs)")

@@ -27,8 +27,10 @@ adapters name.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,6 +137,34 @@ def trace_probes(
             )
         )
     return traces, std
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products are faster than float32 ones here: CUDA with bf16 support,
+    or a CPU with AMX tiles (Linux /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` made concrete: `bfloat16` where `fast_bf16`, else `float32`."""
+    if precision == "auto":
+        return "bfloat16" if fast_bf16(device) else "float32"
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a tracing precision (`float32` or `bfloat16`)."""
+    if precision == "bfloat16" and device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def target_probs(logits: torch.Tensor, target: int) -> torch.Tensor:

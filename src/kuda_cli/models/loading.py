@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from kuda_cli import distributed
 from kuda_cli.config import ModelConfig
 from kuda_cli.errors import UserError
 from kuda_cli.models.adapter import Adapter, get_adapter
@@ -38,11 +39,13 @@ class LoadedModel:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(
             "model.device=cuda but no CUDA GPU is visible; use model.device=cpu or auto"
         )
+    if name == "cuda" and distributed.active():  # one process per GPU (accelerate launch)
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 

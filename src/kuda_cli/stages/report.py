@@ -1,6 +1,9 @@
-"""kuda report: one row per run directory (globs in report.runs), its status and flattened metrics,
-written as report.md, report.csv and report.tex (booktabs). Failed and unfinished runs are
-listed with their status, never dropped."""
+"""kuda report: one row per run directory (globs in report.runs), its status, the method and its
+key hyper-parameters, and the flattened metrics, written as report.md, report.csv and report.tex
+(booktabs). The starting model of the unlearn runs comes first (one row per model and data, from
+the `before` metrics every unlearn run keeps). Failed and unfinished runs are listed with their
+status, never dropped. `report.columns` narrows the markdown and LaTeX tables to some metrics;
+the CSV keeps them all."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig
 
 from kuda_cli.errors import UserError
@@ -40,7 +44,64 @@ def find_runs(patterns: list[str], exclude: Path) -> list[Path]:
     return sorted(found)
 
 
+# the trainer's knobs a table names for every method; a method's own fields are added to them
+COMMON_SETTINGS = ("lr", "steps", "optimizer")
+NULLSPACE_SETTINGS = ("enabled", "form", "tau", "project_on")
+START = "starting model"
+
+
+def settings(unlearn: dict[str, Any]) -> str:
+    """The key hyper-parameters of an unlearn run as one short cell: the common knobs, then the
+    scalar fields the method's schema adds to the shared trainer's (beta, c, alpha, ...)."""
+    from dataclasses import fields
+
+    from kuda_cli.config import SCHEMAS, UnlearnConfig
+
+    schema = SCHEMAS.get(("schema/unlearn", str(unlearn.get("method"))))
+    shared = {f.name for f in fields(UnlearnConfig)}
+    own = [f.name for f in fields(schema) if f.name not in shared] if schema else []
+    parts = [f"{k}={_cell(unlearn[k])}" for k in (*COMMON_SETTINGS, *own) if _scalar(unlearn, k)]
+    nullspace = unlearn.get("nullspace")
+    if isinstance(nullspace, dict):
+        if not nullspace.get("enabled", True):
+            parts.append("nullspace=off")
+        else:
+            parts += [
+                f"ns.{k}={_cell(nullspace[k])}" for k in NULLSPACE_SETTINGS[1:] if k in nullspace
+            ]
+    return " ".join(parts)
+
+
+def _scalar(d: dict[str, Any], key: str) -> bool:
+    return key in d and isinstance(d[key], (int, float, str, bool))
+
+
+def starting_rows(rows: list[dict[str, Any]], metric_prefix: str | None) -> list[dict[str, Any]]:
+    """One row per (model, data) of the unlearn runs: the starting model's metrics, which every
+    unlearn run evaluated (or took from the cache) under `before`."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        before = row.pop("_before", None)
+        key = (row["model"], row["data"])
+        if before and key not in out:
+            flat = flatten(before)
+            if metric_prefix:
+                flat = {k: v for k, v in flat.items() if k.startswith(metric_prefix)}
+            out[key] = {
+                "run": str(Path(row["run"]) / "before"),
+                "stage": "eval",
+                "status": "completed",
+                "model": row["model"],
+                "method": START,
+                "settings": "",
+                "data": row["data"],
+                **flat,
+            }
+    return list(out.values())
+
+
 def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[str, Any]]:
+    """The rows of the table: the starting models first, then one per run directory."""
     rows = []
     for run_dir in run_dirs:
         meta = read_meta(run_dir) or {}
@@ -48,19 +109,37 @@ def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[s
             metrics = json.loads((run_dir / "metrics.json").read_text())
         except (OSError, ValueError):
             metrics = {}
+        before = metrics.pop("before", None)  # the starting model: a row of its own
         flat = flatten(metrics)
         if metric_prefix:
             flat = {k: v for k, v in flat.items() if k.startswith(metric_prefix)}
+        config = _config(run_dir)
+        unlearn = config.get("unlearn") or {}
+        is_unlearn = meta.get("stage") == "unlearn"
         rows.append(
             {
                 "run": str(run_dir),
                 "stage": meta.get("stage"),
                 "status": meta.get("status", "unknown"),
-                "model": (meta.get("model") or {}).get("name"),
+                "model": (meta.get("model") or {}).get("name")
+                or (config.get("model") or {}).get("name"),
+                # a table's row names: the method and its settings (unlearn runs), the data
+                "method": unlearn.get("method") if is_unlearn else None,
+                "settings": settings(unlearn) if is_unlearn else None,
+                "data": (config.get("data") or {}).get("name"),
                 **flat,
+                "_before": before if is_unlearn else None,
             }
         )
-    return rows
+    return starting_rows(rows, metric_prefix) + rows
+
+
+def _config(run_dir: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def _cell(value: Any) -> str:
@@ -69,12 +148,25 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def write_tables(rows: list[dict[str, Any]], out_dir: Path) -> None:
+ROW_NAMES = ("run", "stage", "status", "model", "method", "settings", "data")
+
+
+def write_tables(rows: list[dict[str, Any]], out_dir: Path, shown: list[str] | None = None) -> None:
+    """report.csv with every column; report.md and report.tex with the row names and the metrics
+    in `shown` (dotted keys or prefixes, in that order; None: all)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(out_dir / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    if shown:
+        metrics = [
+            c
+            for want in shown
+            for c in columns
+            if c not in ROW_NAMES and (c == want or c.startswith(want + "."))
+        ]
+        columns = [c for c in columns if c in ROW_NAMES] + list(dict.fromkeys(metrics))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
@@ -114,7 +206,7 @@ def run(cfg: DictConfig, run: Run) -> None:
             "pass report.runs=[DIR_OR_GLOB,...]"
         )
     rows = collect_rows(run_dirs, cfg.report.metric_prefix)
-    write_tables(rows, run.dir)
+    write_tables(rows, run.dir, list(cfg.report.columns) if cfg.report.columns else None)
     run.log_metrics(
         {"report": {"runs": len(rows), "failed": sum(r["status"] != "completed" for r in rows)}}
     )

@@ -29,7 +29,15 @@ from kuda_cli.locate.probes import (
     from_wmdp,
 )
 from kuda_cli.locate.select import last_subject_scores, select_window
-from kuda_cli.locate.tracing import CATEGORIES, KINDS, ProbeTrace, average_by_category, trace_probes
+from kuda_cli.locate.tracing import (
+    CATEGORIES,
+    KINDS,
+    ProbeTrace,
+    autocast,
+    average_by_category,
+    resolve_precision,
+    trace_probes,
+)
 from kuda_cli.models.loading import LoadedModel
 from kuda_cli.run import Run, write_json_atomic
 from kuda_cli.stages.common import load_configured_model
@@ -102,23 +110,26 @@ def trace_layers(cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run) 
         raise UserError(f"data={cfg.data.name} gave no probes to trace")
     encoded = [encode(loaded.tokenizer, p) for p in chosen]
     log.info(
-        "tracing %d probes, %d noise samples each, %d layers (%s)",
+        "tracing %d probes, %d noise samples each, %d layers (%s), %s",
         len(encoded),
         locate.samples,
         loaded.num_layers,
         ", ".join(KINDS),
+        resolve_precision(locate.precision, loaded.device),
     )
+    precision = resolve_precision(locate.precision, loaded.device)
     start = time.perf_counter()
-    traces, noise_std = trace_probes(
-        loaded.model,
-        loaded.adapter,
-        encoded,
-        samples=locate.samples,
-        noise=locate.noise,
-        seed=cfg.seed,
-        window=locate.window,
-        batch_tokens=locate.batch_tokens,
-    )
+    with autocast(precision, loaded.device):
+        traces, noise_std = trace_probes(
+            loaded.model,
+            loaded.adapter,
+            encoded,
+            samples=locate.samples,
+            noise=locate.noise,
+            seed=cfg.seed,
+            window=locate.window,
+            batch_tokens=locate.batch_tokens,
+        )
     seconds = time.perf_counter() - start
     out = Path(run_dir) / TRACE_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +148,7 @@ def trace_layers(cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run) 
         "select_window": locate.select_window,
         "probes": len(encoded),
         "samples": locate.samples,
+        "precision": precision,
         "noise_std": noise_std,
         "window": locate.window,
         "model": cfg.model.name,

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from kuda_cli import distributed
 from kuda_cli.evaluate import EvalContext, compute_metrics
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, write_json_atomic
 from kuda_cli.stages.common import load_configured_model
 from kuda_cli.unlearn.data import tokenize, unlearn_texts
-from kuda_cli.unlearn.diagnostics import gradient_conflict, retain_leak
+from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak
 from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.nullspace import model_fingerprint
 from kuda_cli.unlearn.trainer import Trainer, used_indices
@@ -51,9 +52,15 @@ def run(cfg: DictConfig, run: Run) -> None:
     run.log_metrics({"locate": {"method": cfg.locate.method, "layers": layers}})
 
     texts = unlearn_texts(OmegaConf.to_object(cfg.data))
-    forget = tokenize(tokenizer, texts.forget, ucfg.max_length, "forget")
+    forget = tokenize(tokenizer, texts.forget, ucfg.max_length, "forget", texts.forget_spans)
     retain = tokenize(tokenizer, texts.retain, ucfg.max_length, "retain")
-    forget_heldout = tokenize(tokenizer, texts.forget_heldout, ucfg.max_length, "held-out forget")
+    forget_heldout = tokenize(
+        tokenizer,
+        texts.forget_heldout,
+        ucfg.max_length,
+        "held-out forget",
+        texts.forget_heldout_spans,
+    )
     retain_heldout = tokenize(tokenizer, texts.retain_heldout, ucfg.max_length, "held-out retain")
     model_key = model_fingerprint(model)
 
@@ -82,7 +89,8 @@ def run(cfg: DictConfig, run: Run) -> None:
     )
     trainer.setup()
     trained_layers = method.trained_layers
-    starting = {n: p.detach().clone() for n, p in trainer.params.items()}
+    # kept on the CPU: with unlearn.trainable=[all] this is a whole model's weights
+    starting = {n: p.detach().to("cpu", copy=True) for n, p in trainer.params.items()}
     start_down = {
         layer: adapter.down_proj_weight(model, layer).detach().clone() for layer in trained_layers
     }
@@ -95,6 +103,17 @@ def run(cfg: DictConfig, run: Run) -> None:
         trainer.projector,
     )
     result = trainer.train()
+    if not distributed.is_main():  # several processes: process 0 evaluates and writes the rest
+        return
+    diagnostics = method.diagnostics(trainer.params)
+    if "krd" not in diagnostics and len(forget_heldout):  # the baselines: one definition for all
+        diagnostics["krd"] = heldout_krd(
+            model,
+            adapter,
+            layers,
+            forget_heldout,
+            lambda: _swapped(trainer.params, starting),
+        )
     run.log_metrics(
         {
             "train": {
@@ -107,7 +126,7 @@ def run(cfg: DictConfig, run: Run) -> None:
                 "last": result.last,
             },
             "diagnostics": {
-                **method.diagnostics(trainer.params),
+                **diagnostics,
                 "gradient_conflict": conflict,
                 "retain_leak": retain_leak(
                     model, adapter, trained_layers, start_down, retain_heldout
@@ -133,7 +152,7 @@ def run(cfg: DictConfig, run: Run) -> None:
 @contextmanager
 def _swapped(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
     with torch.no_grad():
-        current = {n: p.detach().clone() for n, p in params.items()}
+        current = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
         for n, p in params.items():
             p.copy_(values[n])
     try:
@@ -189,7 +208,7 @@ def _before_key(cfg: DictConfig, model_key: str) -> str:
 def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[str, Any] | None:
     """The starting model's metrics, in `before/` of the run directory and under `before` in
     metrics.json; cached under the cache root per (model, data, eval settings)."""
-    if not cfg.eval.before:
+    if not cfg.eval.before or not distributed.is_main():
         return None
     out = run.dir / BEFORE
     cached = resolve_cache_root(cfg.cache_dir) / "evals" / _before_key(cfg, model_key)

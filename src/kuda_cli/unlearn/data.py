@@ -7,6 +7,8 @@ uninterrupted run would, without saving any sampler state.
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -16,6 +18,8 @@ import torch
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.scoring import _pad_id
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class UnlearnTexts:
@@ -23,6 +27,10 @@ class UnlearnTexts:
     retain: list[str]  # protected: null-space keys, retain losses
     forget_heldout: list[str]  # never trained on: KRD
     retain_heldout: list[str]  # never used for the projector: its measured leak
+    # character spans of the subject in each forget / held-out forget text, where the data
+    # names subjects (facts): methods may restrict their loss to those tokens
+    forget_spans: list[list[tuple[int, int]]] | None = None
+    forget_heldout_spans: list[list[tuple[int, int]]] | None = None
 
 
 @dataclass
@@ -31,6 +39,8 @@ class TokenSet:
 
     ids: list[list[int]]
     pad_id: int
+    # per token, 1 where it belongs to a subject span (None: the data names no subjects)
+    focus: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -44,19 +54,57 @@ class TokenSet:
         for r, row in enumerate(rows):
             input_ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
-        return {
+        out = {
             "input_ids": input_ids.to(device),
             "attention_mask": mask.to(device),
             "index": list(indices),
         }
+        if self.focus is not None:
+            focus = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(indices):
+                focus[r, : len(self.focus[i])] = torch.tensor(self.focus[i])
+            out["focus_mask"] = focus.to(device)
+        return out
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, what: str) -> TokenSet:
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    ids = [list(row) for row in enc["input_ids"] if len(row) > 1]
-    if not ids:
+def tokenize(
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    what: str,
+    spans: list[list[tuple[int, int]]] | None = None,
+) -> TokenSet:
+    """Tokenise `texts`; with character `spans` per text, also mark the tokens that overlap
+    them (`focus`). A text whose spans cover no token is focused on every token. Slow
+    tokenizers give no offsets: no focus then."""
+    if spans is not None and not getattr(tokenizer, "is_fast", False):
+        log.warning("the %s texts' subject tokens are unknown (slow tokenizer)", what)
+        spans = None
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        return_offsets_mapping=spans is not None,
+    )
+    keep = [i for i, row in enumerate(enc["input_ids"]) if len(row) > 1]
+    if not keep:
         raise UserError(f"the {what} texts are empty after tokenisation; check the data options")
-    return TokenSet(ids=ids, pad_id=_pad_id(tokenizer))
+    ids = [list(enc["input_ids"][i]) for i in keep]
+    focus = None
+    if spans is not None:
+        focus = []
+        for i in keep:
+            row = [
+                int(any(start < end_ and stop > start_ for start_, end_ in spans[i]))
+                for start, stop in enc["offset_mapping"][i]
+            ]
+            focus.append(row if any(row) else [1] * len(row))
+    return TokenSet(ids=ids, pad_id=_pad_id(tokenizer), focus=focus)
+
+
+def subject_spans(text: str, subject: str) -> list[tuple[int, int]]:
+    """Every case-insensitive occurrence of `subject` in `text`."""
+    return [(m.start(), m.end()) for m in re.finditer(re.escape(subject), text, re.IGNORECASE)]
 
 
 @lru_cache(maxsize=8)
@@ -96,6 +144,8 @@ def unlearn_texts(data_cfg) -> UnlearnTexts:
             retain=[f.passage for f in retain],
             forget_heldout=[f.prompt(0) for f in forget],
             retain_heldout=[f.prompt(0) for f in retain],
+            forget_spans=[subject_spans(f.passage, f.subject) for f in forget],
+            forget_heldout_spans=[[f.subject_span(0)] for f in forget],
         )
     from kuda_cli.data.sources import load_split
     from kuda_cli.data.texts import texts_of

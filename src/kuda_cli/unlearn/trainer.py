@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from kuda_cli import distributed
 from kuda_cli.errors import UserError
 from kuda_cli.unlearn.data import TokenSet, batch_indices
-from kuda_cli.unlearn.methods import Method
+from kuda_cli.unlearn.methods import Method, precision_context
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +132,12 @@ class Trainer:
             return None
         final, old = self.out_dir / CHECKPOINT, self.out_dir / f"{CHECKPOINT}.old"
         if not (final / STATE_FILE).exists() and (old / STATE_FILE).exists():
-            old.rename(final)  # killed between the two renames of a save
+            if distributed.is_main():
+                old.rename(final)  # killed between the two renames of a save
         return final
 
     def save(self, step: int, last_row: dict[str, Any]) -> None:
-        if self.out_dir is None:
+        if self.out_dir is None or not distributed.is_main():  # the weights are the same on all
             return
         final = self.checkpoint_dir()
         tmp = self.out_dir / f"{CHECKPOINT}.tmp"
@@ -185,7 +186,8 @@ class Trainer:
                 self.params[name].copy_(value.to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
-        self._truncate_log(state["step"])
+        if distributed.is_main():
+            self._truncate_log(state["step"])
         log.info("resuming from the checkpoint at step %d", state["step"])
         return int(state["step"])
 
@@ -198,19 +200,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
-        if self.cfg.precision == "bfloat16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        return precision_context(self.cfg.precision, self.device)
 
     def batches(self, micro_step: int) -> tuple[dict, dict | None]:
         bs = self.cfg.batch_size
+        # several processes: each takes its share of the batch (distributed.shard)
         forget = self.forget.batch(
-            batch_indices(len(self.forget), bs, micro_step, self.seed), self.device
+            distributed.shard(batch_indices(len(self.forget), bs, micro_step, self.seed)),
+            self.device,
         )
         retain = None
         if self.method.needs_retain:
             indices = batch_indices(len(self.retain), bs, micro_step, self.seed + 1)
-            retain = self.retain.batch(indices, self.device)
+            retain = self.retain.batch(distributed.shard(indices), self.device)
         return forget, retain
 
     def _diverged(self, step: int, what: str) -> TrainingDiverged:
@@ -228,12 +230,13 @@ class Trainer:
     def train(self) -> TrainResult:
         if not self.params:
             self.setup()
+        distributed.init(self.device)
         start = self.resume()
         if start == 0:
             self.method.initialise(self.params, self.projector)
         resumed = start if start else None
         started = time.perf_counter()
-        log_path = self.out_dir / LOG_FILE if self.out_dir else None
+        log_path = self.out_dir / LOG_FILE if self.out_dir and distributed.is_main() else None
         row: dict[str, Any] = {}
         kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
         bar = tqdm(
@@ -261,6 +264,9 @@ class Trainer:
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v / self.cfg.grad_accum
             params = list(self.params.values())
+            if distributed.active():  # every process then takes the same step
+                distributed.average([p.grad for p in params])
+                sums = distributed.mean_values(sums, self.device)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 params, self.cfg.max_grad_norm or float("inf")
             )
@@ -292,6 +298,7 @@ class Trainer:
         bar.close()
         if start < self.cfg.steps or not (self.out_dir and (self.out_dir / CHECKPOINT).exists()):
             self.save(self.cfg.steps, row)
+        distributed.shutdown()
         for p in self.model.parameters():
             p.requires_grad_(False)
         return TrainResult(
