@@ -18,6 +18,16 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 from kuda_cli.config import TinySpec
 from kuda_cli.models.tiny import tiny_random
 
+try:  # rouge_score (a test oracle) imports absl, whose handler keeps the sys.stderr of its import
+    # time (pytest's capture) and closes that stream when an in-process `kuda` run's logging
+    # setup (Hydra's dictConfig) shuts the old handlers down: every later test then fails to
+    # report. The real stderr is one absl leaves open.
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+except ImportError:
+    pass
+
 FAST_EVAL = [
     "model=tiny-random",
     "eval.metrics=[perplexity]",
