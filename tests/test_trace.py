@@ -189,6 +189,23 @@ def test_precision_auto_resolves_by_hardware():
     assert resolve_precision("auto", torch.device("meta")) == "float32"
 
 
+@pytest.mark.parametrize(
+    "flags, fast",
+    [
+        ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),  # AMD Zen 4, Cooper Lake
+        ("fpu avx512f amx_bf16 amx_tile", True),  # Sapphire Rapids
+        ("fpu avx2 avx512f avx512_vnni", False),
+        ("fpu avx2 fma", False),
+    ],
+)
+def test_bf16_units_are_read_from_the_cpu_flags(flags, fast):
+    from kuda_cli.locate.tracing import cpu_has_bf16_units
+
+    cpuinfo = f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n"
+    assert cpu_has_bf16_units(cpuinfo) is fast
+    assert cpu_has_bf16_units(f"bugs\t\t: {flags}\n") is False  # only the flags line counts
+
+
 def test_naive_and_fast_agree_on_llama(sharp_llama):
     assert_naive_equals_fast(*sharp_llama, "The Au of gold", (11, 15), window=2)
 
