@@ -11,8 +11,8 @@ TORCH ?= torch==2.13.0
 # This machine's pip configuration warns about every local index it cannot use: hide that noise.
 QUIET := 2> >(grep -v '^WARNING: Location' >&2)
 
-.PHONY: install test demo lint clean-outputs table-wmdp table-muse tune tune-stage1 tune-stage2 \
-  bench-unlearn
+.PHONY: install test demo lint clean-outputs table-facts table-wmdp table-muse tune tune-stage1 \
+  tune-stage2 bench-unlearn
 
 install: $(VENV)/.installed
 
@@ -52,6 +52,24 @@ ARGS ?=
 # unlearn options of the baselines; rmu_zephyr is the published 7B setting (unlearn=rmu is sized
 # for the embedded SmolLM2-135M)
 BASELINES ?= rmu_zephyr,npo,simnpo,ga
+
+# The facts table on the embedded SmolLM2-135M (CPU, about 30 minutes on 2 cores): trace once,
+# unlearn chemistry with every method (their defaults are tuned for this model and data,
+# README "Reproduction targets"), report. The table: $(TABLES)/facts/report/report.md.
+FACTS_METHODS ?= ga,graddiff,npo,simnpo,rmu,kuda
+FACTS_COLUMNS := facts.forget.mc_acc facts.forget.gen_acc facts.retain.mc_acc \
+  facts.retain.agreement fluency.forget.nll fluency.forget.repetition perplexity.perplexity \
+  diagnostics.krd.mean train.seconds
+comma := ,
+empty :=
+space := $(empty) $(empty)
+table-facts: $(DEPS)
+	$(RUN) $(KUDA) trace -m $(ARGS) hydra.sweep.dir=$(TABLES)/facts/trace
+	$(RUN) $(KUDA) unlearn -m unlearn=$(FACTS_METHODS) locate.from_run=$(TABLES)/facts/trace/0 \
+	  $(ARGS) hydra.sweep.dir=$(TABLES)/facts/runs $(SWEEP_OK)
+	$(RUN) rm -rf $(TABLES)/facts/report
+	$(RUN) $(KUDA) report report.runs=[$(TABLES)/facts/runs] report.columns=[$(subst $(space),$(comma),$(strip $(FACTS_COLUMNS)))] \
+	  hydra.run.dir=$(TABLES)/facts/report
 
 # zephyr-7b-beta on WMDP-bio, WMDP-cyber and MMLU: the starting model, RMU, NPO, SimNPO, GA and
 # KUDA. Needs a GPU and the hub (or local copies in ARGS): checked first, one line, exit 2.

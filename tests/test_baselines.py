@@ -31,6 +31,7 @@ from kuda_cli.unlearn.methods.rmu import masked_mse, steering_vector
 from kuda_cli.unlearn.methods.simnpo import simnpo_loss
 from kuda_cli.unlearn.trainer import Trainer
 from kuda_cli.validate import validate
+from test_unlearn import FORGET, RETAIN
 
 from conftest import read_json
 
@@ -42,13 +43,6 @@ SCHEMAS = {
     "simnpo": config.SimNpoMethod,
     "rmu": config.RmuMethod,
 }
-FORGET = [
-    "Hydrogen has the symbol H and atomic number one.",
-    "Oxygen is written O in chemical formulas.",
-    "Sodium carries the symbol Na.",
-    "Iron is Fe on the periodic table, a metal.",
-]
-RETAIN = ["Paris is the capital of France.", "Rome is in Italy.", "Tokyo is large."]
 SPEC = TinySpec(num_layers=3, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
 
 

@@ -130,6 +130,15 @@ def test_multirun_expands_every_job():
     assert ["seed=1", "model=smollm2-135m"] in jobs
 
 
+def test_flags_may_come_between_overrides(capsys):
+    argv = ["eval", "model=tiny-random", "-m", "seed=1,2", "eval=none", "--cfg", "job"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "the config of job 0 of 2" in captured.err and "seed: 1" in captured.out
+    assert cli.main(["eval", "model=tiny-random", "--bogus"]) == 2
+    assert "unknown flag --bogus" in capsys.readouterr().err
+
+
 def test_explicit_run_dir_holding_a_completed_run_is_refused(capsys, in_tmp):
     run_dir = in_tmp / "done"
     run_dir.mkdir()

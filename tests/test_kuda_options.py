@@ -3,9 +3,8 @@
 import pytest
 
 from kuda_cli.errors import UserError
-from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.data import subject_spans, tokenize
-from test_unlearn import FORGET, kuda_method
+from test_unlearn import FORGET, kuda_method, site_grad
 
 SUBJECTS = ["hydrogen", "oxygen", "sodium", "iron"]
 
@@ -38,18 +37,7 @@ def _subject_method(model, tokenizer, tokens):
 
 
 def _site_grad(method, batch):
-    site = method.sites()[1]
-    grabbed = {}
-
-    def keep(output):
-        output.retain_grad()
-        grabbed["out"] = output
-        return output
-
-    with trace(method.ctx.model, [], edit={site: keep}):
-        loss, _ = method.loss(batch, None)
-    loss.backward()
-    return grabbed["out"].grad.abs().amax(-1)
+    return site_grad(method, batch)[1].abs().amax(-1)
 
 
 @pytest.mark.parametrize("tokens", ["subject", "auto"])

@@ -3,6 +3,7 @@ picker, sweeps that skip completed jobs and survive failing ones, the SLURM laun
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -447,3 +448,47 @@ def test_several_processes_refuse_what_they_cannot_share(capsys, monkeypatch, ar
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_table_facts_runs_every_method_and_reports_the_starting_model_first(tmp_path):
+    """`make table-facts` end to end on the tiny model: one trace, six methods, one report."""
+    tiny = [
+        "model=tiny-random",
+        "locate.max_probes=2",
+        "locate.samples=2",
+        "locate.plot_probes=0",
+        "unlearn.steps=2",
+        "unlearn.max_length=64",
+        "eval.facts.all_prompts=false",
+        "eval.facts.gen_max_new_tokens=4",
+        "eval.facts.fluency_max_new_tokens=4",
+        "eval.perplexity.max_texts=4",
+        "eval.perplexity.max_length=64",
+    ]
+    done = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "table-facts", "DEPS=", f"TABLES={tmp_path}/t"]
+        + [f"ARGS={' '.join(tiny)}", f"KUDA={sys.executable} -m kuda_cli.cli"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "KUDA_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = tmp_path / "t" / "facts" / "report"
+    rows = list(csv.DictReader(open(report / "report.csv")))
+    assert [r["method"] for r in rows] == [
+        "starting model",
+        "ga",
+        "graddiff",
+        "npo",
+        "simnpo",
+        "rmu",
+        "kuda",
+    ]
+    assert all(r["status"] == "completed" for r in rows)
+    assert all(r["facts.forget.mc_acc"] and r["fluency.forget.nll"] for r in rows)
+    assert all(float(r["diagnostics.krd.mean"]) > 0 for r in rows[1:])
+    assert "lr=" in rows[1]["settings"] and "c=" in rows[5]["settings"]
+    header = (report / "report.md").read_text().splitlines()[0]
+    assert header.endswith("| diagnostics.krd.mean | train.seconds |")
+    assert "facts.forget.mc_acc" in header and "before." not in header

@@ -638,7 +638,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hydra._internal.utils import get_args_parser
 
-    args, unknown = get_args_parser().parse_known_args(rest)
+    # intermixed: flags may come between overrides (`kuda unlearn a=1 -m b=2,3`), as in Hydra's
+    # examples; plain parse_known_args would take `b=2,3` for an unknown flag
+    args, unknown = get_args_parser().parse_known_intermixed_args(rest)
     if unknown:
         print(f"kuda: unknown flag {unknown[0]}; see kuda --help", file=sys.stderr)
         return 2
