@@ -11,8 +11,8 @@ TORCH ?= torch==2.13.0
 # This machine's pip configuration warns about every local index it cannot use: hide that noise.
 QUIET := 2> >(grep -v '^WARNING: Location' >&2)
 
-.PHONY: install test demo lint clean-outputs table-facts table-wmdp table-muse tune tune-stage1 \
-  tune-stage2 bench-unlearn
+.PHONY: install test demo lint clean-outputs table-facts ablation-kuda table-wmdp table-muse tune \
+  tune-stage1 tune-stage2 bench-unlearn
 
 install: $(VENV)/.installed
 
@@ -70,6 +70,20 @@ table-facts: $(DEPS)
 	$(RUN) rm -rf $(TABLES)/facts/report
 	$(RUN) $(KUDA) report report.runs=[$(TABLES)/facts/runs] report.columns=[$(subst $(space),$(comma),$(strip $(FACTS_COLUMNS)))] \
 	  hydra.run.dir=$(TABLES)/facts/report
+
+# KUDA's ablations on the same trace, one multirun (conf/experiment/ablate_*.yaml): relaxed vs
+# hard vs no projection, the gradient projected instead of the update, fixed early and late
+# layers instead of the traced ones. The table: $(TABLES)/ablation/report/report.md.
+ABLATIONS ?= relaxed,hard,none,grad,early,late
+ablation-kuda: $(DEPS)
+	$(RUN) $(KUDA) trace -m $(ARGS) hydra.sweep.dir=$(TABLES)/facts/trace
+	$(RUN) $(KUDA) unlearn -m experiment=ablate_$(subst $(comma),$(comma)ablate_,$(ABLATIONS)) \
+	  locate.from_run=$(TABLES)/facts/trace/0 $(ARGS) hydra.sweep.dir=$(TABLES)/ablation/runs \
+	  $(SWEEP_OK)
+	$(RUN) rm -rf $(TABLES)/ablation/report
+	$(RUN) $(KUDA) report report.runs=[$(TABLES)/ablation/runs] \
+	  report.columns=[$(subst $(space),$(comma),$(strip $(FACTS_COLUMNS)))] \
+	  hydra.run.dir=$(TABLES)/ablation/report
 
 # zephyr-7b-beta on WMDP-bio, WMDP-cyber and MMLU: the starting model, RMU, NPO, SimNPO, GA and
 # KUDA. Needs a GPU and the hub (or local copies in ARGS): checked first, one line, exit 2.

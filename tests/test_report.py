@@ -95,7 +95,7 @@ def test_starting_model_comes_first_with_method_settings_per_run(tmp_path):
             "beta": 5.0,
             "nullspace": {"enabled": True, "form": "relaxed", "tau": 0.01, "project_on": "update"},
         },
-        {"before": before, "facts": {"forget": {"mc_acc": 0.3}}},
+        {"before": before, "facts": {"forget": {"mc_acc": 0.3}}, "locate": {"layers": [2, 3]}},
     )
     make_unlearn_run(tmp_path / "sweep" / "2", "failed", {"method": "rmu", "lr": 1e-3, "c": 300})
     rows = collect_rows(find_runs([str(tmp_path / "sweep")], exclude=tmp_path / "x"), None)
@@ -108,6 +108,7 @@ def test_starting_model_comes_first_with_method_settings_per_run(tmp_path):
     assert rows[1]["settings"] == "lr=1e-05 steps=40 optimizer=adamw beta=0.1 retain_weight=1"
     assert "beta=5 " in rows[2]["settings"] and "ns.form=relaxed ns.tau=0.01" in rows[2]["settings"]
     assert rows[3]["settings"] == "lr=0.001 c=300"
+    assert rows[2]["layers"] == "2,3" and rows[3]["layers"] is None
     assert not any(k.startswith("before.") or k == "_before" for r in rows for k in r)
 
 

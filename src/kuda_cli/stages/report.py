@@ -72,6 +72,12 @@ def settings(unlearn: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _layers(metrics: dict[str, Any]) -> str | None:
+    """The layers an unlearn run located (traced, reused or fixed), as `2,3,4`."""
+    layers = (metrics.get("locate") or {}).get("layers")
+    return ",".join(str(layer) for layer in layers) if isinstance(layers, list) else None
+
+
 def _scalar(d: dict[str, Any], key: str) -> bool:
     return key in d and isinstance(d[key], (int, float, str, bool))
 
@@ -94,6 +100,7 @@ def starting_rows(rows: list[dict[str, Any]], metric_prefix: str | None) -> list
                 "model": row["model"],
                 "method": START,
                 "settings": "",
+                "layers": "",
                 "data": row["data"],
                 **flat,
             }
@@ -126,6 +133,7 @@ def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[s
                 # a table's row names: the method and its settings (unlearn runs), the data
                 "method": unlearn.get("method") if is_unlearn else None,
                 "settings": settings(unlearn) if is_unlearn else None,
+                "layers": _layers(metrics) if is_unlearn else None,
                 "data": (config.get("data") or {}).get("name"),
                 **flat,
                 "_before": before if is_unlearn else None,
@@ -148,7 +156,7 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-ROW_NAMES = ("run", "stage", "status", "model", "method", "settings", "data")
+ROW_NAMES = ("run", "stage", "status", "model", "method", "settings", "layers", "data")
 
 
 def write_tables(rows: list[dict[str, Any]], out_dir: Path, shown: list[str] | None = None) -> None:
