@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.errors import UserError
 from kuda_cli.run import Run, read_meta
-from kuda_cli.stages.report import find_runs
+from kuda_cli.stages.report import find_runs, lookup
 
 log = logging.getLogger(__name__)
 CHOICE_FILE = "choice.yaml"
@@ -38,16 +38,6 @@ class Candidate:
     @property
     def ratio(self) -> float:
         return self.utility / self.baseline if self.baseline else float("inf")
-
-
-def lookup(metrics: dict[str, Any], dotted: str) -> Any:
-    """The value at a dotted key of nested dicts, or None."""
-    node: Any = metrics
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _number(value: Any) -> float | None:

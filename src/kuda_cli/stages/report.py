@@ -34,6 +34,16 @@ def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def lookup(metrics: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of nested dicts, or None."""
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def find_runs(patterns: list[str], exclude: Path) -> list[Path]:
     found = set()
     for pattern in patterns:
@@ -82,17 +92,20 @@ def _scalar(d: dict[str, Any], key: str) -> bool:
     return key in d and isinstance(d[key], (int, float, str, bool))
 
 
-def starting_rows(rows: list[dict[str, Any]], metric_prefix: str | None) -> list[dict[str, Any]]:
-    """One row per (model, data) of the unlearn runs: the starting model's metrics, which every
-    unlearn run evaluated (or took from the cache) under `before`."""
+def _flat(metrics: dict[str, Any], metric_prefix: str | None) -> dict[str, Any]:
+    flat = flatten(metrics)
+    return {k: v for k, v in flat.items() if not metric_prefix or k.startswith(metric_prefix)}
+
+
+def starting_rows(
+    runs: list[tuple[dict[str, Any], dict[str, Any]]], metric_prefix: str | None
+) -> list[dict[str, Any]]:
+    """One row per (model, data) of the unlearn runs (`(row, before)` pairs): the starting
+    model's metrics, which every unlearn run evaluated (or took from the cache) under `before`."""
     out: dict[tuple, dict[str, Any]] = {}
-    for row in rows:
-        before = row.pop("_before", None)
+    for row, before in runs:
         key = (row["model"], row["data"])
-        if before and key not in out:
-            flat = flatten(before)
-            if metric_prefix:
-                flat = {k: v for k, v in flat.items() if k.startswith(metric_prefix)}
+        if key not in out:
             out[key] = {
                 "run": str(Path(row["run"]) / "before"),
                 "stage": "eval",
@@ -102,14 +115,14 @@ def starting_rows(rows: list[dict[str, Any]], metric_prefix: str | None) -> list
                 "settings": "",
                 "layers": "",
                 "data": row["data"],
-                **flat,
+                **_flat(before, metric_prefix),
             }
     return list(out.values())
 
 
 def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[str, Any]]:
     """The rows of the table: the starting models first, then one per run directory."""
-    rows = []
+    rows, started = [], []
     for run_dir in run_dirs:
         meta = read_meta(run_dir) or {}
         try:
@@ -117,29 +130,26 @@ def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[s
         except (OSError, ValueError):
             metrics = {}
         before = metrics.pop("before", None)  # the starting model: a row of its own
-        flat = flatten(metrics)
-        if metric_prefix:
-            flat = {k: v for k, v in flat.items() if k.startswith(metric_prefix)}
         config = _config(run_dir)
         unlearn = config.get("unlearn") or {}
         is_unlearn = meta.get("stage") == "unlearn"
-        rows.append(
-            {
-                "run": str(run_dir),
-                "stage": meta.get("stage"),
-                "status": meta.get("status", "unknown"),
-                "model": (meta.get("model") or {}).get("name")
-                or (config.get("model") or {}).get("name"),
-                # a table's row names: the method and its settings (unlearn runs), the data
-                "method": unlearn.get("method") if is_unlearn else None,
-                "settings": settings(unlearn) if is_unlearn else None,
-                "layers": _layers(metrics) if is_unlearn else None,
-                "data": (config.get("data") or {}).get("name"),
-                **flat,
-                "_before": before if is_unlearn else None,
-            }
-        )
-    return starting_rows(rows, metric_prefix) + rows
+        row = {
+            "run": str(run_dir),
+            "stage": meta.get("stage"),
+            "status": meta.get("status", "unknown"),
+            "model": (meta.get("model") or {}).get("name")
+            or (config.get("model") or {}).get("name"),
+            # a table's row names: the method and its settings (unlearn runs), the data
+            "method": unlearn.get("method") if is_unlearn else None,
+            "settings": settings(unlearn) if is_unlearn else None,
+            "layers": _layers(metrics) if is_unlearn else None,
+            "data": (config.get("data") or {}).get("name"),
+            **_flat(metrics, metric_prefix),
+        }
+        rows.append(row)
+        if is_unlearn and before:
+            started.append((row, before))
+    return starting_rows(started, metric_prefix) + rows
 
 
 def _config(run_dir: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from kuda_cli.evaluate import EvalContext, compute_metrics
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, write_json_atomic
 from kuda_cli.stages.common import load_configured_model
+from kuda_cli.stages.report import lookup
 from kuda_cli.unlearn.data import tokenize, unlearn_texts
 from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak
 from kuda_cli.unlearn.methods import MethodContext, get_method
@@ -233,27 +234,20 @@ def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[s
 def summarise(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """The headline comparison with the starting model, for the facts evaluation."""
 
-    def get(d: dict, path: str):
-        for part in path.split("."):
-            if not isinstance(d, dict) or part not in d:
-                return None
-            d = d[part]
-        return d
-
     def ratio(path: str):
-        a, b = get(after, path), get(before, path)
+        a, b = lookup(after, path), lookup(before, path)
         return a / b if a is not None and b else None
 
     return {
         k: v
         for k, v in {
-            "forget_mc": get(after, "facts.forget.mc_acc"),
-            "forget_mc_before": get(before, "facts.forget.mc_acc"),
-            "forget_gen": get(after, "facts.forget.gen_acc"),
-            "retain_mc": get(after, "facts.retain.mc_acc"),
-            "retain_mc_before": get(before, "facts.retain.mc_acc"),
+            "forget_mc": lookup(after, "facts.forget.mc_acc"),
+            "forget_mc_before": lookup(before, "facts.forget.mc_acc"),
+            "forget_gen": lookup(after, "facts.forget.gen_acc"),
+            "retain_mc": lookup(after, "facts.retain.mc_acc"),
+            "retain_mc_before": lookup(before, "facts.retain.mc_acc"),
             "retain_mc_ratio": ratio("facts.retain.mc_acc"),
-            "retain_agreement": get(after, "facts.retain.agreement"),
+            "retain_agreement": lookup(after, "facts.retain.agreement"),
             "perplexity_ratio": ratio("perplexity.perplexity"),
             "fluency_nll_ratio": ratio("fluency.forget.nll"),
         }.items()

@@ -14,6 +14,7 @@ from kuda_cli.models.adapter import Adapter
 from kuda_cli.unlearn.data import TokenSet
 from kuda_cli.unlearn.methods import Method, sequence_nll
 from kuda_cli.unlearn.nullspace import UpdateProjector, key_moments
+from kuda_cli.unlearn.representations import RepresentationStore, krd, record_sites
 
 
 def _grads(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -103,23 +104,10 @@ def heldout_krd(
     held-out forget inputs, now and with the starting weights (`starting_weights()`: a context
     manager that swaps them in), over the subject tokens where the data names them, else every
     token. About 0: unchanged; about 1: orthogonal."""
-    from kuda_cli.unlearn.representations import RepresentationStore, record_sites
-
     sites = {layer: adapter.module_name("mlp", layer) for layer in layers}
     indices = list(range(len(heldout)))
     now, before = RepresentationStore("memory"), RepresentationStore("memory")
     record_sites(model, heldout, indices, list(sites.values()), now, desc="held-out now")
     with starting_weights():
         record_sites(model, heldout, indices, list(sites.values()), before, desc="held-out start")
-    per_layer = {}
-    for layer, site in sites.items():
-        values = []
-        for i in indices:
-            krd = 1 - F.cosine_similarity(
-                now.get(i, site).float(), before.get(i, site).float(), dim=-1
-            )
-            if heldout.focus is not None and any(heldout.focus[i]):
-                krd = krd[torch.tensor(heldout.focus[i], dtype=torch.bool)]
-            values.append(krd)
-        per_layer[f"l{layer}"] = float(torch.cat(values).mean())
-    return {"mean": sum(per_layer.values()) / len(per_layer), **per_layer}
+    return krd(now, before, sites, indices, heldout.focus)

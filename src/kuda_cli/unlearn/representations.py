@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -132,3 +133,27 @@ def _deepest(model, names: list[str]) -> str:
     last = max(names, key=order.__getitem__)
     parents = [n for n in names if last.startswith(n + ".")]
     return min(parents, key=len) if parents else last
+
+
+def krd(
+    now: RepresentationStore,
+    before: RepresentationStore,
+    sites: dict[int, str],
+    indices: list[int],
+    focus: list[list[int]] | None = None,
+) -> dict[str, float]:
+    """KRD: mean 1 - cos between two stores' representations of the items `indices`, per layer
+    (`l<layer>`, over the tokens `focus` marks, every token when None) and averaged over the
+    layers (`mean`). About 0: unchanged; about 1: orthogonal."""
+    per_layer = {}
+    for layer, site in sites.items():
+        values = []
+        for i in indices:
+            value = 1 - F.cosine_similarity(
+                now.get(i, site).float(), before.get(i, site).float(), dim=-1
+            )
+            if focus is not None:
+                value = value[torch.tensor(focus[i], dtype=torch.bool)]
+            values.append(value)
+        per_layer[f"l{layer}"] = float(torch.cat(values).mean())
+    return {"mean": sum(per_layer.values()) / len(per_layer), **per_layer}

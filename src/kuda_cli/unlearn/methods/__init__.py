@@ -127,14 +127,9 @@ def get_method(name: str) -> type[Method]:
 
 
 def sequence_nll(model, batch: dict) -> torch.Tensor:
-    """Mean next-token NLL over the non-padding tokens of a batch."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["attention_mask"][:, 1:].bool()
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
-    ).view_as(targets)
-    return nll[mask].mean()
+    """Mean next-token NLL over the non-padding tokens of a batch (token-weighted)."""
+    logp, tokens = sequence_logprob(model, batch)
+    return -logp.sum() / tokens.sum()
 
 
 def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

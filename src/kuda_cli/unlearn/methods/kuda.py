@@ -26,7 +26,7 @@ from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.data import TokenSet
 from kuda_cli.unlearn.methods import Method, register_method, sequence_nll
 from kuda_cli.unlearn.nullspace import UpdateProjector, projector, retain_spectra
-from kuda_cli.unlearn.representations import RepresentationStore, _deepest, record_sites
+from kuda_cli.unlearn.representations import RepresentationStore, _deepest, krd, record_sites
 
 log = logging.getLogger(__name__)
 
@@ -178,18 +178,7 @@ class Kuda(Method):
             desc="held-out representations",
         )
         focus = self.heldout.focus if self.cfg.tokens != "all" else None
-        per_layer = {}
-        for layer, site in sites.items():
-            values = []
-            for i in indices:
-                krd = 1 - F.cosine_similarity(
-                    now.get(i, site).float(), self.heldout_store.get(i, site).float(), dim=-1
-                )
-                if focus is not None:
-                    krd = krd[torch.tensor(focus[i], dtype=torch.bool)]
-                values.append(krd)
-            per_layer[f"l{layer}"] = float(torch.cat(values).mean())
-        out["krd"] = {"mean": sum(per_layer.values()) / len(per_layer), **per_layer}
+        out["krd"] = krd(now, self.heldout_store, sites, indices, focus)
         return out
 
     def close(self) -> None:
