@@ -35,6 +35,7 @@ from kuda_cli.locate.tracing import (
     resolve_precision,
     restored_layers,
     trace_probe,
+    trace_probes,
 )
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.tiny import byte_tokenizer
@@ -216,6 +217,31 @@ def test_naive_and_fast_agree_on_every_adapter_family(family):
     model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family]())
     assert get_adapter(model).family == family
     assert_naive_equals_fast(sharpen(model), byte_tokenizer(), "Gold: Au", (0, 4), window=3)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text", "gpt2"])
+def test_eager_attention_on_the_cpu_traces_as_the_model_own_attention(family):
+    """trace_probes switches CPU tracing to eager attention (faster at probe lengths): same
+    numbers, and the model's own implementation comes back afterwards."""
+    from kuda_cli.locate.tracing import attention
+
+    torch.manual_seed(0)
+    model = sharpen(transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()))
+    assert model.config._attn_implementation == "sdpa"
+    enc = probe_for(model, byte_tokenizer(), "Gold: Au", (0, 4))
+    adapter, noise = get_adapter(model), noise_for(model, enc)
+    own = trace_probe(model, adapter, enc, noise, window=3)
+    with attention(model, "eager"):
+        assert model.config._attn_implementation == "eager"
+        eager = trace_probe(model, adapter, enc, noise, window=3)
+    assert model.config._attn_implementation == "sdpa"
+    for kind in KINDS:
+        np.testing.assert_allclose(eager.restored[kind], own.restored[kind], rtol=0, atol=AGREE)
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append(model.config._attn_implementation))
+    trace_probes(model, adapter, [enc], samples=2, window=3)
+    assert set(seen) == {"eager"}
+    assert model.config._attn_implementation == "sdpa"
 
 
 # ----------------------------------------------------------------------------- selection
