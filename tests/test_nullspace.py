@@ -74,6 +74,23 @@ def test_relaxed_weights_and_thresholds():
     assert torch.diagonal(hard).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
 
 
+def test_p99_threshold_sets_massive_activation_directions_aside():
+    """A layer with one massive direction (as SmolLM2's layer 2: 591 against a bulk below 1):
+    `max` puts the threshold above the whole bulk, so the projector protects nothing; `p99`
+    takes the scale from the 99th percentile and leaves the bulk protected."""
+    bulk = torch.logspace(0, -6, 199, dtype=torch.float64)  # 1 .. 1e-6
+    lam = torch.cat([torch.tensor([600.0], dtype=torch.float64), bulk])
+    assert threshold(lam, 1e-3, "max") == pytest.approx(0.6)
+    # descending, index 200 // 100 = 2: the second bulk eigenvalue
+    assert threshold(lam, 1e-3, "p99") == pytest.approx(1e-3 * float(bulk[1]))
+    spectrum = Spectrum(lam, torch.eye(200), tokens=1000)
+    _, by_max = projector(spectrum, "relaxed", 1e-3, "max")
+    _, by_p99 = projector(spectrum, "relaxed", 1e-3, "p99")
+    assert by_max["mean_weight"] > 0.8  # nearly the identity
+    assert by_p99["mean_weight"] < 0.6
+    assert by_p99["energy_passed"] < 0.5 * by_max["energy_passed"]
+
+
 def test_spectra_are_cached_on_disk(tiny, tmp_path):
     model, tokenizer = tiny
     adapter = get_adapter(model)

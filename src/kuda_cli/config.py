@@ -185,7 +185,7 @@ class NullspaceConfig:
     enabled: bool = True
     form: str = choice("relaxed", "relaxed", "hard")
     tau: float = bounded(1e-2, gt=0)
-    tau_mode: str = choice("energy", "energy", "max", "absolute")
+    tau_mode: str = choice("energy", "energy", "max", "p99", "absolute")
     project_on: str = choice("update", "update", "grad")
     samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
 

@@ -80,6 +80,12 @@ def threshold(eigenvalues: torch.Tensor, tau: float, tau_mode: str) -> float:
         return float(tau)
     if tau_mode == "max":
         return float(tau * eigenvalues.max())
+    if tau_mode == "p99":
+        # the largest eigenvalue once the top 1% is set aside: some layers have a few massive
+        # activation directions (SmolLM2's layer 2: 591 against 0.27 at the 99th percentile)
+        # that make `max` a threshold nothing falls under
+        descending = eigenvalues.sort(descending=True).values
+        return float(tau * descending[len(descending) // 100])
     if tau_mode == "energy":
         ascending = eigenvalues.sort().values
         share = ascending.cumsum(0) / ascending.sum().clamp_min(1e-300)
