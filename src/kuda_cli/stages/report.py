@@ -56,7 +56,7 @@ def find_runs(patterns: list[str], exclude: Path) -> list[Path]:
 
 # the trainer's knobs a table names for every method; a method's own fields are added to them
 COMMON_SETTINGS = ("lr", "steps", "optimizer")
-NULLSPACE_SETTINGS = ("enabled", "form", "tau", "project_on")
+NULLSPACE_SETTINGS = ("enabled", "form", "tau", "tau_mode", "project_on")
 START = "starting model"
 
 
