@@ -112,7 +112,10 @@ def test_starting_model_comes_first_with_method_settings_per_run(tmp_path):
         ("rmu", "failed", None),
     ]
     assert rows[1]["settings"] == "lr=1e-05 steps=40 optimizer=adamw beta=0.1 retain_weight=1"
-    assert "beta=5 " in rows[2]["settings"] and "ns.form=relaxed ns.tau=0.01 ns.tau_mode=p99" in rows[2]["settings"]
+    assert (
+        "beta=5 " in rows[2]["settings"]
+        and "ns.form=relaxed ns.tau=0.01 ns.tau_mode=p99" in rows[2]["settings"]
+    )
     assert rows[3]["settings"] == "lr=0.001 c=300"
     assert rows[2]["layers"] == "2,3" and rows[3]["layers"] is None
     assert not any(k.startswith("before.") or k == "_before" for r in rows for k in r)

@@ -190,3 +190,39 @@ def test_user_error_after_results_were_written_keeps_the_run_as_failed(kuda, tmp
     meta = read_json(run / "meta.json")
     assert meta["status"] == "failed" and "no field 'text'" in meta["error"]
     assert (run / "facts_answers.jsonl").is_file()
+
+
+def test_a_trace_sweep_is_reused_whatever_the_unlearning_settings(tmp_path):
+    """`make table-facts` and `make ablation-kuda` share one trace sweep and pass their ARGS to
+    it too: a change of unlearning or evaluation settings must not make the completed trace "a
+    run of another config"; a change of what tracing uses must. Runs written before the
+    stage-aware hash (whole-config hash in meta.json) still match their own config."""
+    from kuda_cli.cli import compose, plan
+    from kuda_cli.errors import ConfigError
+    from kuda_cli.run import config_hash, config_hashes
+
+    sweep = tmp_path / "trace"
+
+    def write_job(cfg, whole=False):
+        (sweep / "0").mkdir(parents=True, exist_ok=True)
+        meta = {"stage": "trace", "status": "completed", "config_hash": ""}
+        meta["config_hash"] = config_hash(cfg, whole=whole)
+        (sweep / "0" / "meta.json").write_text(json.dumps(meta))
+
+    base = ["model=tiny-random", "data=facts", "locate.max_probes=2"]
+    traced = compose([*base, "stage=trace"])
+    write_job(traced)
+    pinned = [*base, f"hydra.sweep.dir={sweep}"]
+    for changed in (["unlearn.lr=0.5"], ["unlearn=rmu", "eval.before=false"]):
+        assert plan("trace", [*pinned, *changed], True).sweep.done_before == [0]
+    with pytest.raises(ConfigError, match="holds a run of another config"):
+        plan("trace", [*pinned, "locate.samples=3"], True)
+    # the unlearn stage still hashes its unlearning settings
+    unlearn = compose([*base, "stage=unlearn"])
+    assert config_hash(unlearn) != config_hash(compose([*base, "stage=unlearn", "unlearn.lr=0.5"]))
+    # an older trace run, hashed whole, matches its own config only
+    write_job(traced, whole=True)
+    assert config_hash(traced, whole=True) in config_hashes(traced)
+    assert plan("trace", pinned, True).sweep.done_before == [0]
+    with pytest.raises(ConfigError, match="holds a run of another config"):
+        plan("trace", [*pinned, "unlearn.lr=0.5"], True)

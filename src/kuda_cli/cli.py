@@ -275,7 +275,7 @@ class Sweep:
 
     directory: Path
     job_dirs: list[Path]
-    hashes: list[str]
+    hashes: list[frozenset[str]]  # per job, what its meta.json's config_hash may be
     done_before: list[int] = field(default_factory=list)  # jobs completed before: skipped
 
 
@@ -302,7 +302,7 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
     """`preflight`, plus what a sweep needs to skip its completed jobs and report at the end.
     `printing` (--cfg): the config is printed and nothing runs; requirements are not checked."""
     from kuda_cli import requirements
-    from kuda_cli.run import config_hash
+    from kuda_cli.run import config_hashes
     from kuda_cli.validate import validate
 
     if any(o.partition("=")[0].lstrip("+~") == "stage" for o in overrides):
@@ -336,7 +336,7 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
     if distributed.active() and not printing:
         _check_distributed(stage, multirun, chosen, first)
     if multirun:
-        hashes = [config_hash(cfg) for cfg in cfgs]
+        hashes = [config_hashes(cfg) for cfg in cfgs]
         if chosen is None:
             unfinished = _unfinished_sweep(target.parent, cfgs, hashes)
             if unfinished is not None:
@@ -423,7 +423,7 @@ def _check_sweep_dir(sweep: Sweep, pinned: bool) -> list[int]:
         meta = read_meta(directory)
         if meta is None:
             continue
-        if meta.get("config_hash") != wanted:
+        if meta.get("config_hash") not in wanted:
             where = "hydra.sweep.dir=" + str(sweep.directory) if pinned else str(sweep.directory)
             raise ConfigError(
                 f"{where}: job {num}'s directory {directory} holds a run of another config; "
@@ -434,7 +434,9 @@ def _check_sweep_dir(sweep: Sweep, pinned: bool) -> list[int]:
     return done
 
 
-def _unfinished_sweep(parent: Path, cfgs: list[DictConfig], hashes: list[str]) -> Path | None:
+def _unfinished_sweep(
+    parent: Path, cfgs: list[DictConfig], hashes: list[frozenset[str]]
+) -> Path | None:
     """The newest sweep under `parent` with these jobs that has not completed every one:
     re-running a sweep's command continues it (completed jobs are skipped)."""
     from kuda_cli.run import read_meta
@@ -449,7 +451,8 @@ def _unfinished_sweep(parent: Path, cfgs: list[DictConfig], hashes: list[str]) -
         if all(m is None for m in metas):
             continue
         if any(
-            m is not None and m.get("config_hash") != h for m, h in zip(metas, hashes, strict=True)
+            m is not None and m.get("config_hash") not in h
+            for m, h in zip(metas, hashes, strict=True)
         ):
             continue
         if all(m is not None and m.get("status") == "completed" for m in metas):
@@ -490,7 +493,7 @@ def _has_checkpoint(directory: Path) -> bool:
 
 def _check_resume(directory: Path, cfg: DictConfig) -> Path:
     """The run directory `resume=` names, checked to hold an unfinished run of this config."""
-    from kuda_cli.run import config_hash, read_meta
+    from kuda_cli.run import config_hashes, read_meta
 
     meta = read_meta(directory)
     if meta is None or meta.get("stage") != "unlearn":
@@ -502,7 +505,7 @@ def _check_resume(directory: Path, cfg: DictConfig) -> Path:
             f"resume={directory} holds no checkpoint to continue from; start the run anew "
             "(unlearn.save_every=N writes one every N steps)"
         )
-    if meta.get("config_hash") != config_hash(cfg):
+    if meta.get("config_hash") not in config_hashes(cfg):
         raise ConfigError(
             f"resume={directory} was run with another config; resume it with its own command: "
             f"{meta.get('command')}"
@@ -513,18 +516,18 @@ def _check_resume(directory: Path, cfg: DictConfig) -> Path:
 def _unfinished_run(parent: Path, cfg: DictConfig) -> Path | None:
     """The newest run under `parent` with this config that stopped before completing and left a
     checkpoint: re-running a command continues it."""
-    from kuda_cli.run import config_hash, read_meta
+    from kuda_cli.run import config_hashes, read_meta
 
     if not parent.is_dir():
         return None
-    wanted = config_hash(cfg)
+    wanted = config_hashes(cfg)
     candidates = []
     for directory in parent.iterdir():
         meta = read_meta(directory) if directory.is_dir() else None
         if (
             meta
             and meta.get("status") != "completed"
-            and meta.get("config_hash") == wanted
+            and meta.get("config_hash") in wanted
             and _has_checkpoint(directory)
         ):
             candidates.append((meta.get("start_time") or "", directory))

@@ -64,13 +64,27 @@ def set_seed(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def config_hash(cfg: DictConfig) -> str:
+# groups a stage's results do not depend on: a trace is the same whatever the unlearning and
+# evaluation settings, so changing those (a new default, `make table-facts ARGS=unlearn.lr=..`)
+# does not make the trace sweep the tables share "a run of another config"
+UNUSED_BY_STAGE = {"trace": ("unlearn", "eval", "report", "tune")}
+
+
+def config_hash(cfg: DictConfig, *, whole: bool = False) -> str:
     """sha256 of the resolved job config, keys sorted: equal configs hash equal. `resume` and
-    Hydra's own node do not count: a resumed run has the config of the run it continues."""
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "resume")])
+    Hydra's own node do not count (a resumed run has the config of the run it continues), nor
+    the groups the stage does not use (`whole=True`: they do, as before 2026-12-01)."""
+    unused = () if whole else UNUSED_BY_STAGE.get(str(cfg.get("stage")), ())
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "resume", *unused)])
     resolved = OmegaConf.to_container(job, resolve=True)
     blob = json.dumps(resolved, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def config_hashes(cfg: DictConfig) -> frozenset[str]:
+    """The hashes a run of this config may carry in its meta.json: today's, and the whole-config
+    hash runs written before the stage-aware one carry."""
+    return frozenset({config_hash(cfg), config_hash(cfg, whole=True)})
 
 
 def git_state(where: Path) -> dict[str, Any]:
@@ -129,7 +143,7 @@ def completed_with(run_dir: Path, cfg: DictConfig) -> bool:
     """Whether `run_dir` holds a completed run of this very config (same config hash)."""
     meta = read_meta(run_dir)
     return bool(
-        meta and meta.get("status") == "completed" and meta.get("config_hash") == config_hash(cfg)
+        meta and meta.get("status") == "completed" and meta.get("config_hash") in config_hashes(cfg)
     )
 
 
