@@ -205,8 +205,11 @@ def test_a_trace_sweep_is_reused_whatever_the_unlearning_settings(tmp_path):
 
     def write_job(cfg, whole=False):
         (sweep / "0").mkdir(parents=True, exist_ok=True)
-        meta = {"stage": "trace", "status": "completed", "config_hash": ""}
-        meta["config_hash"] = config_hash(cfg, whole=whole)
+        meta = {
+            "stage": "trace",
+            "status": "completed",
+            "config_hash": config_hash(cfg, whole=whole),
+        }
         (sweep / "0" / "meta.json").write_text(json.dumps(meta))
 
     base = ["model=tiny-random", "data=facts", "locate.max_probes=2"]
