@@ -58,7 +58,7 @@ BASELINES ?= rmu_zephyr,npo,simnpo,ga
 # README "Reproduction targets"), report. The table: $(TABLES)/facts/report/report.md.
 FACTS_METHODS ?= ga,graddiff,npo,simnpo,rmu,kuda
 FACTS_COLUMNS := facts.forget.mc_acc facts.forget.gen_acc facts.retain.mc_acc \
-  facts.retain.agreement fluency.forget.nll fluency.forget.repetition perplexity.perplexity \
+  facts.retain.agreement facts.retain.token_agreement fluency.forget.nll fluency.forget.repetition perplexity.perplexity \
   diagnostics.krd.mean train.seconds
 comma := ,
 empty :=

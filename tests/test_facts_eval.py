@@ -23,6 +23,7 @@ from kuda_cli.evaluate.facts import (
 )
 from kuda_cli.evaluate.scoring import (
     continuation_logprobs,
+    continuation_top1,
     greedy_continuations,
     option_logprobs,
 )
@@ -115,6 +116,25 @@ def test_continuation_logprobs_equal_the_unbatched_definition(tiny, batch_size):
         assert n == len(cont) and total == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_top1_agreement_is_the_share_of_continuation_tokens_ranked_first(tiny, batch_size):
+    model, tokenizer = tiny
+    pairs = [("The capital of France is", " Paris"), ("Iron", " is Fe, a metal"), ("A", " b c")]
+    got = continuation_top1(model, tokenizer, pairs, batch_size=batch_size)
+    for (context, continuation), share in zip(pairs, got, strict=True):
+        ctx = tokenizer(context)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            top = model(input_ids=torch.tensor([ctx + cont])).logits[0].argmax(-1)
+        expected = sum(int(top[len(ctx) - 1 + j]) == t for j, t in enumerate(cont)) / len(cont)
+        assert share == pytest.approx(expected)
+    # the model's own greedy continuation is, token by token, its top-1 prediction (once it has
+    # learned text that survives decoding: a random byte-level model writes invalid UTF-8)
+    memorise(model, tokenizer, ["Iron is Fe, a metal"])
+    own = greedy_continuations(model, tokenizer, ["Iron"], max_new_tokens=5)[0]
+    assert own == " is F" and continuation_top1(model, tokenizer, [("Iron", own)]) == [1.0]
+
+
 def test_batched_greedy_generation_equals_one_by_one(tiny):
     model, tokenizer = tiny
     prompts = ["The capital of France is", "Iron", "A much longer prompt than the others here"]
@@ -173,6 +193,7 @@ def test_fluency_nll_is_the_judges_mean_token_nll(tiny):
 def test_agreement_with_a_reference_run(tiny, tmp_path):
     model, tokenizer = tiny
     probe_list = probes([PARIS, IRON])
+    memorise(model, tokenizer, [p.text + " " + p.fact.target + "." for p in probe_list])
     _, rows = evaluate_facts(model, tokenizer, {"retain": probe_list}, gen_max_new_tokens=4)
     (tmp_path / "facts_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     reference = read_reference_answers(tmp_path)
@@ -180,11 +201,15 @@ def test_agreement_with_a_reference_run(tiny, tmp_path):
         model, tokenizer, {"retain": probe_list}, gen_max_new_tokens=4, reference=reference
     )
     assert metrics["retain"]["agreement"] == 1.0
+    assert metrics["retain"]["token_agreement"] == 1.0
     changed = {**reference, probe_list[0].text: "something else entirely"}
     metrics, _ = evaluate_facts(
         model, tokenizer, {"retain": probe_list}, gen_max_new_tokens=4, reference=changed
     )
     assert metrics["retain"]["agreement"] == pytest.approx(3 / 4)
+    forced = continuation_top1(model, tokenizer, [(probe_list[0].text, "something else entirely")])
+    assert forced[0] < 1.0
+    assert metrics["retain"]["token_agreement"] == pytest.approx((3 + forced[0]) / 4)
     with pytest.raises(UserError, match="facts_answers.jsonl"):
         read_reference_answers(tmp_path / "nothing")
 

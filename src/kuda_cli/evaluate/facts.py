@@ -1,6 +1,12 @@
 """The built-in knowledge evaluation: 4-way multiple choice by log-likelihood of the answer text,
 greedy-completion accuracy, agreement of retain answers with a reference run, and the fluency of
-answers to forget prompts (a judge model's NLL of them, and their n-gram repetition)."""
+answers to forget prompts (a judge model's NLL of them, and their n-gram repetition).
+
+Agreement with a reference run (the starting model's answers) comes in two strengths:
+`agreement`, the share of prompts whose greedy first line is exactly the reference's (one
+changed token changes every later one), and `token_agreement`, the share of the reference
+first line's tokens that the model still ranks first when fed the reference's earlier tokens
+(teacher-forced, EasyEdit's locality), averaged over prompts."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from kuda_cli.data.facts import Probe
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.scoring import (
     continuation_logprobs,
+    continuation_top1,
     greedy_continuations,
     option_logprobs,
 )
@@ -31,6 +38,12 @@ def mc_correct(model, tokenizer, probes: list[Probe], *, batch_size: int = 16) -
 
 def first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
+
+
+def raw_first_line(text: str) -> str:
+    """The text up to its first line break, leading space kept: what the model generated after
+    the prompt, so that it tokenises as generated."""
+    return text.split("\n", 1)[0].rstrip()
 
 
 def normalise(text: str) -> str:
@@ -131,6 +144,15 @@ def evaluate_facts(
             known = [(p, a) for p, a in zip(probes, answers, strict=True) if p.text in reference]
             same = [first_line(a) == first_line(reference[p.text]) for p, a in known]
             metrics[split]["agreement"] = sum(same) / len(same) if same else None
+            forced = [
+                (p.text, raw_first_line(reference[p.text]))
+                for p, _ in known
+                if raw_first_line(reference[p.text]).strip()
+            ]
+            top1 = continuation_top1(
+                model, tokenizer, forced, batch_size=batch_size, desc=f"facts {split} top-1"
+            )
+            metrics[split]["token_agreement"] = sum(top1) / len(top1) if top1 else None
         rows += [
             {
                 "split": split,

@@ -141,6 +141,31 @@ def continuation_logprobs(
     the continuation without special tokens, then concatenated: the continuation's tokens are the
     same whatever the context, as in lm-eval's loglikelihood requests.
     """
+    scored = _score_continuations(model, tokenizer, pairs, batch_size=batch_size, desc=desc)
+    return [(total, n) for total, n, _ in scored]
+
+
+@torch.no_grad()
+def continuation_top1(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    *,
+    batch_size: int = 16,
+    desc: str = "top-1 agreement",
+) -> list[float]:
+    """Per (context, continuation): the share of the continuation's tokens that are the model's
+    most likely next token given the context and the continuation's earlier tokens (teacher
+    forcing, so one early change does not decide every later token; EasyEdit's locality).
+    Encoded as in `continuation_logprobs`."""
+    scored = _score_continuations(model, tokenizer, pairs, batch_size=batch_size, desc=desc)
+    return [hits / n for _, n, hits in scored]
+
+
+def _score_continuations(
+    model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int, desc: str
+) -> list[tuple[float, int, int]]:
+    """(summed log-probability, tokens, tokens that are the top-1 prediction) per pair."""
     device = _device(model)
     encoded = []
     for context, continuation in pairs:
@@ -150,7 +175,7 @@ def continuation_logprobs(
             raise ValueError(f"empty continuation after {context!r}")
         encoded.append((ctx, cont))
     pad = _pad_id(tokenizer)
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    results: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(pairs)
     batches = _batches([len(ctx) + len(cont) for ctx, cont in encoded], batch_size)
     with _eval_mode(model):
         for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
@@ -160,8 +185,9 @@ def continuation_logprobs(
     return results
 
 
-def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int]]:
-    """One right-padded forward pass; the summed log-probability of each continuation."""
+def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int, int]]:
+    """One right-padded forward pass; per continuation, its summed log-probability, its length
+    and how many of its tokens are the top-1 prediction."""
     seqs = [ctx + cont for ctx, cont in encoded]
     ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -173,8 +199,10 @@ def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int]]:
     scores = []
     for row, (ctx, cont) in enumerate(encoded):
         positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
-        total = logprobs[row, positions, torch.tensor(cont, device=device)].sum().item()
-        scores.append((total, len(cont)))
+        targets = torch.tensor(cont, device=device)
+        total = logprobs[row, positions, targets].sum().item()
+        hits = int((logprobs[row, positions].argmax(-1) == targets).sum())
+        scores.append((total, len(cont), hits))
     return scores
 
 

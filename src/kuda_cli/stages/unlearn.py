@@ -248,6 +248,7 @@ def summarise(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
             "retain_mc_before": lookup(before, "facts.retain.mc_acc"),
             "retain_mc_ratio": ratio("facts.retain.mc_acc"),
             "retain_agreement": lookup(after, "facts.retain.agreement"),
+            "retain_token_agreement": lookup(after, "facts.retain.token_agreement"),
             "perplexity_ratio": ratio("perplexity.perplexity"),
             "fluency_nll_ratio": ratio("fluency.forget.nll"),
         }.items()
