@@ -8,7 +8,7 @@ known, on the embedded model (the starting model as its own judge, as `eval=fact
   with small random perturbations of the `down_proj` weights of three layers, none of which
   teaches or removes anything.
 
-    python scripts/calibrate_facts.py [--layers 2 3 4] [--noise 0.01 0.03 0.05]
+    python scripts/calibrate_facts.py [--layers 2 3 4] [--noise 0 0.01 0.03 0.05]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kuda_cli.models.loading import load_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--noise", type=float, nargs="+", default=[0.01, 0.03, 0.05])
+    parser.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.05])
     args = parser.parse_args()
     cfg = compose(["stage=eval"])
     loaded = load_model(OmegaConf.to_object(cfg.model))
