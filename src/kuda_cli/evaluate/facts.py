@@ -144,11 +144,8 @@ def evaluate_facts(
             known = [(p, a) for p, a in zip(probes, answers, strict=True) if p.text in reference]
             same = [first_line(a) == first_line(reference[p.text]) for p, a in known]
             metrics[split]["agreement"] = sum(same) / len(same) if same else None
-            forced = [
-                (p.text, raw_first_line(reference[p.text]))
-                for p, _ in known
-                if raw_first_line(reference[p.text]).strip()
-            ]
+            lines = [(p.text, raw_first_line(reference[p.text])) for p, _ in known]
+            forced = [(prompt, line) for prompt, line in lines if line.strip()]
             top1 = continuation_top1(
                 model, tokenizer, forced, batch_size=batch_size, desc=f"facts {split} top-1"
             )
