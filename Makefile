@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 QUIET := 2> >(grep -v '^WARNING: Location' >&2)
 
 .PHONY: install test demo lint clean-outputs table-facts ablation-kuda table-wmdp table-muse tune \
-  tune-stage1 tune-stage2 bench-unlearn
+  tune-stage1 tune-stage2 bench-unlearn table-domains frontier
 
 install: $(VENV)/.installed
 
@@ -57,9 +57,11 @@ BASELINES ?= rmu_zephyr,npo,simnpo,ga
 # unlearn chemistry with every method (their defaults are tuned for this model and data,
 # README "Reproduction targets"), report. The table: $(TABLES)/facts/report/report.md.
 FACTS_METHODS ?= ga,graddiff,npo,simnpo,rmu,kuda
-FACTS_COLUMNS := facts.forget.mc_acc facts.forget.gen_acc facts.retain.mc_acc \
-  facts.retain.agreement facts.retain.token_agreement fluency.forget.nll fluency.forget.repetition perplexity.perplexity \
-  diagnostics.krd.mean train.seconds
+FACTS_COLUMNS := facts.forget.mc_acc facts.floor.mc_acc summary.forget_removed_mc \
+  facts.forget.gen_acc facts.floor.gen_acc summary.forget_removed_gen facts.retain.mc_acc \
+  facts.retain.other_subjects.token_agreement facts.retain.agreement facts.retain.token_agreement \
+  fluency.forget.nll_vs_fluent_wrong summary.fluency_entropy_ratio fluency.forget.repetition \
+  perplexity.perplexity diagnostics.krd.mean train.seconds
 comma := ,
 empty :=
 space := $(empty) $(empty)
@@ -70,6 +72,66 @@ table-facts: $(DEPS)
 	$(RUN) rm -rf $(TABLES)/facts/report
 	$(RUN) $(KUDA) report report.runs=[$(TABLES)/facts/runs] report.columns=[$(subst $(space),$(comma),$(strip $(FACTS_COLUMNS)))] \
 	  hydra.run.dir=$(TABLES)/facts/report
+
+# Every shipped domain forgotten in turn, the other three retained (docs/results_facts.md).
+# One trace per domain (3 noise samples, as the demo), shared by table-domains and frontier; the
+# starting model's evaluation (with the domain's never-learned floor) is cached per domain.
+# DOMAINS=chemistry,capitals picks some. Tables: $(TABLES)/domains/report/report.md and
+# $(TABLES)/frontier/report/{frontier.md,frontier_DOMAIN.png}.
+ALL_DOMAINS := chemistry capitals languages landmarks
+DOMAINS ?= $(subst $(space),$(comma),$(ALL_DOMAINS))
+DOMAIN_METHODS ?= kuda,rmu,npo
+DOMAIN_SAMPLES ?= 3
+DOMAIN_COLUMNS := facts.forget.mc_acc facts.floor.mc_acc facts.floor.chance facts.floor.surface \
+  summary.forget_removed_mc facts.forget.gen_acc facts.floor.gen_acc summary.forget_removed_gen \
+  facts.retain.other_subjects.mc_acc facts.retain.other_subjects.token_agreement \
+  facts.retain.same_subjects.mc_acc facts.retain.same_subjects.token_agreement \
+  summary.perplexity_ratio fluency.forget.nll_vs_fluent_wrong summary.fluency_entropy_ratio \
+  fluency.forget.repetition train.seconds
+domain_list = $(subst $(comma),$(space),$(DOMAINS))
+domain_args = 'data.forget_domains=[$(1)]' \
+  'data.retain_domains=[$(subst $(space),$(comma),$(filter-out $(1),$(ALL_DOMAINS)))]'
+define newline
+
+
+endef
+define trace_domain
+$(RUN) $(KUDA) trace -m locate.samples=$(DOMAIN_SAMPLES) $(call domain_args,$(1)) $(ARGS) \
+  hydra.sweep.dir=$(TABLES)/domains/$(1)/trace
+endef
+table-domains: $(DEPS)
+	$(foreach d,$(domain_list),$(call trace_domain,$(d))$(newline)$(RUN) $(KUDA) unlearn -m \
+	  unlearn=$(DOMAIN_METHODS) locate.from_run=$(TABLES)/domains/$(d)/trace/0 \
+	  $(call domain_args,$(d)) $(ARGS) hydra.sweep.dir=$(TABLES)/domains/$(d)/runs \
+	  $(SWEEP_OK)$(newline))
+	$(RUN) rm -rf $(TABLES)/domains/report
+	$(RUN) $(KUDA) report report.runs=[$(TABLES)/domains] \
+	  report.columns=[$(subst $(space),$(comma),$(strip $(DOMAIN_COLUMNS)))] \
+	  hydra.run.dir=$(TABLES)/domains/report
+
+# Trade-off curves: GA, NPO, RMU and KUDA each swept over its learning rate (from "nothing
+# forgotten" to "damaged") on each of DOMAINS. Forget removed against damage (perplexity ratio,
+# 1 - other-subject token agreement), one PNG per domain, and which method is lower at matched
+# forget-removed levels (0.5-0.9). The unlearned models skip the retain greedy answers (token
+# agreement needs only the starting model's).
+FRONTIER_METHODS ?= ga npo rmu kuda
+FRONTIER_LR_ga ?= 1e-5,2e-5,3e-5,6e-5
+FRONTIER_LR_npo ?= 3e-5,1e-4,3e-4,1e-3
+FRONTIER_LR_rmu ?= 3e-4,1e-3,3e-3,1e-2
+FRONTIER_LR_kuda ?= 1e-3,3e-3,1e-2,3e-2
+define frontier_domain
+$(call trace_domain,$(1))
+$(foreach m,$(FRONTIER_METHODS),$(RUN) $(KUDA) unlearn -m unlearn=$(m) \
+  unlearn.lr=$(FRONTIER_LR_$(m)) locate.from_run=$(TABLES)/domains/$(1)/trace/0 \
+  eval.facts.retain_greedy=false $(call domain_args,$(1)) $(ARGS) \
+  hydra.sweep.dir=$(TABLES)/frontier/$(1)/$(m) $(SWEEP_OK)$(newline))
+endef
+frontier: $(DEPS)
+	$(foreach d,$(domain_list),$(call frontier_domain,$(d))$(newline))
+	$(RUN) rm -rf $(TABLES)/frontier/report
+	$(RUN) $(KUDA) report report.runs=[$(TABLES)/frontier] report.frontier=true \
+	  report.columns=[$(subst $(space),$(comma),$(strip $(DOMAIN_COLUMNS)))] \
+	  hydra.run.dir=$(TABLES)/frontier/report
 
 # KUDA's ablations on the same trace, one multirun (conf/experiment/ablate_*.yaml): relaxed vs
 # hard vs no projection, the gradient projected instead of the update, fixed early and late

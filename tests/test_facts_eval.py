@@ -11,15 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kuda_cli.data.facts import Fact, load_facts, parse_fact, probes, split_facts
+from kuda_cli.data.facts import (
+    Fact,
+    load_facts,
+    parse_fact,
+    probes,
+    split_facts,
+    subject_key,
+    subject_subsets,
+)
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.facts import (
     answer_matches,
     evaluate_facts,
     fluency,
     mc_correct,
+    ngram_entropy,
     read_reference_answers,
     repetition_rate,
+    rotate_within_domain,
+    word_tokens,
 )
 from kuda_cli.evaluate.scoring import (
     continuation_logprobs,
@@ -277,3 +288,88 @@ def test_facts_metric_with_a_judge_directory_scores_like_the_model_itself(tmp_pa
     assert results[True]["judge"] == "self" and results[False]["judge"].endswith("judge")
     assert results[False]["nll"] == pytest.approx(results[True]["nll"], rel=1e-5)
     assert (tmp_path / "facts_answers.jsonl").is_file() and (tmp_path / "samples.jsonl").is_file()
+
+
+def test_ngram_entropy_equals_hand_computed_values():
+    # "a b a b": bigrams ab, ba, ab -> H2 = H(2/3, 1/3); trigrams aba, bab -> H3 = 1 bit
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    # four distinct words: 3 distinct bigrams, 2 distinct trigrams
+    assert ngram_entropy("a b c d") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("of the of the of the of the") < ngram_entropy("a b c d e f g h")
+    assert ngram_entropy("x x x x x") == 0.0
+    assert ngram_entropy("too short") is None  # no trigram
+    assert word_tokens("It's Paris, France.") == ["It's", "Paris", ",", "France", "."]
+
+
+def test_retain_facts_split_by_whether_their_subject_is_forgotten():
+    lang = Fact(
+        id="languages-001",
+        domain="languages",
+        subject="france",
+        target="French",
+        prompts=("In {}, people speak",),
+        distractors=("German",),
+        passage="",
+    )
+    tower = Fact(
+        id="landmarks-001",
+        domain="landmarks",
+        subject="the Eiffel Tower",
+        target="Paris",
+        prompts=("{} is in",),
+        distractors=("Rome",),
+        passage="",
+    )
+    # "France" and "france" are one subject; the landmark's city (Paris) is not a subject
+    subsets = subject_subsets([lang, tower, IRON], [PARIS])
+    assert subsets == {
+        "other_subjects": {"landmarks-001", "chemistry-001"},
+        "same_subjects": {"languages-001"},
+    }
+    assert subject_key("The  United Kingdom") == "united kingdom"
+
+
+def test_split_subsets_are_summarised_on_their_own(tiny):
+    model, tokenizer = tiny
+    memorise(model, tokenizer, [PARIS.prompt(0) + " Paris.", IRON.prompt(0) + " Fe."])
+    split = probes([PARIS, IRON], all_prompts=False)
+    metrics, _ = evaluate_facts(
+        model,
+        tokenizer,
+        {"retain": split},
+        gen_max_new_tokens=4,
+        subsets={"retain": {"other_subjects": {IRON.id}, "same_subjects": {PARIS.id}}},
+        no_answers=("retain",),
+    )
+    retain = metrics["retain"]
+    mc = mc_correct(model, tokenizer, split)
+    assert (
+        retain["other_subjects"]["mc_acc"] == float(mc[1])
+        and retain["other_subjects"]["n_facts"] == 1
+    )
+    assert retain["same_subjects"]["mc_acc"] == float(mc[0])
+    assert "gen_acc" not in retain and "agreement" not in retain  # no answers asked for
+
+
+def test_fluent_wrong_reference_is_another_facts_answer_scored_by_the_judge(tiny):
+    model, tokenizer = tiny
+    facts = [
+        Fact(**{**PARIS.__dict__, "id": f"capitals-{i}", "subject": s})
+        for i, s in enumerate(["France", "Spain", "Peru"])
+    ]
+    chosen = probes([*facts, IRON], all_prompts=False)
+    answers = [" Paris is big.", " Madrid is hot.", " Lima is far.", " Fe is iron."]
+    wrong = rotate_within_domain(chosen, answers)
+    assert wrong == [" Madrid is hot.", " Lima is far.", " Paris is big.", None]  # iron: alone
+    prompts = [p.text for p in chosen]
+    result = fluency(model, tokenizer, prompts, answers, fluent_wrong=wrong)
+    own = continuation_logprobs(model, tokenizer, list(zip(prompts[:3], answers[:3], strict=True)))
+    other = continuation_logprobs(model, tokenizer, list(zip(prompts[:3], wrong[:3], strict=True)))
+    expected_wrong = -sum(t for t, _ in other) / sum(n for _, n in other)
+    expected_own = -sum(t for t, _ in own) / sum(n for _, n in own)
+    assert result["nll_fluent_wrong"] == pytest.approx(expected_wrong)
+    assert result["nll_vs_fluent_wrong"] == pytest.approx(expected_own / expected_wrong)
+    # the reference's own answers, scored in place of the answers, give exactly 1
+    same = fluency(model, tokenizer, prompts, wrong[:3] + [""], fluent_wrong=wrong)
+    assert same["nll_vs_fluent_wrong"] == pytest.approx(1.0)

@@ -138,3 +138,70 @@ def test_columns_narrow_markdown_but_not_csv(tmp_path):
     header = (tmp_path / "report.md").read_text().splitlines()[0]
     assert header == "| run | method | diagnostics.krd.mean | facts.forget.mc_acc |"
     assert "train.seconds" in (tmp_path / "report.csv").read_text()
+
+
+def test_each_forget_set_has_its_own_starting_row_and_old_runs_still_load(tmp_path):
+    """Runs on different forget domains are different data; a metrics.json written before the
+    floors and subject split existed loads with those figures blank."""
+    from kuda_cli.stages.report import data_label, write_tables
+
+    for i, domain in enumerate(["chemistry", "capitals"]):
+        run_dir = tmp_path / "sweep" / str(i)
+        make_run(run_dir, "completed", {"before": {"facts": {"forget": {"mc_acc": 1.0}}}})
+        config = {
+            "model": {"name": "tiny"},
+            "data": {"name": "facts", "forget_domains": [domain]},
+            "unlearn": {"method": "kuda", "lr": 1e-3},
+        }
+        (run_dir / "config.yaml").write_text(json.dumps(config))
+    rows = collect_rows(find_runs([str(tmp_path / "sweep")], exclude=tmp_path / "x"), None)
+    assert [(r["method"], r["data"]) for r in rows] == [
+        ("starting model", "facts:chemistry"),
+        ("starting model", "facts:capitals"),
+        ("kuda", "facts:chemistry"),
+        ("kuda", "facts:capitals"),
+    ]
+    assert data_label({"name": "wmdp_bio"}) == "wmdp_bio"
+    write_tables(rows, tmp_path, ["summary.forget_removed", "facts.forget.mc_acc"])
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[0].endswith("| facts.forget.mc_acc |")  # the missing figure is no column
+    write_tables(rows, tmp_path)
+    assert "facts.floor" not in (tmp_path / "report.md").read_text()
+
+
+def test_report_frontier_plots_and_compares_the_methods_curves(kuda, tmp_path):
+    def run(i, method, lr, removed, ppl, agreement):
+        run_dir = tmp_path / "runs" / f"{method}{i}"
+        summary = {
+            "forget_removed": removed,
+            "perplexity_ratio": ppl,
+            "retain_other_token_agreement": agreement,
+        }
+        make_run(run_dir, "completed", {"summary": summary})
+        config = {
+            "model": {"name": "tiny"},
+            "data": {"name": "facts", "forget_domains": ["capitals"]},
+            "unlearn": {"method": method, "lr": lr},
+        }
+        (run_dir / "config.yaml").write_text(json.dumps(config))
+
+    # KUDA's curve is RMU's with half the damage: KUDA lower everywhere both cover
+    for i, (removed, ppl, agreement) in enumerate(
+        [(0.2, 1.1, 0.98), (0.6, 1.4, 0.9), (1.0, 3.0, 0.7)]
+    ):
+        run(i, "rmu", 10.0**-i, removed, ppl, agreement)
+        run(i, "kuda", 10.0**-i, removed, 1 + (ppl - 1) / 2, 1 - (1 - agreement) / 2)
+    done = kuda(
+        "report", f"report.runs=[{tmp_path / 'runs'}]", "report.frontier=true", "hydra.run.dir=rep"
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "rep"
+    assert (out / "frontier_capitals.png").stat().st_size > 10_000
+    found = read_json(out / "frontier.json")["facts:capitals"]
+    for panel in ("perplexity ratio", "1 - other-subject token agreement"):
+        (row,) = found[panel]
+        assert {row["a"], row["b"]} == {"RMU", "KUDA"} and row["lower"] == "KUDA"
+        assert row["shared"] == [0.5, 0.9]
+    assert "| KUDA | 0.1 | 0.600 |" in (out / "frontier.md").read_text()
+    bad = kuda("report", "report.frontier_range=[0.9,0.5]")
+    assert bad.returncode == 2 and "report.frontier_range" in bad.stderr

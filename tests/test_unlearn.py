@@ -245,3 +245,48 @@ def test_resumed_run_reuses_its_own_trace(kuda, tmp_path, monkeypatch):
     done = kuda("unlearn", *args, check=True)
     assert "the layers this run traced before" in done.stdout + done.stderr
     assert read_json(tmp_path / "run" / "metrics.json")["locate"]["layers"] == layers
+
+
+def test_summary_measures_forgetting_against_the_floor_and_carries_every_task():
+    from kuda_cli.stages.unlearn import summarise
+
+    before = {
+        "facts": {
+            "forget": {"mc_acc": 1.0, "gen_acc": 0.8},
+            "floor": {"mc_acc": 0.6, "gen_acc": 0.0, "chance": 0.25, "surface": 0.5},
+            "retain": {"other_subjects": {"mc_acc": 1.0}, "same_subjects": {"mc_acc": 0.9}},
+        },
+        "fluency": {"forget": {"entropy": 5.0, "repetition": 0.3}},
+        "lm_eval": {"wmdp_bio": {"acc": 0.6}, "mmlu": {"acc": 0.5}},
+        "muse": {"verbmem_f": {"rougeL_f1": 0.7}, "privleak": {"auc": 0.8, "privleak": 10.0}},
+    }
+    after = {
+        "facts": {
+            "forget": {"mc_acc": 0.8, "gen_acc": 0.0},
+            "retain": {
+                "other_subjects": {"mc_acc": 0.95, "token_agreement": 0.9},
+                "same_subjects": {"mc_acc": 0.5, "token_agreement": 0.6},
+            },
+        },
+        "fluency": {"forget": {"entropy": 4.0, "nll_vs_fluent_wrong": 1.2, "repetition": 0.5}},
+        "lm_eval": {"wmdp_bio": {"acc": 0.3}, "mmlu": {"acc": 0.45}, "mmlu_virology": {"acc": 0.4}},
+        "muse": {"verbmem_f": {"rougeL_f1": 0.1}, "privleak": {"auc": 0.5, "privleak": -5.0}},
+    }
+    s = summarise(before, after, tasks=["wmdp_bio", "mmlu"])
+    # MC: (1.0 - 0.8) / (1.0 - 0.6) = 0.5; greedy: (0.8 - 0) / (0.8 - 0) = 1.0
+    assert s["forget_removed_mc"] == pytest.approx(0.5)
+    assert s["forget_removed_gen"] == pytest.approx(1.0)
+    assert s["forget_removed"] == pytest.approx(0.75)
+    assert (s["floor_mc"], s["chance"], s["surface_floor"]) == (0.6, 0.25, 0.5)
+    assert s["retain_other_token_agreement"] == 0.9 and s["retain_same_mc"] == 0.5
+    assert s["fluency_entropy_ratio"] == pytest.approx(0.8)
+    assert s["fluency_nll_vs_fluent_wrong"] == 1.2
+    assert (s["wmdp_bio_acc"], s["wmdp_bio_acc_before"], s["mmlu_acc"]) == (0.3, 0.6, 0.45)
+    assert "mmlu_virology_acc" not in s  # only the tasks asked for
+    assert (s["verbmem_f_rougeL_f1"], s["verbmem_f_rougeL_f1_before"]) == (0.1, 0.7)
+    assert (s["privleak_auc"], s["privleak"]) == (0.5, -5.0)
+    # forgetting below the floor counts as all removed; a floor at the start removes nothing
+    below = summarise(before, {"facts": {"forget": {"mc_acc": 0.3, "gen_acc": 0.8}}})
+    assert below["forget_removed_mc"] == 1.0 and below["forget_removed_gen"] == 0.0
+    no_floor = {"facts": {"forget": {"mc_acc": 1.0}, "floor": {"mc_acc": 1.0}}}
+    assert "forget_removed_mc" not in summarise(no_floor, after)

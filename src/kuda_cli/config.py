@@ -102,6 +102,10 @@ class FactsData:
     name: str = "facts"
     kind: str = choice("facts", "facts")
     path: str | None = None  # a JSONL file of facts replacing the built-in set
+    # fictitious facts in the same schema (same domains, templates and options) whose scores on
+    # the starting model are each domain's never-learned floor; null: the built-in set's (only
+    # with the built-in facts)
+    floor_path: str | None = None
     forget_domains: list[str] = listed("chemistry")
     retain_domains: list[str] = listed("capitals", "languages", "landmarks")
 
@@ -263,11 +267,18 @@ class FactsEvalConfig:
 
     all_prompts: bool = True  # every paraphrase of every fact, or only the first
     gen_max_new_tokens: int = bounded(16, ge=1)  # greedy answers scored for gen_acc
-    fluency_max_new_tokens: int = bounded(32, ge=1)  # answers to forget prompts, for fluency
+    # continuations of forget prompts, for fluency (n-gram entropy needs about 100 tokens)
+    fluency_max_new_tokens: int = bounded(100, ge=1)
     batch_size: int = bounded(32, ge=1)
     samples: int = bounded(5, ge=0)  # sample generations per split written to samples.jsonl
     reference: str | None = None  # run dir (or its facts_answers.jsonl): retain agreement
     judge: str | None = None  # model directory scoring fluency; null: the evaluated model
+    # score the fictitious facts of the forget domains (the never-learned floor); kuda unlearn
+    # scores them on the starting model only
+    floors: bool = True
+    # greedy answers to retain prompts (gen_acc, exact-line agreement); false skips them in
+    # sweeps (token agreement needs only the reference's answers); the starting model always
+    retain_greedy: bool = True
 
 
 @dataclass
@@ -319,6 +330,10 @@ class ReportConfig:
     # metrics shown in report.md and report.tex, in order (dotted keys or prefixes, e.g.
     # facts.forget.mc_acc or diagnostics.krd.mean); null: all. report.csv keeps every metric.
     columns: list[str] | None = None
+    # also the trade-off curves of the unlearn runs, per forget set: forget removed against
+    # damage, one PNG per forget set, and which method is lower at matched forget levels
+    frontier: bool = False
+    frontier_range: list[float] = listed(0.5, 0.9)  # forget-removed levels compared
 
 
 @dataclass

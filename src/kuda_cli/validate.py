@@ -28,6 +28,16 @@ def validate(cfg: DictConfig) -> None:
     _check_from_run(cfg.locate)
     _check_requires(cfg)
     _check_tune(cfg)
+    _check_frontier_range(cfg.report)
+
+
+def _check_frontier_range(report: DictConfig) -> None:
+    levels = list(report.frontier_range)
+    if len(levels) != 2 or not 0 <= levels[0] < levels[1] <= 1:
+        raise ConfigError(
+            f"report.frontier_range={levels} is not a range of forget-removed levels; pass two "
+            "numbers 0 <= lo < hi <= 1, e.g. report.frontier_range=[0.5,0.9]"
+        )
 
 
 def known_depth(model_cfg: DictConfig) -> int | None:
@@ -166,7 +176,7 @@ def _check_text_source(eval_cfg: DictConfig) -> None:
 # Local files named by options that are read by a metric or by the data group: checked before the
 # run starts, so a typo costs no model load.
 LOCAL_PATHS = {
-    "facts": ("eval.facts.reference", "eval.facts.judge", "data.path"),
+    "facts": ("eval.facts.reference", "eval.facts.judge", "data.path", "data.floor_path"),
     "lm_eval": (
         "eval.wmdp.bio_path",
         "eval.wmdp.cyber_path",

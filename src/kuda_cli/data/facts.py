@@ -110,6 +110,21 @@ def split_facts(
     return forget, retain
 
 
+def subject_key(subject: str) -> str:
+    """A subject as compared across facts: lower case, a leading "the " dropped."""
+    key = " ".join(subject.lower().split())
+    return key[4:] if key.startswith("the ") else key
+
+
+def subject_subsets(retain: list[Fact], forget: list[Fact]) -> dict[str, set[str]]:
+    """The ids of the retain facts whose subject no forget fact has (`other_subjects`: locality)
+    and of those about a forgotten subject (`same_subjects`: specificity, e.g. the language of a
+    country whose capital is forgotten)."""
+    forgotten = {subject_key(f.subject) for f in forget}
+    same = {f.id for f in retain if subject_key(f.subject) in forgotten}
+    return {"other_subjects": {f.id for f in retain} - same, "same_subjects": same}
+
+
 def probes(facts: list[Fact], all_prompts: bool = True) -> list[Probe]:
     return [
         Probe(fact, i) for fact in facts for i in range(len(fact.prompts) if all_prompts else 1)

@@ -1,18 +1,30 @@
 """The built-in knowledge evaluation: 4-way multiple choice by log-likelihood of the answer text,
 greedy-completion accuracy, agreement of retain answers with a reference run, and the fluency of
-answers to forget prompts (a judge model's NLL of them, and their n-gram repetition).
+answers to forget prompts.
 
 Agreement with a reference run (the starting model's answers) comes in two strengths:
 `agreement`, the share of prompts whose greedy first line is exactly the reference's (one
 changed token changes every later one), and `token_agreement`, the share of the reference
 first line's tokens that the model still ranks first when fed the reference's earlier tokens
-(teacher-forced, EasyEdit's locality), averaged over prompts."""
+(teacher-forced, EasyEdit's locality), averaged over prompts. Each split can be summarised on
+named subsets of its facts too (the retain split on other and same subjects).
+
+Fluency of long greedy continuations of forget prompts, in three figures:
+- `entropy`: ROME/MEMIT's generation entropy, the mean of 2/3 x the 2-gram and 4/3 x the
+  3-gram entropy (bits) over word tokens, averaged over texts: loops score low;
+- `repetition`: the share of word trigrams that repeat an earlier one;
+- `nll_vs_fluent_wrong`: a judge model's mean token NLL of the answers over its NLL of a fluent
+  wrong reference (the reference model's answers to other facts' prompts of the same domain, put
+  in place of the answers): <= 1 reads as naturally as a fluent wrong answer, gibberish and
+  shuffled words score far above."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +38,7 @@ from kuda_cli.evaluate.scoring import (
 )
 
 ANSWERS_FILE = "facts_answers.jsonl"
+FLUENCY_FILE = "fluency_answers.jsonl"
 
 
 def mc_correct(model, tokenizer, probes: list[Probe], *, batch_size: int = 16) -> list[bool]:
@@ -62,20 +75,101 @@ def repetition_rate(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def fluency(judge, tokenizer, prompts: list[str], generations: list[str], *, batch_size: int = 16):
-    """Mean token NLL of the generations under the judge model (given their prompts), and their
-    mean trigram repetition rate. Empty generations are skipped for the NLL."""
-    pairs = [(p, g) for p, g in zip(prompts, generations, strict=True) if g.strip()]
-    scored = continuation_logprobs(judge, tokenizer, pairs, batch_size=batch_size, desc="fluency")
-    tokens = sum(n for _, n in scored)
-    nll = -sum(total for total, _ in scored) / tokens if tokens else None
+def word_tokens(text: str) -> list[str]:
+    """Words and punctuation marks, as NLTK's word tokenizer splits English (close enough for
+    n-gram statistics; kuda does not depend on NLTK)."""
+    return re.findall(r"\w+(?:'\w+)?|[^\w\s]", text)
+
+
+def ngram_entropy(
+    text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
+) -> float | None:
+    """ROME's generation entropy of one text: the arithmetic mean over n of weight_n x the
+    entropy (bits) of its word n-gram frequencies; None for a text with no n-gram at all."""
+    tokens = word_tokens(text)
+    parts = []
+    for n, weight in zip(ns, weights, strict=True):
+        counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+        total = sum(counts.values())
+        if not total:
+            return None
+        parts.append(weight * -sum(c / total * math.log2(c / total) for c in counts.values()))
+    return sum(parts) / len(parts)
+
+
+def judge_nll(judge, tokenizer, prompts, generations, *, batch_size: int = 16):
+    """Per generation, (summed log-probability, tokens) under the judge given its prompt; None
+    for an empty one."""
+    keep = [i for i, g in enumerate(generations) if g and g.strip()]
+    scored = continuation_logprobs(
+        judge,
+        tokenizer,
+        [(prompts[i], generations[i]) for i in keep],
+        batch_size=batch_size,
+        desc="fluency",
+    )
+    out: list[tuple[float, int] | None] = [None] * len(generations)
+    for i, score in zip(keep, scored, strict=True):
+        out[i] = score
+    return out
+
+
+def _mean_nll(scores, indices) -> float | None:
+    picked = [scores[i] for i in indices if scores[i] is not None]
+    tokens = sum(n for _, n in picked)
+    return -sum(total for total, _ in picked) / tokens if tokens else None
+
+
+def fluency(
+    judge,
+    tokenizer,
+    prompts: list[str],
+    generations: list[str],
+    *,
+    batch_size: int = 16,
+    fluent_wrong: list[str | None] | None = None,
+):
+    """Mean token NLL of the generations under the judge model (given their prompts), their mean
+    trigram repetition rate and n-gram entropy; with `fluent_wrong` answers (one per prompt, None
+    to skip), the judge's NLL of those on the same prompts and the ratio of the two (over the
+    prompts both have). Empty generations are skipped for the NLL."""
     reps = [repetition_rate(g) for g in generations]
-    return {
-        "nll": nll,
+    entropies = [e for e in map(ngram_entropy, generations) if e is not None]
+    own = judge_nll(judge, tokenizer, prompts, generations, batch_size=batch_size)
+    out = {
+        "nll": _mean_nll(own, range(len(own))),
         "repetition": sum(reps) / len(reps) if reps else None,
-        "empty": len(generations) - len(pairs),
+        "entropy": sum(entropies) / len(entropies) if entropies else None,
+        "empty": sum(score is None for score in own),
         "n": len(generations),
     }
+    if fluent_wrong is not None:
+        wrong = judge_nll(
+            judge, tokenizer, prompts, [w or "" for w in fluent_wrong], batch_size=batch_size
+        )
+        both = [i for i in range(len(own)) if own[i] is not None and wrong[i] is not None]
+        mine, theirs = _mean_nll(own, both), _mean_nll(wrong, both)
+        out["nll_fluent_wrong"] = theirs
+        out["nll_vs_fluent_wrong"] = mine / theirs if mine is not None and theirs else None
+    return out
+
+
+def rotate_within_domain(probes: list[Probe], answers: list[str], shift: int = 1):
+    """For each probe, the answer given to the probe `shift` places later among the probes of
+    the same domain (cyclically): a fluent answer to another fact. None where a domain has one
+    probe only."""
+    by_domain: dict[str, list[int]] = {}
+    for i, p in enumerate(probes):
+        by_domain.setdefault(p.fact.domain, []).append(i)
+    out: list[str | None] = [None] * len(probes)
+    for members in by_domain.values():
+        if len(members) < 2:
+            continue
+        for k, i in enumerate(members):
+            j = members[(k + shift) % len(members)]
+            if j != i:
+                out[i] = answers[j]
+    return out
 
 
 def read_reference_answers(path: str | Path) -> dict[str, str]:
@@ -89,28 +183,51 @@ def read_reference_answers(path: str | Path) -> dict[str, str]:
             "facts evaluation (or the file itself)"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["prompt"]: row["answer"] for row in rows if row.get("answer") is not None}
+
+
+def read_reference_fluency(path: str | Path) -> dict[str, str] | None:
+    """The fluency answers (prompt -> long greedy continuation) of the reference run, or None
+    where it kept none (runs made before they were written)."""
+    path = Path(path).expanduser()
+    found = (path if path.is_dir() else path.parent) / FLUENCY_FILE
+    if not found.is_file():
+        return None
+    rows = [json.loads(line) for line in found.read_text().splitlines() if line.strip()]
     return {row["prompt"]: row["answer"] for row in rows}
 
 
-def _summary(probes: list[Probe], mc: list[bool], gen: list[bool]) -> dict[str, Any]:
-    def rate(values: Iterable[bool]) -> float | None:
-        values = list(values)
-        return sum(values) / len(values) if values else None
+def _rate(values: Iterable[bool | float | None]) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
+
+def _summary(
+    probes: list[Probe],
+    mc: list[bool],
+    gen: list[bool | None],
+    top1: list[float | None] | None,
+    same: list[bool | None] | None,
+) -> dict[str, Any]:
     domains = sorted({p.fact.domain for p in probes})
-    return {
-        "mc_acc": rate(mc),
-        "gen_acc": rate(gen),
+    out = {
+        "mc_acc": _rate(mc),
+        "gen_acc": _rate(gen),
         "n_prompts": len(probes),
         "n_facts": len({p.fact.id for p in probes}),
         "domains": {
             d: {
-                "mc_acc": rate(c for p, c in zip(probes, mc, strict=True) if p.fact.domain == d),
-                "gen_acc": rate(c for p, c in zip(probes, gen, strict=True) if p.fact.domain == d),
+                "mc_acc": _rate(c for p, c in zip(probes, mc, strict=True) if p.fact.domain == d),
+                "gen_acc": _rate(g for p, g in zip(probes, gen, strict=True) if p.fact.domain == d),
             }
             for d in domains
         },
     }
+    if same is not None:
+        out["agreement"] = _rate(same)
+    if top1 is not None:
+        out["token_agreement"] = _rate(top1)
+    return {k: v for k, v in out.items() if k != "gen_acc" or v is not None}
 
 
 def evaluate_facts(
@@ -121,35 +238,72 @@ def evaluate_facts(
     gen_max_new_tokens: int = 16,
     batch_size: int = 16,
     reference: dict[str, str] | None = None,
+    subsets: dict[str, dict[str, set[str]]] | None = None,
+    no_answers: Iterable[str] = (),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics per split (e.g. forget, retain), and one answer row per probe."""
+    """Metrics per split (e.g. forget, retain), and one answer row per probe. `subsets` names,
+    per split, sets of fact ids summarised on their own as well (under the split's metrics);
+    splits in `no_answers` skip the greedy answers (no gen_acc, no exact-line agreement: token
+    agreement needs only the reference's)."""
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for split, probes in splits.items():
         if not probes:
             continue
         mc = mc_correct(model, tokenizer, probes, batch_size=batch_size)
-        answers = greedy_continuations(
-            model,
-            tokenizer,
-            [p.text for p in probes],
-            max_new_tokens=gen_max_new_tokens,
-            batch_size=batch_size,
-            desc=f"facts {split} answers",
-            stop_strings=["\n"],  # only the first line is scored
-        )
-        gen = [answer_matches(a, p.fact.target) for a, p in zip(answers, probes, strict=True)]
-        metrics[split] = _summary(probes, mc, gen)
-        if reference is not None:
-            known = [(p, a) for p, a in zip(probes, answers, strict=True) if p.text in reference]
-            same = [first_line(a) == first_line(reference[p.text]) for p, a in known]
-            metrics[split]["agreement"] = sum(same) / len(same) if same else None
-            lines = [(p.text, raw_first_line(reference[p.text])) for p, _ in known]
-            forced = [(prompt, line) for prompt, line in lines if line.strip()]
-            top1 = continuation_top1(
-                model, tokenizer, forced, batch_size=batch_size, desc=f"facts {split} top-1"
+        answers: list[str | None] = [None] * len(probes)
+        if split not in no_answers:
+            answers = greedy_continuations(
+                model,
+                tokenizer,
+                [p.text for p in probes],
+                max_new_tokens=gen_max_new_tokens,
+                batch_size=batch_size,
+                desc=f"facts {split} answers",
+                stop_strings=["\n"],  # only the first line is scored
             )
-            metrics[split]["token_agreement"] = sum(top1) / len(top1) if top1 else None
+        gen = [
+            None if a is None else answer_matches(a, p.fact.target)
+            for a, p in zip(answers, probes, strict=True)
+        ]
+        same: list[bool | None] | None = None
+        top1: list[float | None] | None = None
+        if reference is not None:
+            same = [
+                None
+                if a is None or p.text not in reference
+                else first_line(a) == first_line(reference[p.text])
+                for p, a in zip(probes, answers, strict=True)
+            ]
+            if split in no_answers:
+                same = None
+            forced = [
+                i
+                for i, p in enumerate(probes)
+                if p.text in reference and raw_first_line(reference[p.text]).strip()
+            ]
+            shares = continuation_top1(
+                model,
+                tokenizer,
+                [(probes[i].text, raw_first_line(reference[probes[i].text])) for i in forced],
+                batch_size=batch_size,
+                desc=f"facts {split} top-1",
+            )
+            top1 = [None] * len(probes)
+            for i, share in zip(forced, shares, strict=True):
+                top1[i] = share
+        metrics[split] = _summary(probes, mc, gen, top1, same)
+        for name, ids in ((subsets or {}).get(split) or {}).items():
+            pick = [i for i, p in enumerate(probes) if p.fact.id in ids]
+            if pick:
+                metrics[split][name] = _summary(
+                    [probes[i] for i in pick],
+                    [mc[i] for i in pick],
+                    [gen[i] for i in pick],
+                    None if top1 is None else [top1[i] for i in pick],
+                    None if same is None else [same[i] for i in pick],
+                )
+                metrics[split][name].pop("domains")
         rows += [
             {
                 "split": split,

@@ -1,23 +1,32 @@
-"""`eval.metrics: [facts]`: the knowledge evaluation on the data's forget and retain domains,
-with the fluency of forget answers; writes facts_answers.jsonl and samples.jsonl."""
+"""`eval.metrics: [facts]`: the knowledge evaluation on the data's forget and retain domains
+(the retain domains also split into facts about other subjects and about forgotten ones), the
+never-learned floor of the forget domains, and the fluency of long answers to forget prompts;
+writes facts_answers.jsonl, fluency_answers.jsonl and samples.jsonl."""
 
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kuda_cli.config import ModelConfig
-from kuda_cli.data.facts import load_facts, probes, split_facts
+from kuda_cli.data.facts import load_facts, probes, split_facts, subject_subsets
 from kuda_cli.evaluate import EvalContext, register_metric
 from kuda_cli.evaluate.facts import (
     ANSWERS_FILE,
+    FLUENCY_FILE,
     evaluate_facts,
     fluency,
     read_reference_answers,
+    read_reference_fluency,
+    rotate_within_domain,
 )
+from kuda_cli.evaluate.floors import builtin_floor_path, chance, surface_floor
 from kuda_cli.evaluate.scoring import greedy_continuations
+
+log = logging.getLogger(__name__)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -49,6 +58,53 @@ def _load_judge(ctx: EvalContext):
     return judge.model, judge.tokenizer, ctx.eval.facts.judge
 
 
+def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any] | None:
+    """The never-learned floor of the forget domains: the evaluated model's MC and greedy
+    accuracy on the matched fictitious facts, with chance and the string scorer's floor beside
+    (on the real facts and on the fictitious ones)."""
+    if ctx.data.floor_path:
+        path = ctx.data.floor_path
+    elif ctx.data.path:
+        log.info("no floors: data.path replaces the built-in facts; set data.floor_path")
+        return None
+    else:
+        path = builtin_floor_path()
+    domains = sorted({f.domain for f in forget})
+    invented = [f for f in load_facts(path) if f.domain in domains]
+    if not invented:
+        log.info("no floors: %s has no fictitious facts of %s", path, ", ".join(domains))
+        return None
+    cfg = ctx.eval.facts
+    found, _ = evaluate_facts(
+        ctx.loaded.model,
+        ctx.loaded.tokenizer,
+        {"floor": probes(invented, all_prompts)},
+        gen_max_new_tokens=cfg.gen_max_new_tokens,
+        batch_size=cfg.batch_size,
+    )
+    floor = found["floor"]
+    floor["chance"] = chance(forget)
+    floor["surface"] = surface_floor(forget)
+    floor["surface_fictitious"] = surface_floor(invented)
+    for d, values in floor["domains"].items():
+        real = [f for f in forget if f.domain == d]
+        values.update(
+            chance=chance(real),
+            surface=surface_floor(real),
+            surface_fictitious=surface_floor([f for f in invented if f.domain == d]),
+        )
+    return floor
+
+
+def _fluent_wrong(cfg, chosen, answers) -> tuple[list[str | None], str]:
+    """Fluent wrong answers for the fluency reference: the reference run's own answers to other
+    facts' prompts of the same domain, or the evaluated model's where no reference has them."""
+    given = read_reference_fluency(cfg.reference) if cfg.reference else None
+    if given is not None and all(p.text in given for p in chosen):
+        return rotate_within_domain(chosen, [given[p.text] for p in chosen]), "reference"
+    return rotate_within_domain(chosen, answers), "self"
+
+
 @register_metric("facts")
 def facts_metric(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.eval.facts
@@ -64,8 +120,15 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         gen_max_new_tokens=cfg.gen_max_new_tokens,
         batch_size=cfg.batch_size,
         reference=reference,
+        subsets={"retain": subject_subsets(retain, forget)},
+        no_answers=() if cfg.retain_greedy else ("retain",),
     )
-    prompts = [p.text for p in probes(forget, all_prompts=False)]
+    if cfg.floors and forget:
+        floor = _floors(ctx, forget, cfg.all_prompts)
+        if floor is not None:
+            metrics["floor"] = floor
+    chosen = probes(forget, all_prompts=False)
+    prompts = [p.text for p in chosen]
     answers = greedy_continuations(
         model,
         tokenizer,
@@ -74,11 +137,31 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         batch_size=cfg.batch_size,
         desc="fluency answers",
     )
+    wrong, wrong_source = _fluent_wrong(cfg, chosen, answers)
     with _judge(ctx) as (judge, judge_tokenizer, judge_name):
-        scores = fluency(judge, judge_tokenizer, prompts, answers, batch_size=cfg.batch_size)
-    flu = {**scores, "judge": judge_name, "max_new_tokens": cfg.fluency_max_new_tokens}
+        scores = fluency(
+            judge,
+            judge_tokenizer,
+            prompts,
+            answers,
+            batch_size=cfg.batch_size,
+            fluent_wrong=wrong,
+        )
+    flu = {
+        **scores,
+        "judge": judge_name,
+        "fluent_wrong": wrong_source,
+        "max_new_tokens": cfg.fluency_max_new_tokens,
+    }
     if ctx.out_dir is not None:
         write_jsonl(ctx.out_dir / ANSWERS_FILE, rows)
+        write_jsonl(
+            ctx.out_dir / FLUENCY_FILE,
+            [
+                {"fact": p.fact.id, "domain": p.fact.domain, "prompt": p.text, "answer": a}
+                for p, a in zip(chosen, answers, strict=True)
+            ],
+        )
         retain_rows = [r for r in rows if r["split"] == "retain"][: cfg.samples]
         samples = [
             {"split": "forget", "prompt": p, "answer": a}

@@ -11,6 +11,7 @@ import csv
 import glob
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import yaml
 from omegaconf import DictConfig
 
 from kuda_cli.errors import UserError
-from kuda_cli.run import Run, read_meta
+from kuda_cli.evaluate.tradeoff import Point, compare, markdown_table, plot_frontier, points_table
+from kuda_cli.run import Run, read_meta, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +145,23 @@ def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[s
             "method": unlearn.get("method") if is_unlearn else None,
             "settings": settings(unlearn) if is_unlearn else None,
             "layers": _layers(metrics) if is_unlearn else None,
-            "data": (config.get("data") or {}).get("name"),
+            "data": data_label(config.get("data") or {}),
             **_flat(metrics, metric_prefix),
         }
         rows.append(row)
         if is_unlearn and before:
             started.append((row, before))
     return starting_rows(started, metric_prefix) + rows
+
+
+def data_label(data: dict[str, Any]) -> str | None:
+    """The data of a run as a table names it: `facts:capitals` for the facts set with capitals
+    forgotten (each forget set has its own starting-model row), else the data option's name."""
+    name = data.get("name")
+    forget = data.get("forget_domains")
+    if isinstance(forget, list) and forget:
+        return f"{name}:{'+'.join(str(d) for d in forget)}"
+    return name
 
 
 def _config(run_dir: Path) -> dict[str, Any]:
@@ -216,6 +228,51 @@ def _tex(text: str) -> str:
     return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
 
 
+METHOD_NAMES = {"ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}
+# the damage figures of the trade-off curves: (panel title, row key, transform)
+DAMAGE = (
+    ("perplexity ratio", "summary.perplexity_ratio", lambda v: v),
+    ("1 - other-subject token agreement", "summary.retain_other_token_agreement", lambda v: 1 - v),
+)
+
+
+def frontier_curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[Point]]]]:
+    """Per forget set (the data label), per damage figure, per method: one point per completed
+    unlearn run, x = summary.forget_removed, labelled with the run's learning rate."""
+    out: dict[str, dict[str, dict[str, list[Point]]]] = {}
+    for row in rows:
+        x = row.get("summary.forget_removed")
+        if row.get("stage") != "unlearn" or row.get("status") != "completed" or x is None:
+            continue
+        method = METHOD_NAMES.get(row["method"], str(row["method"]).upper())
+        lr = re.search(r"\blr=(\S+)", row.get("settings") or "")
+        for panel, key, transform in DAMAGE:
+            if row.get(key) is not None:
+                curves = out.setdefault(str(row["data"]), {}).setdefault(panel, {})
+                point = Point(float(x), float(transform(row[key])), lr.group(1) if lr else "")
+                curves.setdefault(method, []).append(point)
+    return out
+
+
+def write_frontier(rows: list[dict[str, Any]], out_dir: Path, lo: float, hi: float) -> dict:
+    """frontier_<forget set>.png, frontier.md (points and pairwise comparisons) and the
+    comparison rows (returned, and in frontier.json)."""
+    found: dict[str, Any] = {}
+    lines = ["# Trade-off curves", ""]
+    for data, panels in sorted(frontier_curves(rows).items()):
+        name = data.split(":", 1)[-1]
+        png = out_dir / f"frontier_{re.sub(r'[^A-Za-z0-9_+-]', '_', name)}.png"
+        plot_frontier(png, f"forget {name}: forget removed against damage", panels, lo=lo, hi=hi)
+        lines += [f"## {data}", "", f"![{name}]({png.name})", ""]
+        for panel, curves in panels.items():
+            lines += [f"### {panel}", "", points_table(curves, panel)]
+        lines += [markdown_table(panels, lo=lo, hi=hi), ""]
+        found[data] = {panel: compare(curves, lo=lo, hi=hi) for panel, curves in panels.items()}
+    (out_dir / "frontier.md").write_text("\n".join(lines))
+    write_json_atomic(out_dir / "frontier.json", found)
+    return found
+
+
 def run(cfg: DictConfig, run: Run) -> None:
     run_dirs = find_runs(list(cfg.report.runs), exclude=run.dir)
     if not run_dirs:
@@ -225,6 +282,10 @@ def run(cfg: DictConfig, run: Run) -> None:
         )
     rows = collect_rows(run_dirs, cfg.report.metric_prefix)
     write_tables(rows, run.dir, list(cfg.report.columns) if cfg.report.columns else None)
+    if cfg.report.frontier:
+        lo, hi = (float(v) for v in cfg.report.frontier_range)
+        write_frontier(rows, run.dir, lo, hi)
+        log.info("trade-off curves: %s", run.dir / "frontier.md")
     run.log_metrics(
         {"report": {"runs": len(rows), "failed": sum(r["status"] != "completed" for r in rows)}}
     )

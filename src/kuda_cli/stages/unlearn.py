@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
 from kuda_cli.evaluate import EvalContext, compute_metrics
+from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, write_json_atomic
 from kuda_cli.stages.common import load_configured_model
@@ -30,6 +31,8 @@ from kuda_cli.validate import validate_layers_against
 
 log = logging.getLogger(__name__)
 BEFORE = "before"
+# eval.facts settings that change only what the unlearned model is scored on
+AFTER_ONLY = ("floors", "retain_greedy")
 
 
 def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run) -> list[int]:
@@ -146,7 +149,8 @@ def run(cfg: DictConfig, run: Run) -> None:
         )
         run.log_metrics(after)
         if before is not None:
-            run.log_metrics({"summary": summarise(before, after)})
+            tasks = list(cfg.eval.wmdp.tasks) if "lm_eval" in cfg.eval.metrics else None
+            run.log_metrics({"summary": summarise(before, after, tasks)})
             log.info("summary: %s", json.dumps(run.metrics["summary"]))
 
 
@@ -176,8 +180,15 @@ def starting_model_judge(loaded: LoadedModel, params, starting):
     return lend
 
 
-def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None) -> dict[str, Any]:
+def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None, starting=False):
+    """The metrics of `cfg.eval` on the loaded model. The starting model (`starting`) is
+    scored on every figure a comparison needs (floors, retain answers: the reference); the
+    unlearned one against it, without the floors (they belong to the starting model)."""
     eval_cfg = OmegaConf.to_object(cfg.eval)
+    if starting:
+        eval_cfg.facts = replace(eval_cfg.facts, floors=True, retain_greedy=True)
+    else:
+        eval_cfg.facts = replace(eval_cfg.facts, floors=False)
     if before is not None and before.get("reference") and not eval_cfg.facts.reference:
         eval_cfg.facts = replace(eval_cfg.facts, reference=before["reference"])
     ctx = EvalContext(
@@ -195,11 +206,14 @@ def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None) -> dict[str, Any
 
 
 def _before_key(cfg: DictConfig, model_key: str) -> str:
+    evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
+    for key in AFTER_ONLY:  # the starting model is scored on all of them whatever they say
+        evaluation["facts"].pop(key, None)
     blob = json.dumps(
         {
             "model": model_key,
             "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+            "eval": evaluation,
         },
         sort_keys=True,
     )
@@ -219,7 +233,7 @@ def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[s
         metrics = json.loads((out / "metrics.json").read_text())
     else:
         out.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate(cfg, loaded, out, None)
+        metrics = evaluate(cfg, loaded, out, None, starting=True)
         write_json_atomic(out / "metrics.json", metrics)
         tmp = cached.with_name(cached.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,26 +245,70 @@ def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[s
     return {**metrics, "reference": str(answers) if answers.exists() else None}
 
 
-def summarise(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """The headline comparison with the starting model, for the facts evaluation."""
+def summarise(
+    before: dict[str, Any], after: dict[str, Any], tasks: list[str] | None = None
+) -> dict[str, Any]:
+    """The headline comparison with the starting model: for the facts evaluation, forgetting
+    against the never-learned floor, locality on other subjects, specificity on the forgotten
+    subjects, and fluency; for lm-eval tasks and MUSE, each figure before and after."""
 
     def ratio(path: str):
         a, b = lookup(after, path), lookup(before, path)
         return a / b if a is not None and b else None
 
-    return {
-        k: v
-        for k, v in {
-            "forget_mc": lookup(after, "facts.forget.mc_acc"),
-            "forget_mc_before": lookup(before, "facts.forget.mc_acc"),
-            "forget_gen": lookup(after, "facts.forget.gen_acc"),
-            "retain_mc": lookup(after, "facts.retain.mc_acc"),
-            "retain_mc_before": lookup(before, "facts.retain.mc_acc"),
-            "retain_mc_ratio": ratio("facts.retain.mc_acc"),
-            "retain_agreement": lookup(after, "facts.retain.agreement"),
-            "retain_token_agreement": lookup(after, "facts.retain.token_agreement"),
-            "perplexity_ratio": ratio("perplexity.perplexity"),
-            "fluency_nll_ratio": ratio("fluency.forget.nll"),
-        }.items()
-        if v is not None
+    floor_mc, floor_gen = (
+        lookup(before, "facts.floor.mc_acc"),
+        lookup(before, "facts.floor.gen_acc"),
+    )
+    removed_mc = forget_removed(
+        lookup(before, "facts.forget.mc_acc"), lookup(after, "facts.forget.mc_acc"), floor_mc
+    )
+    removed_gen = forget_removed(
+        lookup(before, "facts.forget.gen_acc"), lookup(after, "facts.forget.gen_acc"), floor_gen
+    )
+    removed = [r for r in (removed_mc, removed_gen) if r is not None]
+    facts = {
+        "forget_mc": lookup(after, "facts.forget.mc_acc"),
+        "forget_mc_before": lookup(before, "facts.forget.mc_acc"),
+        "forget_gen": lookup(after, "facts.forget.gen_acc"),
+        "forget_gen_before": lookup(before, "facts.forget.gen_acc"),
+        "floor_mc": floor_mc,
+        "floor_gen": floor_gen,
+        "chance": lookup(before, "facts.floor.chance"),
+        "surface_floor": lookup(before, "facts.floor.surface"),
+        "forget_removed_mc": removed_mc,
+        "forget_removed_gen": removed_gen,
+        "forget_removed": sum(removed) / len(removed) if len(removed) == 2 else None,
+        "retain_mc": lookup(after, "facts.retain.mc_acc"),
+        "retain_mc_before": lookup(before, "facts.retain.mc_acc"),
+        "retain_mc_ratio": ratio("facts.retain.mc_acc"),
+        "retain_agreement": lookup(after, "facts.retain.agreement"),
+        "retain_token_agreement": lookup(after, "facts.retain.token_agreement"),
+        "retain_other_mc": lookup(after, "facts.retain.other_subjects.mc_acc"),
+        "retain_other_mc_before": lookup(before, "facts.retain.other_subjects.mc_acc"),
+        "retain_other_gen": lookup(after, "facts.retain.other_subjects.gen_acc"),
+        "retain_other_token_agreement": lookup(
+            after, "facts.retain.other_subjects.token_agreement"
+        ),
+        "retain_same_mc": lookup(after, "facts.retain.same_subjects.mc_acc"),
+        "retain_same_mc_before": lookup(before, "facts.retain.same_subjects.mc_acc"),
+        "retain_same_gen": lookup(after, "facts.retain.same_subjects.gen_acc"),
+        "retain_same_token_agreement": lookup(after, "facts.retain.same_subjects.token_agreement"),
+        "perplexity_ratio": ratio("perplexity.perplexity"),
+        "fluency_nll_ratio": ratio("fluency.forget.nll"),
+        "fluency_nll_vs_fluent_wrong": lookup(after, "fluency.forget.nll_vs_fluent_wrong"),
+        "fluency_entropy_ratio": ratio("fluency.forget.entropy"),
+        "fluency_repetition": lookup(after, "fluency.forget.repetition"),
+        "fluency_repetition_before": lookup(before, "fluency.forget.repetition"),
     }
+    for task in tasks if tasks is not None else sorted(after.get("lm_eval") or {}):
+        facts[f"{task}_acc"] = lookup(after, f"lm_eval.{task}.acc")
+        facts[f"{task}_acc_before"] = lookup(before, f"lm_eval.{task}.acc")
+    for name, value in (after.get("muse") or {}).items():
+        key = "auc" if name == "privleak" else "rougeL_f1"
+        if isinstance(value, dict) and key in value:
+            facts[f"{name}_{key}"] = value[key]
+            facts[f"{name}_{key}_before"] = lookup(before, f"muse.{name}.{key}")
+        if name == "privleak" and isinstance(value, dict):
+            facts["privleak"] = value.get("privleak")
+    return {k: v for k, v in facts.items() if v is not None}
