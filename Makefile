@@ -100,10 +100,7 @@ $(RUN) $(KUDA) trace -m locate.samples=$(DOMAIN_SAMPLES) $(call domain_args,$(1)
   hydra.sweep.dir=$(TABLES)/domains/$(1)/trace
 endef
 table-domains: $(DEPS)
-	$(foreach d,$(domain_list),$(call trace_domain,$(d))$(newline)$(RUN) $(KUDA) unlearn -m \
-	  unlearn=$(DOMAIN_METHODS) locate.from_run=$(TABLES)/domains/$(d)/trace/0 \
-	  $(call domain_args,$(d)) $(ARGS) hydra.sweep.dir=$(TABLES)/domains/$(d)/runs \
-	  $(SWEEP_OK)$(newline))
+	$(foreach d,$(domain_list),$(call trace_domain,$(d))$(newline)$(call domain_defaults,$(d))$(newline))
 	$(RUN) rm -rf $(TABLES)/domains/report
 	$(RUN) $(KUDA) report report.runs=[$(TABLES)/domains] \
 	  report.columns=[$(subst $(space),$(comma),$(strip $(DOMAIN_COLUMNS)))] \
@@ -112,15 +109,21 @@ table-domains: $(DEPS)
 # Trade-off curves: GA, NPO, RMU and KUDA each swept over its learning rate (from "nothing
 # forgotten" to "damaged") on each of DOMAINS. Forget removed against damage (perplexity ratio,
 # 1 - other-subject token agreement), one PNG per domain, and which method is lower at matched
-# forget-removed levels (0.5-0.9). The unlearned models skip the retain greedy answers (token
+# forget-removed levels (0.5-0.9). The default learning rates are table-domains' runs (run here
+# when missing, skipped when done); the other sweeps skip the retain greedy answers (token
 # agreement needs only the starting model's).
 FRONTIER_METHODS ?= ga npo rmu kuda
 FRONTIER_LR_ga ?= 1e-5,2e-5,3e-5,6e-5
-FRONTIER_LR_npo ?= 3e-5,1e-4,3e-4,1e-3
-FRONTIER_LR_rmu ?= 3e-4,1e-3,3e-3,1e-2
-FRONTIER_LR_kuda ?= 1e-3,3e-3,1e-2,3e-2
+FRONTIER_LR_npo ?= 3e-5,3e-4,1e-3
+FRONTIER_LR_rmu ?= 3e-4,3e-3,1e-2
+FRONTIER_LR_kuda ?= 1e-3,1e-2,3e-2
+define domain_defaults
+$(RUN) $(KUDA) unlearn -m unlearn=$(DOMAIN_METHODS) locate.from_run=$(TABLES)/domains/$(1)/trace/0 \
+  $(call domain_args,$(1)) $(ARGS) hydra.sweep.dir=$(TABLES)/domains/$(1)/runs $(SWEEP_OK)
+endef
 define frontier_domain
 $(call trace_domain,$(1))
+$(call domain_defaults,$(1))
 $(foreach m,$(FRONTIER_METHODS),$(RUN) $(KUDA) unlearn -m unlearn=$(m) \
   unlearn.lr=$(FRONTIER_LR_$(m)) locate.from_run=$(TABLES)/domains/$(1)/trace/0 \
   eval.facts.retain_greedy=false $(call domain_args,$(1)) $(ARGS) \
@@ -129,8 +132,9 @@ endef
 frontier: $(DEPS)
 	$(foreach d,$(domain_list),$(call frontier_domain,$(d))$(newline))
 	$(RUN) rm -rf $(TABLES)/frontier/report
-	$(RUN) $(KUDA) report report.runs=[$(TABLES)/frontier] report.frontier=true \
-	  report.columns=[$(subst $(space),$(comma),$(strip $(DOMAIN_COLUMNS)))] \
+	$(RUN) $(KUDA) report \
+	  report.runs=[$(subst $(space),$(comma),$(foreach d,$(domain_list),$(TABLES)/domains/$(d)/runs $(TABLES)/frontier/$(d)))] \
+	  report.frontier=true report.columns=[$(subst $(space),$(comma),$(strip $(DOMAIN_COLUMNS)))] \
 	  hydra.run.dir=$(TABLES)/frontier/report
 
 # KUDA's ablations on the same trace, one multirun (conf/experiment/ablate_*.yaml): relaxed vs

@@ -30,7 +30,6 @@ from kuda_cli.evaluate.facts import (
     fluency,
     repetition_rate,
     rotate_within_domain,
-    word_tokens,
 )
 from kuda_cli.evaluate.scoring import greedy_continuations
 from kuda_cli.models.adapter import get_adapter
@@ -42,16 +41,19 @@ MIN_ENTROPY_RATIO = 0.95
 MAX_REPETITION_GAIN = 0.10  # repetition rate at most this much above the starting model's
 
 
-def loop_of(text: str, words: int, length: int) -> str:
-    """The first `words` words of `text` repeated to about `length` words."""
-    head = text.split()[:words] or ["the"]
-    return " " + " ".join((head * (length // len(head) + 1))[:length])
+def loop_of(tokenizer, text: str, tokens: int) -> str:
+    """The first `tokens` tokens of `text` repeated to the length of `text` in tokens (a loop
+    as long as the answer it replaces)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    head = ids[:tokens] or tokenizer(" the", add_special_tokens=False)["input_ids"]
+    return tokenizer.decode((head * (len(ids) // len(head) + 1))[: max(len(ids), len(head))])
 
 
-def shuffled(text: str, rng: random.Random) -> str:
-    tokens = word_tokens(text)
-    rng.shuffle(tokens)
-    return " " + " ".join(tokens)
+def shuffled(tokenizer, text: str, rng: random.Random) -> str:
+    """The tokens of `text` in a random order."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rng.shuffle(ids)
+    return tokenizer.decode(ids)
 
 
 def main() -> None:
@@ -83,7 +85,6 @@ def main() -> None:
     )
     reference = rotate_within_domain(chosen, own)
     base = fluency(model, tokenizer, prompts, own, fluent_wrong=reference)
-    length = round(sum(len(a.split()) for a in own) / len(own))
     rng = random.Random(0)
     swapped_target = [
         a.replace(" " + p.fact.target, " " + q.fact.target)
@@ -96,15 +97,15 @@ def main() -> None:
             True,
         ),
         "fluent wrong: its own answer, target swapped for another's": (swapped_target, True),
-        "loop: its answer's first 6 words repeated": (
-            [loop_of(a, 6, length) for a in own],
+        "loop: its answer's first 8 tokens repeated": (
+            [loop_of(tokenizer, a, 8) for a in own],
             False,
         ),
-        "loop: its answer's first 3 words repeated": (
-            [loop_of(a, 3, length) for a in own],
+        "loop: its answer's first 4 tokens repeated": (
+            [loop_of(tokenizer, a, 4) for a in own],
             False,
         ),
-        "its own answers, words shuffled": ([shuffled(a, rng) for a in own], False),
+        "its own answers, words shuffled": ([shuffled(tokenizer, a, rng) for a in own], False),
         "another fact's passage (human-written, short)": (
             rotate_within_domain(chosen, [" " + p.fact.passage for p in chosen]),
             None,
