@@ -370,6 +370,84 @@ def test_fluent_wrong_reference_is_another_facts_answer_scored_by_the_judge(tiny
     expected_own = -sum(t for t, _ in own) / sum(n for _, n in own)
     assert result["nll_fluent_wrong"] == pytest.approx(expected_wrong)
     assert result["nll_vs_fluent_wrong"] == pytest.approx(expected_own / expected_wrong)
+    # scores of the reference kept from an earlier run are used as they are
+    again = fluency(
+        model,
+        tokenizer,
+        prompts,
+        answers,
+        fluent_wrong=wrong,
+        fluent_wrong_scores=result["fluent_wrong_scores"],
+    )
+    assert again["nll_vs_fluent_wrong"] == result["nll_vs_fluent_wrong"]
+    halved = [None if s is None else (s[0] * 2, s[1]) for s in result["fluent_wrong_scores"]]
+    doubled = fluency(
+        model, tokenizer, prompts, answers, fluent_wrong=wrong, fluent_wrong_scores=halved
+    )
+    assert doubled["nll_fluent_wrong"] == pytest.approx(2 * expected_wrong)
     # the reference's own answers, scored in place of the answers, give exactly 1
     same = fluency(model, tokenizer, prompts, wrong[:3] + [""], fluent_wrong=wrong)
     assert same["nll_vs_fluent_wrong"] == pytest.approx(1.0)
+
+
+def test_unlearn_reuses_the_starting_models_scores_of_the_fluent_wrong_reference(tmp_path):
+    """The starting model's evaluation keeps its judge's scores of the fluent wrong answers; an
+    evaluation lent the starting model as judge with that run as reference uses them, and gets
+    what scoring them again gives."""
+    from contextlib import contextmanager
+
+    from omegaconf import OmegaConf
+
+    from kuda_cli import cli
+    from kuda_cli.config import ModelConfig, TinySpec
+    from kuda_cli.evaluate import EvalContext, get_metric
+    from kuda_cli.evaluate.facts_metric import FLUENCY_FILE, STARTING_JUDGE
+    from kuda_cli.models.loading import load_model
+
+    loaded = load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))
+    cfg = cli.compose(
+        [
+            "stage=eval",
+            "model=tiny-random",
+            "eval.facts.all_prompts=false",
+            "eval.facts.gen_max_new_tokens=4",
+            "eval.facts.fluency_max_new_tokens=6",
+            "eval.facts.floors=false",
+            "data.retain_domains=[capitals]",
+        ]
+    )
+
+    @contextmanager
+    def lend():
+        yield loaded.model, loaded.tokenizer, STARTING_JUDGE
+
+    def evaluate(out, reference=None, judge=None):
+        out.mkdir()
+        eval_cfg = OmegaConf.to_object(cfg.eval)
+        eval_cfg.facts.reference = reference
+        ctx = EvalContext(
+            loaded=loaded,
+            eval=eval_cfg,
+            data=OmegaConf.to_object(cfg.data),
+            out_dir=out,
+            judge=judge,
+        )
+        return get_metric("facts")(ctx)["fluency"]["forget"]
+
+    before = evaluate(tmp_path / "before")
+    rows = [json.loads(x) for x in (tmp_path / "before" / FLUENCY_FILE).read_text().splitlines()]
+    assert before["fluent_wrong"] == "self" and all(r["judge"] == "self" for r in rows)
+    reused = evaluate(tmp_path / "a", reference=str(tmp_path / "before"), judge=lend)
+    scored = evaluate(tmp_path / "b", reference=str(tmp_path / "before"))  # judge: itself
+    assert reused["fluent_wrong"] == "reference" == scored["fluent_wrong"]
+    assert reused["nll_fluent_wrong"] == pytest.approx(before["nll_fluent_wrong"], rel=1e-5)
+    assert reused["nll_vs_fluent_wrong"] == pytest.approx(scored["nll_vs_fluent_wrong"], rel=1e-5)
+    # and they are read, not scored again: doubled stored log-probabilities double the NLL
+    for r in rows:
+        r["fluent_wrong_score"] = r["fluent_wrong_score"] and [
+            2 * r["fluent_wrong_score"][0],
+            r["fluent_wrong_score"][1],
+        ]
+    (tmp_path / "before" / FLUENCY_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doubled = evaluate(tmp_path / "c", reference=str(tmp_path / "before"), judge=lend)
+    assert doubled["nll_fluent_wrong"] == pytest.approx(2 * before["nll_fluent_wrong"], rel=1e-5)

@@ -492,3 +492,48 @@ def test_table_facts_runs_every_method_and_reports_the_starting_model_first(tmp_
     header = (report / "report.md").read_text().splitlines()[0]
     assert header.endswith("| diagnostics.krd.mean | train.seconds |")
     assert "facts.forget.mc_acc" in header and "before." not in header
+
+
+def test_frontier_runs_the_domain_defaults_and_the_sweeps_then_plots_the_curves(tmp_path):
+    """`make frontier` end to end on the tiny model, one domain: its trace, the table-domains
+    runs at the defaults (shared), the learning-rate sweeps, and the report with the curves."""
+    tiny = [
+        "model=tiny-random",
+        "locate.max_probes=2",
+        "locate.plot_probes=0",
+        "unlearn.steps=2",
+        "unlearn.max_length=64",
+        "eval.facts.all_prompts=false",
+        "eval.facts.gen_max_new_tokens=4",
+        "eval.facts.fluency_max_new_tokens=8",
+        "eval.perplexity.max_texts=4",
+        "eval.perplexity.max_length=64",
+    ]
+    done = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "frontier", "DEPS=", f"TABLES={tmp_path}/t"]
+        + ["DOMAINS=capitals", "DOMAIN_SAMPLES=2", "DOMAIN_METHODS=kuda,rmu"]
+        + ["FRONTIER_METHODS=kuda", "FRONTIER_LR_kuda=1e-2,1e-1"]
+        + [f"ARGS={' '.join(tiny)}", f"KUDA={sys.executable} -m kuda_cli.cli"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "KUDA_CACHE": str(tmp_path / "cache")},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = tmp_path / "t" / "frontier" / "report"
+    rows = list(csv.DictReader(open(report / "report.csv")))
+    assert [(r["method"], r["data"]) for r in rows] == [
+        ("starting model", "facts:capitals"),
+        ("kuda", "facts:capitals"),
+        ("rmu", "facts:capitals"),
+        ("kuda", "facts:capitals"),
+        ("kuda", "facts:capitals"),
+    ]
+    start = rows[0]
+    # the starting model's floor and the retain split: capitals shares its subjects with languages
+    assert float(start["facts.floor.chance"]) == 0.25 and start["facts.floor.mc_acc"] != ""
+    assert start["facts.retain.same_subjects.n_facts"] == "29"
+    assert rows[1]["facts.retain.gen_acc"] != "" and rows[3]["facts.retain.gen_acc"] == ""
+    # a random model knows nothing above its floor: no forget-removed level, so no curve point
+    # (the curves themselves are tested on runs with known figures in test_report.py)
+    assert (report / "frontier.md").is_file() and (report / "frontier.json").is_file()

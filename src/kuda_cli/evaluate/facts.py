@@ -128,11 +128,14 @@ def fluency(
     *,
     batch_size: int = 16,
     fluent_wrong: list[str | None] | None = None,
+    fluent_wrong_scores: list[tuple[float, int] | None] | None = None,
 ):
     """Mean token NLL of the generations under the judge model (given their prompts), their mean
     trigram repetition rate and n-gram entropy; with `fluent_wrong` answers (one per prompt, None
     to skip), the judge's NLL of those on the same prompts and the ratio of the two (over the
-    prompts both have). Empty generations are skipped for the NLL."""
+    prompts both have). `fluent_wrong_scores`: the same judge's `judge_nll` of `fluent_wrong`,
+    computed before (the starting model's evaluation keeps them), so they are not scored again.
+    Empty generations are skipped for the NLL."""
     reps = [repetition_rate(g) for g in generations]
     entropies = [e for e in map(ngram_entropy, generations) if e is not None]
     own = judge_nll(judge, tokenizer, prompts, generations, batch_size=batch_size)
@@ -144,9 +147,10 @@ def fluency(
         "n": len(generations),
     }
     if fluent_wrong is not None:
-        wrong = judge_nll(
+        wrong = fluent_wrong_scores or judge_nll(
             judge, tokenizer, prompts, [w or "" for w in fluent_wrong], batch_size=batch_size
         )
+        out["fluent_wrong_scores"] = wrong
         both = [i for i in range(len(own)) if own[i] is not None and wrong[i] is not None]
         mine, theirs = _mean_nll(own, both), _mean_nll(wrong, both)
         out["nll_fluent_wrong"] = theirs
@@ -186,15 +190,16 @@ def read_reference_answers(path: str | Path) -> dict[str, str]:
     return {row["prompt"]: row["answer"] for row in rows if row.get("answer") is not None}
 
 
-def read_reference_fluency(path: str | Path) -> dict[str, str] | None:
-    """The fluency answers (prompt -> long greedy continuation) of the reference run, or None
+def read_reference_fluency(path: str | Path) -> dict[str, dict[str, Any]] | None:
+    """The fluency rows of the reference run by prompt (`answer`: its long greedy continuation;
+    `fluent_wrong_score`: its judge's score of the fluent wrong answer it was given), or None
     where it kept none (runs made before they were written)."""
     path = Path(path).expanduser()
     found = (path if path.is_dir() else path.parent) / FLUENCY_FILE
     if not found.is_file():
         return None
     rows = [json.loads(line) for line in found.read_text().splitlines() if line.strip()]
-    return {row["prompt"]: row["answer"] for row in rows}
+    return {row["prompt"]: row for row in rows}
 
 
 def _rate(values: Iterable[bool | float | None]) -> float | None:

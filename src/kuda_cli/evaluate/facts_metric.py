@@ -27,6 +27,7 @@ from kuda_cli.evaluate.floors import builtin_floor_path, chance, surface_floor
 from kuda_cli.evaluate.scoring import greedy_continuations
 
 log = logging.getLogger(__name__)
+STARTING_JUDGE = "starting model"  # the name under which kuda unlearn lends its judge
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -96,13 +97,22 @@ def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any]
     return floor
 
 
-def _fluent_wrong(cfg, chosen, answers) -> tuple[list[str | None], str]:
-    """Fluent wrong answers for the fluency reference: the reference run's own answers to other
-    facts' prompts of the same domain, or the evaluated model's where no reference has them."""
+def _fluent_wrong(cfg, chosen, answers, judge_name):
+    """Fluent wrong answers for the fluency reference, where they come from, and their scores
+    when already known: the reference run's own answers to other facts' prompts of the same
+    domain (scored in that run by the same judge when it judged itself and this run lends the
+    starting model: `kuda unlearn`), or the evaluated model's where no reference has them."""
     given = read_reference_fluency(cfg.reference) if cfg.reference else None
-    if given is not None and all(p.text in given for p in chosen):
-        return rotate_within_domain(chosen, [given[p.text] for p in chosen]), "reference"
-    return rotate_within_domain(chosen, answers), "self"
+    if given is None or not all(p.text in given for p in chosen):
+        return rotate_within_domain(chosen, answers), "self", None
+    rows = [given[p.text] for p in chosen]
+    scores = None
+    if judge_name == STARTING_JUDGE and all(r.get("judge") == "self" for r in rows):
+        if all("fluent_wrong_score" in r for r in rows):
+            scores = [
+                tuple(r["fluent_wrong_score"]) if r["fluent_wrong_score"] else None for r in rows
+            ]
+    return rotate_within_domain(chosen, [r["answer"] for r in rows]), "reference", scores
 
 
 @register_metric("facts")
@@ -134,11 +144,12 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         tokenizer,
         prompts,
         max_new_tokens=cfg.fluency_max_new_tokens,
-        batch_size=cfg.batch_size,
+        # one batch: each step of a long generation costs about the same for 45 rows as for 32
+        batch_size=min(64, max(cfg.batch_size, len(prompts))),
         desc="fluency answers",
     )
-    wrong, wrong_source = _fluent_wrong(cfg, chosen, answers)
     with _judge(ctx) as (judge, judge_tokenizer, judge_name):
+        wrong, wrong_source, known = _fluent_wrong(cfg, chosen, answers, judge_name)
         scores = fluency(
             judge,
             judge_tokenizer,
@@ -146,7 +157,9 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
             answers,
             batch_size=cfg.batch_size,
             fluent_wrong=wrong,
+            fluent_wrong_scores=known,
         )
+    wrong_scores = scores.pop("fluent_wrong_scores")
     flu = {
         **scores,
         "judge": judge_name,
@@ -158,8 +171,15 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         write_jsonl(
             ctx.out_dir / FLUENCY_FILE,
             [
-                {"fact": p.fact.id, "domain": p.fact.domain, "prompt": p.text, "answer": a}
-                for p, a in zip(chosen, answers, strict=True)
+                {
+                    "fact": p.fact.id,
+                    "domain": p.fact.domain,
+                    "prompt": p.text,
+                    "answer": a,
+                    "judge": judge_name,
+                    "fluent_wrong_score": score,
+                }
+                for p, a, score in zip(chosen, answers, wrong_scores, strict=True)
             ],
         )
         retain_rows = [r for r in rows if r["split"] == "retain"][: cfg.samples]

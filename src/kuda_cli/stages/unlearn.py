@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
 from kuda_cli.evaluate import EvalContext, compute_metrics
+from kuda_cli.evaluate.facts_metric import STARTING_JUDGE
 from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, write_json_atomic
@@ -175,7 +176,7 @@ def starting_model_judge(loaded: LoadedModel, params, starting):
     @contextmanager
     def lend():
         with _swapped(params, starting):
-            yield loaded.model, loaded.tokenizer, "starting model"
+            yield loaded.model, loaded.tokenizer, STARTING_JUDGE
 
     return lend
 
