@@ -298,7 +298,10 @@ def test_ngram_entropy_equals_hand_computed_values():
     assert ngram_entropy("a b c d") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2)
     assert ngram_entropy("of the of the of the of the") < ngram_entropy("a b c d e f g h")
     assert ngram_entropy("x x x x x") == 0.0
-    assert ngram_entropy("too short") is None  # no trigram
+    assert ngram_entropy("too short") is None  # no trigram: a short answer, left out
+    assert ngram_entropy(" Venice.") is None
+    # a long run without word structure (an unlearned model's "capital of Italy") is no variety
+    assert ngram_entropy(" " + "1" * 60) == 0.0 and ngram_entropy(" " + "²" * 30) == 0.0
     assert word_tokens("It's Paris, France.") == ["It's", "Paris", ",", "France", "."]
 
 

@@ -81,18 +81,23 @@ def word_tokens(text: str) -> list[str]:
     return re.findall(r"\w+(?:'\w+)?|[^\w\s]", text)
 
 
+DEGENERATE_CHARS = 20
+
+
 def ngram_entropy(
     text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
 ) -> float | None:
     """ROME's generation entropy of one text: the arithmetic mean over n of weight_n x the
-    entropy (bits) of its word n-gram frequencies; None for a text with no n-gram at all."""
+    entropy (bits) of its word n-gram frequencies. A text too short for an n-gram is a short
+    answer (None: left out of means) unless it has at least `DEGENERATE_CHARS` characters, a
+    long run without word structure ("1000000000...", "²²²²..."): that has no variety, 0."""
     tokens = word_tokens(text)
     parts = []
     for n, weight in zip(ns, weights, strict=True):
         counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
         total = sum(counts.values())
         if not total:
-            return None
+            return 0.0 if len("".join(text.split())) >= DEGENERATE_CHARS else None
         parts.append(weight * -sum(c / total * math.log2(c / total) for c in counts.values()))
     return sum(parts) / len(parts)
 
