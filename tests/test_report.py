@@ -202,6 +202,7 @@ def test_report_frontier_plots_and_compares_the_methods_curves(kuda, tmp_path):
         (row,) = found[panel]
         assert {row["a"], row["b"]} == {"RMU", "KUDA"} and row["lower"] == "KUDA"
         assert row["shared"] == [0.5, 0.9]
-    assert "| KUDA | 0.1 | 0.600 |" in (out / "frontier.md").read_text()
+    text = (out / "frontier.md").read_text()
+    assert "| KUDA | 0.1 | 0.600 |" in text and "| KUDA | start | 0.000 | 1.000 |" in text
     bad = kuda("report", "report.frontier_range=[0.9,0.5]")
     assert bad.returncode == 2 and "report.frontier_range" in bad.stderr

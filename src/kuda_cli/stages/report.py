@@ -229,16 +229,23 @@ def _tex(text: str) -> str:
 
 
 METHOD_NAMES = {"ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}
-# the damage figures of the trade-off curves: (panel title, row key, transform)
+# the damage figures of the trade-off curves: (panel title, row key, transform, the starting
+# model's damage: every method's curve starts there, its learning rate 0)
 DAMAGE = (
-    ("perplexity ratio", "summary.perplexity_ratio", lambda v: v),
-    ("1 - other-subject token agreement", "summary.retain_other_token_agreement", lambda v: 1 - v),
+    ("perplexity ratio", "summary.perplexity_ratio", lambda v: v, 1.0),
+    (
+        "1 - other-subject token agreement",
+        "summary.retain_other_token_agreement",
+        lambda v: 1 - v,
+        0.0,
+    ),
 )
 
 
 def frontier_curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[Point]]]]:
-    """Per forget set (the data label), per damage figure, per method: one point per completed
-    unlearn run, x = summary.forget_removed, labelled with the run's learning rate."""
+    """Per forget set (the data label), per damage figure, per method: the starting model (x 0,
+    its damage; labelled `start`), then one point per completed unlearn run, x =
+    summary.forget_removed, labelled with the run's learning rate."""
     out: dict[str, dict[str, dict[str, list[Point]]]] = {}
     for row in rows:
         x = row.get("summary.forget_removed")
@@ -246,11 +253,13 @@ def frontier_curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
             continue
         method = METHOD_NAMES.get(row["method"], str(row["method"]).upper())
         lr = re.search(r"\blr=(\S+)", row.get("settings") or "")
-        for panel, key, transform in DAMAGE:
+        for panel, key, transform, start in DAMAGE:
             if row.get(key) is not None:
                 curves = out.setdefault(str(row["data"]), {}).setdefault(panel, {})
-                point = Point(float(x), float(transform(row[key])), lr.group(1) if lr else "")
-                curves.setdefault(method, []).append(point)
+                points = curves.setdefault(method, [Point(0.0, start, "start")])
+                points.append(
+                    Point(float(x), float(transform(row[key])), lr.group(1) if lr else "")
+                )
     return out
 
 
