@@ -128,7 +128,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, (answers, expected) in variants.items():
         texts = [a or "" for a in answers]
-        got = fluency(model, tokenizer, prompts, texts, fluent_wrong=reference)
+        got = fluency(
+            model,
+            tokenizer,
+            prompts,
+            texts,
+            fluent_wrong=reference,
+            fluent_wrong_scores=base["fluent_wrong_scores"],  # the same reference every row
+        )
         ratio = got["entropy"] / base["entropy"] if got["entropy"] is not None else None
         repetition = sum(map(repetition_rate, texts)) / len(texts)
         passes = (

@@ -403,8 +403,8 @@ def test_unlearn_reuses_the_starting_models_scores_of_the_fluent_wrong_reference
 
     from kuda_cli import cli
     from kuda_cli.config import ModelConfig, TinySpec
-    from kuda_cli.evaluate import EvalContext, get_metric
-    from kuda_cli.evaluate.facts_metric import FLUENCY_FILE, STARTING_JUDGE
+    from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, get_metric
+    from kuda_cli.evaluate.facts import FLUENCY_FILE
     from kuda_cli.models.loading import load_model
 
     loaded = load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))

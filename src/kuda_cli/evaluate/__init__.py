@@ -23,6 +23,7 @@ METRIC_MODULES = {
 # the data kind a metric reads its sets from (validated before the run)
 METRIC_DATA_KIND = {"facts": "facts", "muse": "muse"}
 METRICS: dict[str, Callable[[EvalContext], dict[str, Any]]] = {}
+STARTING_JUDGE = "starting model"  # the name of the judge `kuda unlearn` lends
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +37,8 @@ class EvalContext:
     out_dir: Path | None = None
     cache_dir: str | None = None
     # a context manager yielding (model, tokenizer, name) that scores fluency; `kuda unlearn`
-    # lends the starting model this way (its original weights swapped in, no second copy)
+    # lends the starting model this way (its original weights swapped in, no second copy),
+    # named STARTING_JUDGE
     judge: Any = None
 
 

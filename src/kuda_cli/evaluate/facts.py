@@ -279,14 +279,11 @@ def evaluate_facts(
         same: list[bool | None] | None = None
         top1: list[float | None] | None = None
         if reference is not None:
-            same = [
-                None
-                if a is None or p.text not in reference
-                else first_line(a) == first_line(reference[p.text])
-                for p, a in zip(probes, answers, strict=True)
-            ]
-            if split in no_answers:
-                same = None
+            if split not in no_answers:
+                same = [
+                    first_line(a) == first_line(reference[p.text]) if p.text in reference else None
+                    for p, a in zip(probes, answers, strict=True)
+                ]
             forced = [
                 i
                 for i, p in enumerate(probes)

@@ -13,7 +13,7 @@ from typing import Any
 
 from kuda_cli.config import ModelConfig
 from kuda_cli.data.facts import load_facts, probes, split_facts, subject_subsets
-from kuda_cli.evaluate import EvalContext, register_metric
+from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, register_metric
 from kuda_cli.evaluate.facts import (
     ANSWERS_FILE,
     FLUENCY_FILE,
@@ -27,7 +27,6 @@ from kuda_cli.evaluate.floors import builtin_floor_path, chance, surface_floor
 from kuda_cli.evaluate.scoring import greedy_continuations
 
 log = logging.getLogger(__name__)
-STARTING_JUDGE = "starting model"  # the name under which kuda unlearn lends its judge
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -16,8 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
-from kuda_cli.evaluate import EvalContext, compute_metrics
-from kuda_cli.evaluate.facts_metric import STARTING_JUDGE
+from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, compute_metrics
 from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, write_json_atomic
