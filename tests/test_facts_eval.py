@@ -25,6 +25,7 @@ from kuda_cli.evaluate.facts import (
     answer_matches,
     evaluate_facts,
     fluency,
+    mc_and_top1,
     mc_correct,
     ngram_entropy,
     read_reference_answers,
@@ -37,6 +38,7 @@ from kuda_cli.evaluate.scoring import (
     continuation_top1,
     greedy_continuations,
     option_logprobs,
+    option_scores,
 )
 
 PARIS = Fact(
@@ -144,6 +146,59 @@ def test_top1_agreement_is_the_share_of_continuation_tokens_ranked_first(tiny, b
     memorise(model, tokenizer, ["Iron is Fe, a metal"])
     own = greedy_continuations(model, tokenizer, ["Iron"], max_new_tokens=5)[0]
     assert own == " is F" and continuation_top1(model, tokenizer, [("Iron", own)]) == [1.0]
+
+
+def test_top1_packed_beside_the_options_equals_teacher_forcing_on_its_own(tiny):
+    """Token agreement read off the MC forward pass (the reference's line packed as one more
+    option) is what `continuation_top1` computes alone, and the MC answers do not change."""
+    model, tokenizer = tiny
+    memorise(model, tokenizer, ["The capital of France is Paris, a city", "Iron is Fe, a metal"])
+    chosen = probes([PARIS, IRON])
+    forced = [" Paris, a city", None, " is Fe, a metal", " Fe"]
+    mc, top1 = mc_and_top1(model, tokenizer, chosen, forced, batch_size=3)
+    assert mc == mc_correct(model, tokenizer, chosen)
+    assert top1[1] is None
+    for probe, line, share in zip(chosen, forced, top1, strict=True):
+        if line is not None:
+            assert share == pytest.approx(
+                continuation_top1(model, tokenizer, [(probe.text, line)])[0]
+            )
+    assert top1[0] > 0.5  # a memorised line is mostly the model's own top-1
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep` (as some remote-code models)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
+
+
+def test_scores_of_a_model_without_logits_to_keep_equal_the_cut_ones(tiny):
+    """The output head runs only where a score is read; a model that cannot be asked to do so
+    gets every position's logits, cut afterwards: the same scores either way."""
+    model, tokenizer = tiny
+    plain = _NoLogitsToKeep(model)
+    pairs = [("The capital of France is", " Paris"), ("A much longer context, here", " b c")]
+    groups = [("Iron", [" Fe", " Ir is long"]), ("The capital of France is", [" Paris"])]
+    for a, b in zip(
+        continuation_logprobs(model, tokenizer, pairs),
+        continuation_logprobs(plain, tokenizer, pairs),
+        strict=True,
+    ):
+        assert a[1] == b[1] and a[0] == pytest.approx(b[0], abs=1e-5)
+    for a, b in zip(
+        option_scores(model, tokenizer, groups, batch_size=2),
+        option_scores(plain, tokenizer, groups, batch_size=2),
+        strict=True,
+    ):
+        assert [(n, h) for _, n, h in a] == [(n, h) for _, n, h in b]
+        assert [t for t, _, _ in a] == pytest.approx([t for t, _, _ in b], abs=1e-5)
 
 
 def test_batched_greedy_generation_equals_one_by_one(tiny):

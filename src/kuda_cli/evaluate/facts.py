@@ -32,9 +32,8 @@ from kuda_cli.data.facts import Probe
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.scoring import (
     continuation_logprobs,
-    continuation_top1,
     greedy_continuations,
-    option_logprobs,
+    option_scores,
 )
 
 ANSWERS_FILE = "facts_answers.jsonl"
@@ -43,10 +42,33 @@ FLUENCY_FILE = "fluency_answers.jsonl"
 
 def mc_correct(model, tokenizer, probes: list[Probe], *, batch_size: int = 16) -> list[bool]:
     """Whether the target scores the highest summed log-likelihood among the options."""
-    groups = [(p.text, [" " + option for option in p.fact.options]) for p in probes]
-    scores = option_logprobs(model, tokenizer, groups, batch_size=batch_size, desc="facts mc")
-    totals = [[total for total, _ in options] for options in scores]
-    return [t.index(max(t)) == 0 for t in totals]  # ties go to the target, listed first
+    return mc_and_top1(model, tokenizer, probes, batch_size=batch_size)[0]
+
+
+def mc_and_top1(
+    model,
+    tokenizer,
+    probes: list[Probe],
+    forced: list[str | None] | None = None,
+    *,
+    batch_size: int = 16,
+) -> tuple[list[bool], list[float | None]]:
+    """`mc_correct` per probe, and, where `forced` gives a probe a continuation, the share of
+    its tokens that are the model's top-1 prediction under teacher forcing
+    (`continuation_top1`): packed beside the options over one copy of the prompt."""
+    forced = forced or [None] * len(probes)
+    groups = [
+        (p.text, [" " + option for option in p.fact.options] + ([f] if f else []))
+        for p, f in zip(probes, forced, strict=True)
+    ]
+    scores = option_scores(model, tokenizer, groups, batch_size=batch_size, desc="facts mc")
+    mc, top1 = [], []
+    for p, options in zip(probes, scores, strict=True):
+        totals = [total for total, _, _ in options[: len(p.fact.options)]]
+        mc.append(totals.index(max(totals)) == 0)  # ties go to the target, listed first
+        extra = options[len(p.fact.options) :]
+        top1.append(extra[0][2] / extra[0][1] if extra else None)
+    return mc, top1
 
 
 def first_line(text: str) -> str:
@@ -247,6 +269,7 @@ def evaluate_facts(
     *,
     gen_max_new_tokens: int = 16,
     batch_size: int = 16,
+    gen_batch_size: int | None = None,
     reference: dict[str, str] | None = None,
     subsets: dict[str, dict[str, set[str]]] | None = None,
     no_answers: Iterable[str] = (),
@@ -254,13 +277,24 @@ def evaluate_facts(
     """Metrics per split (e.g. forget, retain), and one answer row per probe. `subsets` names,
     per split, sets of fact ids summarised on their own as well (under the split's metrics);
     splits in `no_answers` skip the greedy answers (no gen_acc, no exact-line agreement: token
-    agreement needs only the reference's)."""
+    agreement needs only the reference's). Greedy answers go `gen_batch_size` prompts at a
+    time (default: `batch_size`)."""
     metrics: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for split, probes in splits.items():
         if not probes:
             continue
-        mc = mc_correct(model, tokenizer, probes, batch_size=batch_size)
+        # the reference's first line, teacher-forced for token agreement, is packed beside the
+        # options: one forward pass gives both
+        forced = [
+            raw_first_line(reference[p.text])
+            if reference is not None
+            and p.text in reference
+            and raw_first_line(reference[p.text]).strip()
+            else None
+            for p in probes
+        ]
+        mc, shares = mc_and_top1(model, tokenizer, probes, forced, batch_size=batch_size)
         answers: list[str | None] = [None] * len(probes)
         if split not in no_answers:
             answers = greedy_continuations(
@@ -268,7 +302,7 @@ def evaluate_facts(
                 tokenizer,
                 [p.text for p in probes],
                 max_new_tokens=gen_max_new_tokens,
-                batch_size=batch_size,
+                batch_size=gen_batch_size or batch_size,
                 desc=f"facts {split} answers",
                 stop_strings=["\n"],  # only the first line is scored
             )
@@ -284,21 +318,7 @@ def evaluate_facts(
                     first_line(a) == first_line(reference[p.text]) if p.text in reference else None
                     for p, a in zip(probes, answers, strict=True)
                 ]
-            forced = [
-                i
-                for i, p in enumerate(probes)
-                if p.text in reference and raw_first_line(reference[p.text]).strip()
-            ]
-            shares = continuation_top1(
-                model,
-                tokenizer,
-                [(probes[i].text, raw_first_line(reference[probes[i].text])) for i in forced],
-                batch_size=batch_size,
-                desc=f"facts {split} top-1",
-            )
-            top1 = [None] * len(probes)
-            for i, share in zip(forced, shares, strict=True):
-                top1[i] = share
+            top1 = shares
         metrics[split] = _summary(probes, mc, gen, top1, same)
         for name, ids in ((subsets or {}).get(split) or {}).items():
             pick = [i for i, p in enumerate(probes) if p.fact.id in ids]

@@ -81,6 +81,7 @@ def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any]
         {"floor": probes(invented, all_prompts)},
         gen_max_new_tokens=cfg.gen_max_new_tokens,
         batch_size=cfg.batch_size,
+        gen_batch_size=cfg.gen_batch_size,
     )
     floor = found["floor"]
     floor["chance"] = chance(forget)
@@ -128,6 +129,7 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         {"forget": probes(forget, cfg.all_prompts), "retain": probes(retain, cfg.all_prompts)},
         gen_max_new_tokens=cfg.gen_max_new_tokens,
         batch_size=cfg.batch_size,
+        gen_batch_size=cfg.gen_batch_size,
         reference=reference,
         subsets={"retain": subject_subsets(retain, forget)},
         no_answers=() if cfg.retain_greedy else ("retain",),
@@ -143,8 +145,7 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         tokenizer,
         prompts,
         max_new_tokens=cfg.fluency_max_new_tokens,
-        # one batch: each step of a long generation costs about the same for 45 rows as for 32
-        batch_size=min(64, max(cfg.batch_size, len(prompts))),
+        batch_size=cfg.gen_batch_size,
         desc="fluency answers",
     )
     with _judge(ctx) as (judge, judge_tokenizer, judge_name):

@@ -4,11 +4,11 @@ and MUSE are built on these."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -77,7 +77,9 @@ def token_logprobs(
                 truncation=True,
                 max_length=max_length,
             ).to(device)
-            logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits
+            logits = model(
+                input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False
+            ).logits
             logits = logits[:, :-1].float()
             targets = enc.input_ids[:, 1:]
             # logit(target) - logsumexp avoids materialising a second vocab-sized tensor.
@@ -187,23 +189,48 @@ def _score_continuations(
 
 def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int, int]]:
     """One right-padded forward pass; per continuation, its summed log-probability, its length
-    and how many of its tokens are the top-1 prediction."""
+    and how many of its tokens are the top-1 prediction. Logits are computed only from the
+    earliest position any row needs (its context's last token) on, not for every context."""
     seqs = [ctx + cont for ctx, cont in encoded]
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    logprobs = F.log_softmax(logits.float(), dim=-1)
+    first = min(len(ctx) for ctx, _ in encoded) - 1
+    logits = _logits_from(model, first, input_ids=ids.to(device), attention_mask=mask.to(device))
     scores = []
     for row, (ctx, cont) in enumerate(encoded):
-        positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=device)
-        targets = torch.tensor(cont, device=device)
-        total = logprobs[row, positions, targets].sum().item()
-        hits = int((logprobs[row, positions].argmax(-1) == targets).sum())
+        at = torch.arange(len(ctx) - 1 - first, len(ctx) + len(cont) - 1 - first, device=device)
+        total, hits = _picked(logits[row, at], torch.tensor(cont, device=device))
         scores.append((total, len(cont), hits))
     return scores
+
+
+def _logits_from(model, first: int, **inputs) -> torch.Tensor:
+    """The model's logits at positions `first`.. of its inputs (index 0 is position `first`):
+    the output head runs only where a score is read (`logits_to_keep`, for models that take
+    it), and no key-value cache is built."""
+    if not _takes_logits_to_keep(model):
+        return model(**inputs, use_cache=False).logits[:, first:]
+    width = inputs["input_ids"].shape[1]
+    return model(**inputs, use_cache=False, logits_to_keep=width - first).logits
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM under `model` (itself, or a PEFT wrapper's base) names
+    `logits_to_keep` in its forward, as transformers' decoder-only models do."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _picked(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """Summed log-probability of `targets` under `logits` (one row per target) and how many
+    are the top-1 prediction, normalising only the rows read."""
+    logits = logits.float()
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return logprobs.sum().item(), int((logits.argmax(-1) == targets).sum())
 
 
 @torch.no_grad()
@@ -223,6 +250,22 @@ def option_logprobs(
     that restart after the context for every option: each option is scored exactly as if it
     followed the context alone (what `continuation_logprobs` computes), for far fewer tokens.
     """
+    scored = option_scores(model, tokenizer, groups, batch_size=batch_size, desc=desc)
+    return [[(total, n) for total, n, _ in options] for options in scored]
+
+
+@torch.no_grad()
+def option_scores(
+    model,
+    tokenizer,
+    groups: list[tuple[str, list[str]]],
+    *,
+    batch_size: int = 16,
+    desc: str = "scoring options",
+) -> list[list[tuple[float, int, int]]]:
+    """`option_logprobs` with, per option, how many of its tokens are the top-1 prediction
+    given the context and the option's earlier tokens (`continuation_top1`'s count): a
+    teacher-forced continuation packed as one more option costs one forward pass, not two."""
     device = _device(model)
     packed = []
     for context, options in groups:
@@ -232,7 +275,7 @@ def option_logprobs(
             raise ValueError(f"an empty option after {context!r}")
         packed.append((ctx, conts))
     pad = _pad_id(tokenizer)
-    results: list[list[tuple[float, int]]] = [[] for _ in groups]
+    results: list[list[tuple[float, int, int]]] = [[] for _ in groups]
     batches = _batches([len(c) + sum(map(len, o)) for c, o in packed], batch_size)
     with _eval_mode(model):
         for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
@@ -243,7 +286,7 @@ def option_logprobs(
     return results
 
 
-def _score_packed(model, packed, pad: int, device) -> list[list[tuple[float, int]]]:
+def _score_packed(model, packed, pad: int, device) -> list[list[tuple[float, int, int]]]:
     width = max(len(ctx) + sum(map(len, conts)) for ctx, conts in packed)
     rows = len(packed)
     ids = torch.full((rows, width), pad, dtype=torch.long)
@@ -269,17 +312,21 @@ def _score_packed(model, packed, pad: int, device) -> list[list[tuple[float, int
     dtype = next(model.parameters()).dtype
     mask = torch.zeros((rows, 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    logits = model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
-    ).logits
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    first = min(len(ctx) for ctx, _ in packed) - 1
+    logits = _logits_from(
+        model,
+        first,
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+    )
     out = []
     for row, (ctx, conts) in enumerate(packed):
         scores = []
         for (start, n), cont in zip(spans[row], conts, strict=True):
             # token j of an option is predicted at the previous token: the context's last for j=0
             at = torch.tensor([len(ctx) - 1] + list(range(start, start + n - 1)), device=device)
-            total = logprobs[row, at, torch.tensor(cont, device=device)].sum().item()
-            scores.append((total, n))
+            total, hits = _picked(logits[row, at - first], torch.tensor(cont, device=device))
+            scores.append((total, n, hits))
         out.append(scores)
     return out
