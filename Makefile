@@ -115,8 +115,8 @@ table-domains: $(DEPS)
 FRONTIER_METHODS ?= ga npo rmu kuda
 FRONTIER_LR_ga ?= 1e-5,2e-5,3e-5,6e-5
 FRONTIER_LR_npo ?= 3e-5,3e-4,1e-3
-FRONTIER_LR_rmu ?= 3e-4,3e-3,1e-2
-FRONTIER_LR_kuda ?= 1e-3,1e-2,3e-2
+FRONTIER_LR_rmu ?= 3e-4,5e-4,3e-3,1e-2
+FRONTIER_LR_kuda ?= 1e-3,6e-3,1e-2,3e-2
 define domain_defaults
 $(RUN) $(KUDA) unlearn -m unlearn=$(DOMAIN_METHODS) locate.from_run=$(TABLES)/domains/$(1)/trace/0 \
   $(call domain_args,$(1)) $(ARGS) hydra.sweep.dir=$(TABLES)/domains/$(1)/runs $(SWEEP_OK)
