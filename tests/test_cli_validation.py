@@ -3,6 +3,7 @@ exit status 2, no run directory."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -34,6 +35,13 @@ def fail(capsys, *argv: str) -> str:
         (["eval", "foo=1"], ["unknown key foo", "seed"]),
         (["eval", "unlearn.lr=abc"], ["unlearn.lr", "'abc'", "Float"]),
         (["eval", "seed=x"], ["seed", "Integer"]),
+        (["unlearn", "seed=-5"], ["seed=-5", ">= 0"]),
+        (["unlearn", "seed=4294967296"], ["seed=4294967296", "<= 4294967295"]),
+        (["eval", "model=tiny-random", "model.tiny.init_seed=-1"], ["model.tiny.init_seed=-1"]),
+        (
+            ["unlearn", "data.retain_domains=[chemistry,capitals]"],
+            ["chemistry are both forgotten and retained", "data.retain_domains"],
+        ),
         (["eval", "model.dtype=int8"], ["model.dtype='int8'", "bfloat16"]),
         (["eval", "unlearn.nullspace.form=soft"], ["unlearn.nullspace.form", "relaxed", "hard"]),
         (["eval", "data=nope"], ["data=nope", "wmdp_bio", "facts"]),
@@ -59,6 +67,7 @@ def fail(capsys, *argv: str) -> str:
         ),
         (["eval", "eval.perplexity.source=path"], ["needs eval.perplexity.path"]),
         (["eval", "eval.facts.reference=no/such/run"], ["eval.facts.reference=no/such/run"]),
+        (["eval", "eval.facts.reference=."], ["eval.facts.reference=.", "facts_answers.jsonl"]),
         (["eval", "eval=wmdp", "eval.wmdp.bio_path=nope.jsonl"], ["eval.wmdp.bio_path=nope"]),
         (
             ["eval", "data=muse_news", "eval=muse", "data.verbmem.path=x.jsonl"],
@@ -181,3 +190,36 @@ def test_eval_follows_the_data_unless_given():
     assert cli.fit_eval_to_data(["data=wmdp_bio", "eval=none"]) == ["data=wmdp_bio", "eval=none"]
     assert cli.fit_eval_to_data(["data=wmdp_bio,muse_news"]) == ["data=wmdp_bio,muse_news"]
     assert cli.fit_eval_to_data(["seed=1"]) == ["seed=1"]
+
+
+def test_a_user_error_is_printed_once_by_the_real_command(tmp_path):
+    """An error found once the stage runs (an empty text file), through the real command with
+    Hydra's logging (its console handler writes to stdout): the message once on the terminal,
+    as one stderr line; exit 2, no traceback; the run directory, which holds the work done
+    before the error, is kept and marked failed with the message."""
+    (tmp_path / "empty.jsonl").write_text("")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kuda_cli.cli",
+            "eval",
+            "model=tiny-random",
+            "eval.perplexity.source=path",
+            "eval.perplexity.path=empty.jsonl",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    shown = done.stdout + done.stderr
+    assert done.returncode == 2, shown
+    # stderr also carries the progress bars of the work done before the error
+    lines = [line for line in done.stderr.splitlines() if "empty.jsonl" in line]
+    assert len(lines) == 1 and lines[0].startswith("kuda: "), shown
+    assert shown.count(lines[0].removeprefix("kuda: ")) == 1, shown
+    assert "Traceback" not in shown
+    (meta,) = (tmp_path / "outputs").glob("eval/*/meta.json")
+    recorded = json.loads(meta.read_text())
+    assert recorded["status"] == "failed" and "empty.jsonl" in recorded["error"]

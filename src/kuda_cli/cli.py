@@ -580,8 +580,8 @@ def hydra_entry(cfg: DictConfig) -> None:
         log.info("kuda %s: run directory %s", cfg.stage, out_dir)
         STAGE_FUNCTIONS[cfg.stage](cfg, run)
     except UserError as err:
-        log.error("%s", err)
         if multirun:  # keep the job's directory so the sweep's report lists it as failed
+            log.error("%s", err)  # the sweep's summary line counts it; the log says which
             if run.meta:
                 run.finish("failed", error=str(err))
             return  # one bad job does not stop the rest of a sweep

@@ -65,7 +65,7 @@ class TinySpec:
     num_heads: int = bounded(4, ge=1)
     num_kv_heads: int = bounded(2, ge=1)
     max_position_embeddings: int = bounded(512, ge=16)
-    init_seed: int = 0
+    init_seed: int = bounded(0, ge=0, le=2**32 - 1)  # numpy's seed range
 
 
 @dataclass
@@ -364,7 +364,7 @@ REQUIREMENTS = ("gpu", "hub")
 class RootConfig:
     stage: str = choice(MISSING, *STAGES)
     name: str | None = None
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)  # numpy's seed range
     # kuda unlearn: continue the run in this directory from its last checkpoint (re-running the
     # same command finds an unfinished run by itself)
     resume: str | None = None

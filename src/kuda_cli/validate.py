@@ -21,6 +21,7 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model)
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval, cfg.data)
+    _check_domains(cfg.data)
     _check_trainable(cfg.unlearn)
     _check_steer_layer(cfg)
     _check_text_source(cfg.eval)
@@ -29,6 +30,14 @@ def validate(cfg: DictConfig) -> None:
     _check_requires(cfg)
     _check_tune(cfg)
     _check_frontier_range(cfg.report)
+
+
+def _check_domains(data: DictConfig) -> None:
+    """Before any work: forget and retain domains of a facts set do not overlap."""
+    if data.get("kind") == "facts":
+        from kuda_cli.data.facts import check_disjoint
+
+        check_disjoint(list(data.forget_domains), list(data.retain_domains))
 
 
 def _check_frontier_range(report: DictConfig) -> None:
@@ -54,7 +63,9 @@ def validate_layers_against(cfg: DictConfig, num_layers: int) -> None:
 
 def _describe(bounds: dict[str, float]) -> str:
     words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return " and ".join(f"{words[k]} {v:g}" for k, v in bounds.items())
+    return " and ".join(
+        f"{words[k]} {v}" if isinstance(v, int) else f"{words[k]} {v:g}" for k, v in bounds.items()
+    )
 
 
 def _violates(value: Any, bounds: dict[str, float]) -> bool:
@@ -198,6 +209,11 @@ def _check_local_paths(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value and not Path(str(value)).expanduser().exists():
             raise ConfigError(f"{key}={value} does not exist; pass an existing file or directory")
+    reference = OmegaConf.select(cfg, "eval.facts.reference")
+    if "facts" in cfg.eval.metrics and reference:
+        from kuda_cli.evaluate.facts import read_reference_answers
+
+        read_reference_answers(reference)  # a facts run's answers, before any model loads
 
 
 def _check_from_run(locate: DictConfig) -> None:

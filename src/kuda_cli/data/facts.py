@@ -96,15 +96,20 @@ def select_domains(facts: list[Fact], domains: list[str], role: str) -> list[Fac
     return [f for f in facts if f.domain in domains]
 
 
-def split_facts(
-    facts: list[Fact], forget_domains: list[str], retain_domains: list[str]
-) -> tuple[list[Fact], list[Fact]]:
+def check_disjoint(forget_domains: list[str], retain_domains: list[str]) -> None:
+    """A domain is forgotten or retained, not both."""
     overlap = sorted(set(forget_domains) & set(retain_domains))
     if overlap:
         raise UserError(
             f"domain(s) {', '.join(overlap)} are both forgotten and retained; "
             "remove them from data.retain_domains"
         )
+
+
+def split_facts(
+    facts: list[Fact], forget_domains: list[str], retain_domains: list[str]
+) -> tuple[list[Fact], list[Fact]]:
+    check_disjoint(forget_domains, retain_domains)
     forget = select_domains(facts, forget_domains, "forget")
     retain = select_domains(facts, retain_domains, "retain")
     return forget, retain

@@ -205,12 +205,11 @@ def rotate_within_domain(probes: list[Probe], answers: list[str], shift: int = 1
 
 def read_reference_answers(path: str | Path) -> dict[str, str]:
     """Answers of a previous facts evaluation: a run directory or its facts_answers.jsonl."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / ANSWERS_FILE
+    given = Path(path).expanduser()
+    path = given / ANSWERS_FILE if given.is_dir() else given
     if not path.is_file():
         raise UserError(
-            f"eval.facts.reference={path} has no {ANSWERS_FILE}; pass a run directory of a "
+            f"eval.facts.reference={given} has no {ANSWERS_FILE}; pass a run directory of a "
             "facts evaluation (or the file itself)"
         )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
