@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,39 @@ def kuda(tmp_path):
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+SLOWED = Path(__file__).with_name("slowed_kuda.py")
+
+
+def log_rows(cwd: Path, pattern: str) -> int:
+    """Rows of the train log(s) matching `pattern` under cwd (0 while none exists)."""
+    return max((len(p.read_text().splitlines()) for p in cwd.glob(pattern)), default=0)
+
+
+def kuda_killed(
+    args: list[str], cwd: Path, log: str, rows: int, *, env: dict | None = None, timeout=300
+) -> int:
+    """Run `kuda ARGS` (steps slowed to 0.2 s, tests/slowed_kuda.py) in cwd and SIGKILL it from
+    outside once the train log `log` (a glob under cwd) holds `rows` rows, as `kill -9` would;
+    its return code (-9 when killed, else what it exited with)."""
+    with open(cwd / "killed.stderr", "a") as err:
+        proc = subprocess.Popen(
+            [sys.executable, str(SLOWED), *args],
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if log_rows(cwd, log) >= rows:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        else:
+            if proc.poll() is None:  # never reached `rows`: do not leave it running
+                proc.kill()
+                proc.wait()
+                raise AssertionError(f"kuda {' '.join(args)} did not reach {rows} rows in {log}")
+        return proc.wait(timeout=timeout)

@@ -12,15 +12,10 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli import cli
+from kuda_cli.cache import MANIFEST, sha256_of, verify_manifest, write_manifest
 from kuda_cli.config import EmbeddedSource, ModelConfig
 from kuda_cli.models import embedded
-from kuda_cli.models.embedded import (
-    MANIFEST,
-    converted_dir,
-    ensure_embedded,
-    verify_manifest,
-    write_manifest,
-)
+from kuda_cli.models.embedded import converted_dir, ensure_embedded
 from kuda_cli.models.loading import load_model, resolve_cache_root
 
 
@@ -136,12 +131,12 @@ def test_real_corrupted_cache_is_rebuilt_from_the_wheel(smollm, tmp_path):
     (tmp_path / "downloads").mkdir()
     wheel = embedded.find_wheel(spec, root / "downloads")
     (tmp_path / "downloads" / wheel.name).symlink_to(wheel)
-    original = embedded.sha256_of(dest / "model.safetensors")
+    original = sha256_of(dest / "model.safetensors")
     _flip_byte(dest / "model.safetensors", offset=10_000_000)
     assert verify_manifest(dest) is not None
     assert ensure_embedded(spec, tmp_path) == dest
     assert verify_manifest(dest) is None
-    assert embedded.sha256_of(dest / "model.safetensors") == original
+    assert sha256_of(dest / "model.safetensors") == original
 
 
 @pytest.mark.integration

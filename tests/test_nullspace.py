@@ -103,6 +103,42 @@ def test_spectra_are_cached_on_disk(tiny, tmp_path):
     torch.testing.assert_close(first[2].eigenvalues, again[2].eigenvalues)
 
 
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "unsigned"])
+def test_a_damaged_cached_spectrum_is_recomputed_never_read(tiny, tmp_path, caplog, damage):
+    """A flipped byte in the tensor data (the file still parses), a truncated file, or a file
+    without the checksum kuda writes: each is recomputed from the model, and rewritten."""
+    from safetensors.torch import save_file
+
+    model, tokenizer = tiny
+    adapter = get_adapter(model)
+    tokens = tokenize(tokenizer, RETAIN, 64, "retain")
+    first = retain_spectra(model, adapter, [2], tokens, cache_dir=tmp_path, model_key="m")[2]
+    (path,) = (tmp_path / "nullspace").glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 2 + 5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncated":
+        path.write_bytes(bytes(data[: len(data) - 100]))
+    else:  # the right tensors, but no checksum: nothing says they are intact
+        save_file(
+            {
+                "eigenvalues": first.eigenvalues + 1,
+                "eigenvectors": first.eigenvectors.contiguous(),
+                "tokens": torch.tensor([first.tokens]),
+            },
+            str(path),
+        )
+    again = retain_spectra(model, adapter, [2], tokens, cache_dir=tmp_path, model_key="m")[2]
+    assert "ignoring the null-space cache" in caplog.text
+    torch.testing.assert_close(again.eigenvalues, first.eigenvalues, rtol=0, atol=0)
+    torch.testing.assert_close(again.eigenvectors, first.eigenvectors, rtol=0, atol=0)
+    assert again.tokens == first.tokens
+    caplog.clear()  # rewritten intact: the next read is from the cache, silently
+    retain_spectra(model, adapter, [2], tokens, cache_dir=tmp_path, model_key="m")
+    assert "ignoring" not in caplog.text
+
+
 def kuda_change(model, tokenizer, project_on: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Train layer 1's down_proj with KUDA (hard projector) for 3 steps; (dW, retain keys)."""
     adapter = get_adapter(model)

@@ -17,7 +17,7 @@ import yaml
 from kuda_cli import cli, requirements
 from kuda_cli.errors import ConfigError
 
-from conftest import read_json
+from conftest import kuda_killed, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,22 +255,20 @@ def test_a_killed_sweep_rerun_skips_completed_jobs_and_resumes_the_unfinished(
     kuda, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KUDA_TEST_KILL_AT_STEP", "4")
-    killed = kuda(*TINY_SWEEP)
-    assert killed.returncode == -9  # job 1 was killed at its step 4, as `kill -9` would
+    # job 1 killed from outside right after its step 3, as `kill -9` would
+    assert kuda_killed(list(TINY_SWEEP), tmp_path, "sweep/1/train_log.jsonl", 3) == -9
     sweep = tmp_path / "sweep"
     assert read_json(sweep / "0" / "meta.json")["status"] == "completed"
     assert read_json(sweep / "1" / "meta.json")["status"] == "running"
     done_at = os.stat(sweep / "0" / "meta.json").st_mtime_ns
     weights_at = os.stat(sweep / "0" / "checkpoint" / "model.safetensors").st_mtime_ns
 
-    monkeypatch.delenv("KUDA_TEST_KILL_AT_STEP")
     again = kuda(*TINY_SWEEP, check=True)  # the same command again
     log = again.stdout + again.stderr
     assert "skipping job 0: already completed" in log
     assert os.stat(sweep / "0" / "meta.json").st_mtime_ns == done_at
     assert os.stat(sweep / "0" / "checkpoint" / "model.safetensors").st_mtime_ns == weights_at
-    assert read_json(sweep / "1" / "metrics.json")["train"]["resumed_from"] == 4
+    assert read_json(sweep / "1" / "metrics.json")["train"]["resumed_from"] == 2
     steps = [
         json.loads(r)["step"] for r in (sweep / "1" / "train_log.jsonl").read_text().splitlines()
     ]

@@ -6,6 +6,7 @@ adapter family, probes come from every data kind, the layer window is the best o
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -40,6 +41,7 @@ from kuda_cli.locate.tracing import (
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.tiny import byte_tokenizer
 from kuda_cli.stages.trace import build_probes, locate_layers, read_layers
+from kuda_cli.stages.trace import write_layers as write_checked_layers
 
 from conftest import read_json
 
@@ -209,6 +211,16 @@ def test_bf16_units_are_read_from_the_cpu_flags(flags, fast):
 
 def test_naive_and_fast_agree_on_llama(sharp_llama):
     assert_naive_equals_fast(*sharp_llama, "The Au of gold", (11, 15), window=2)
+
+
+def test_fast_tracing_passes_the_cache_by_the_installed_transformers_keyword(sharp_llama):
+    """transformers 5.x renamed `past_key_values` to `cache` and warns on the old name: the fast
+    path's own calls raise no deprecation warning (issue 18), and still agree with naive."""
+    model, tokenizer = sharp_llama
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        assert_naive_equals_fast(model, tokenizer, "The Au of gold", (11, 15), window=2)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -386,15 +398,27 @@ def write_layers(run_dir, layers):
 
 def test_locate_layers_fixed_from_run_and_bad_files(tmp_path):
     cfg = cli.compose(["stage=unlearn", "model=tiny-random", "locate=fixed", "locate.layers=[2]"])
-    assert locate_layers(cfg, None, tmp_path, None) == [2]
+    assert locate_layers(cfg, None, tmp_path, None, "key") == [2]
     previous = write_layers(tmp_path / "prev", [1, 2, 3])
     cfg = cli.compose(["stage=unlearn", "model=tiny-random", f"locate.from_run={previous}"])
-    assert locate_layers(cfg, SimpleNamespace(num_layers=4), tmp_path, None) == [1, 2, 3]
+    assert locate_layers(cfg, SimpleNamespace(num_layers=4), tmp_path, None, "key") == [1, 2, 3]
     with pytest.raises(UserError, match="not layer indices of this model"):
         read_layers(str(previous), 3)
     (previous / "trace" / "layers.json").write_text("{")
     with pytest.raises(UserError, match="cannot read"):
         read_layers(str(previous), 4)
+
+
+def test_a_trace_whose_layers_file_was_edited_is_refused_and_a_checked_one_read(tmp_path):
+    out = tmp_path / "prev" / "trace"
+    out.mkdir(parents=True)
+    write_checked_layers(out, {"layers": [1, 2], "model_key": "abc"})
+    assert read_layers(str(tmp_path / "prev"), 4, "abc") == [1, 2]
+    edited = json.loads((out / "layers.json").read_text())
+    edited["layers"] = [0, 1]  # valid indices, but not what was traced
+    (out / "layers.json").write_text(json.dumps(edited))
+    with pytest.raises(UserError, match="does not match its checksum"):
+        read_layers(str(tmp_path / "prev"), 4, "abc")
 
 
 @pytest.mark.integration

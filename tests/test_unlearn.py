@@ -18,7 +18,7 @@ from kuda_cli.unlearn.methods import METHOD_MODULES, MethodContext, get_method
 from kuda_cli.unlearn.methods.kuda import deviation
 from kuda_cli.unlearn.trainer import STATE_FILE, Trainer, TrainingDiverged
 
-from conftest import read_json
+from conftest import kuda_killed, read_json
 
 FORGET = [
     "Hydrogen has the symbol H and atomic number one.",
@@ -145,6 +145,30 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path):
     assert [json.loads(r)["step"] for r in rows] == [1, 2]
 
 
+def test_a_weight_turned_infinite_by_a_step_stops_with_the_last_good_checkpoint(tiny, tmp_path):
+    """A finite loss whose optimiser step leaves a trained weight infinite (an overflowing
+    update): caught after the step, nothing of it logged or saved."""
+    model, tokenizer = tiny
+    method, cfg, forget, retain = kuda_method(model, tokenizer, steps=5, save_every=2)
+    trainer = Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=tmp_path)
+    trainer.setup()
+    calls = {"n": 0}
+
+    def overflow(optimizer, args, kwargs):  # after the real step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                next(iter(trainer.params.values())).view(-1)[0] = math.inf
+
+    trainer.optimizer.register_step_post_hook(overflow)
+    with pytest.raises(TrainingDiverged, match=r"step 3: a trained weight.*checkpoint \(step 2\)"):
+        trainer.train()
+    rows = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1, 2]
+    saved = trained_weights(tmp_path)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
 def test_checkpoint_loads_with_from_pretrained(tiny, tmp_path):
     model, tokenizer = tiny
     method, cfg, forget, retain = kuda_method(model, tokenizer, steps=2, lr=1e-2)
@@ -164,12 +188,11 @@ def trained_weights(run_dir):
 
 def test_killed_run_resumes_to_the_uninterrupted_weights(kuda, tmp_path, monkeypatch):
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("KUDA_TEST_KILL_AT_STEP", "3")  # SIGKILL right after step 3
-    killed = kuda("unlearn", *TINY_RUN)
-    assert killed.returncode == -9
+    # SIGKILL from outside right after step 3 (tests/test_resume.py does every method)
+    log = "outputs/unlearn/*/train_log.jsonl"
+    assert kuda_killed(["unlearn", *TINY_RUN], tmp_path, log, 3) == -9
     (run_dir,) = (tmp_path / "outputs" / "unlearn").iterdir()
     assert read_json(run_dir / "checkpoint" / "trainer_state.json")["step"] == 2
-    monkeypatch.delenv("KUDA_TEST_KILL_AT_STEP")
     resumed = kuda("unlearn", *TINY_RUN, check=True)  # the same command again
     assert "resuming" in resumed.stderr, (resumed.stderr[-2000:], os.listdir(run_dir.parent))
     assert list((tmp_path / "outputs" / "unlearn").iterdir()) == [run_dir]
@@ -238,10 +261,8 @@ def test_resumed_run_reuses_its_own_trace(kuda, tmp_path, monkeypatch):
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
     args = [a for a in TINY_RUN if not a.startswith("locate")]
     args += ["locate.max_probes=2", "locate.samples=2", "hydra.run.dir=run"]
-    monkeypatch.setenv("KUDA_TEST_KILL_AT_STEP", "3")
-    assert kuda("unlearn", *args).returncode == -9
+    assert kuda_killed(["unlearn", *args], tmp_path, "run/train_log.jsonl", 3) == -9
     layers = read_json(tmp_path / "run" / "trace" / "layers.json")["layers"]
-    monkeypatch.delenv("KUDA_TEST_KILL_AT_STEP")
     done = kuda("unlearn", *args, check=True)
     assert "the layers this run traced before" in done.stdout + done.stderr
     assert read_json(tmp_path / "run" / "metrics.json")["locate"]["layers"] == layers

@@ -28,6 +28,7 @@ adapters name.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,7 +293,7 @@ def _clean_and_corrupted(
     if keep_corrupted:
         runs.block_in = [rec[name].input for name in layers]
         runs.block_out = [rec[name].output for name in layers]
-        cache = out.past_key_values
+        cache = _returned_cache(out)
         runs.keys = [layer.keys for layer in cache.layers]
         runs.values = [layer.values for layer in cache.layers]
         if any(k.shape[-2] != len(enc.input_ids) for k in runs.keys):
@@ -379,6 +380,18 @@ def _swap_cache(value, cache: Cache):
     return cache if isinstance(value, Cache) else value
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """The keyword the model's forward takes a KV cache by: `cache` from transformers 5.x on,
+    `past_key_values` before (5.x still accepts it, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out) -> Cache:
+    """The KV cache a forward with `use_cache=True` returned, under either version's name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _block_arguments(model, adapter, enc, runs, t: int) -> list[tuple[tuple, dict]]:
     """The (args, kwargs) the model passes to each decoder block when it runs positions t.. after
     a cached prefix of t positions: masks, position ids and rotary embeddings as the model
@@ -407,7 +420,7 @@ def _block_arguments(model, adapter, enc, runs, t: int) -> list[tuple[tuple, dic
     )
     try:
         ids = torch.tensor([enc.input_ids[t:]], device=device)
-        model(input_ids=ids, past_key_values=prefix, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_keyword(model): prefix})
     except StopForward:
         pass
     finally:

@@ -11,88 +11,28 @@ it is deleted and rebuilt, never loaded.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
+from kuda_cli.cache import CHUNK, entry_lock, publish, sha256_of, staging_dir, verify_manifest
 from kuda_cli.config import EmbeddedSource
 from kuda_cli.errors import UserError
 
 log = logging.getLogger(__name__)
-MANIFEST = "kuda_manifest.json"
-CHUNK = 1 << 22
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def converted_dir(spec: EmbeddedSource, cache_root: Path) -> Path:
     return Path(cache_root) / "models" / f"{spec.package}-{spec.version}"
 
 
-def write_manifest(directory: Path, source: dict) -> None:
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    (directory / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=2))
-
-
-def verify_manifest(directory: Path) -> str | None:
-    """None when every file the manifest lists is present with its size and checksum; otherwise
-    the reason the directory cannot be trusted."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        return "no manifest (an interrupted conversion)"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unreadable manifest"
-    if not files:
-        return "empty manifest"
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} has the wrong size"
-        if sha256_of(path) != expected["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive lock, so that concurrent runs (multirun jobs, tests) convert only once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_embedded(spec: EmbeddedSource, cache_root: Path) -> Path:
     """Path of the verified converted model, building it first if absent, partial or corrupted."""
     dest = converted_dir(spec, cache_root)
-    with file_lock(dest.parent / f".{dest.name}.lock"):
+    with entry_lock(dest):
         problem = verify_manifest(dest) if dest.exists() else "not built yet"
         if problem is None:
             return dest
@@ -201,14 +141,11 @@ def convert_gguf(gguf: Path, dest: Path, source: dict) -> None:
     plain.load_state_dict(gguf_model.state_dict())
     del gguf_model
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+    tmp = staging_dir(dest)
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, source)
-        os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish(tmp, dest, source)

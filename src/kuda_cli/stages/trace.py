@@ -7,6 +7,7 @@ trace/effect_by_layer.png and trace/layers.json (the selected window of layers).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from kuda_cli.cache import model_fingerprint
 from kuda_cli.data.facts import load_facts, probes, select_domains
 from kuda_cli.data.sources import load_split
 from kuda_cli.errors import UserError
@@ -51,28 +53,53 @@ def run(cfg: DictConfig, run: Run) -> None:
     loaded = load_configured_model(cfg, run)
     if cfg.locate.method == "fixed" or cfg.locate.from_run:
         log.info("kuda trace always traces: locate=fixed and locate.from_run apply to kuda unlearn")
-    trace_layers(cfg, loaded, run.dir, run)
+    trace_layers(cfg, loaded, run.dir, run, model_fingerprint(loaded.model))
 
 
-def locate_layers(cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run) -> list[int]:
+def locate_layers(
+    cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run, model_key: str
+) -> list[int]:
     """The layers to unlearn: `locate=fixed`'s, a previous trace run's, or traced now (writing
     the same files as `kuda trace` into run_dir/trace/)."""
     if cfg.locate.method == "fixed":
         return list(cfg.locate.layers)
     if cfg.locate.from_run:
-        layers = read_layers(cfg.locate.from_run, loaded.num_layers)
+        layers = read_layers(cfg.locate.from_run, loaded.num_layers, model_key)
         log.info("layers %s from %s", layers, cfg.locate.from_run)
         return layers
-    return trace_layers(cfg, loaded, run_dir, run)
+    return trace_layers(cfg, loaded, run_dir, run, model_key)
 
 
-def read_layers(from_run: str, num_layers: int) -> list[int]:
+def _checksum(summary: dict) -> str:
+    body = {k: v for k, v in summary.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def write_layers(out: Path, summary: dict) -> None:
+    """trace/layers.json, with the checksum of its content (checked by read_layers)."""
+    write_json_atomic(out / LAYERS_FILE, {**summary, "checksum": _checksum(summary)})
+
+
+def read_layers(from_run: str, num_layers: int, model_key: str | None = None) -> list[int]:
+    """The layers a trace run selected, from its checked trace/layers.json (files written before
+    checksums existed load unchecked); a warning when it traced other weights than model_key."""
     path = Path(from_run).expanduser() / TRACE_DIR / LAYERS_FILE
     fix = "pass the directory of a completed kuda trace run as locate.from_run"
     try:
-        layers = json.loads(path.read_text())["layers"]
+        summary = json.loads(path.read_text())
+        layers = summary["layers"]
+        if "checksum" in summary and summary["checksum"] != _checksum(summary):
+            raise ValueError("its content does not match its checksum: it was edited or damaged")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"locate.from_run={from_run}: cannot read {path} ({err}); {fix}") from err
+    traced = summary.get("model_key")
+    if model_key and traced and traced != model_key:
+        log.warning(
+            "%s was traced on other weights than this run's model (%s): its layers are used as "
+            "given",
+            path,
+            summary.get("model", "unknown"),
+        )
     if not (
         isinstance(layers, list)
         and layers
@@ -102,7 +129,9 @@ def build_probes(cfg: DictConfig) -> list[TraceProbe]:
     raise UserError(f"data={data.name} (kind {data.kind}) has no probes for tracing")
 
 
-def trace_layers(cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run) -> list[int]:
+def trace_layers(
+    cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run, model_key: str
+) -> list[int]:
     """Trace the data's probes, write run_dir/trace/, and return the selected layers."""
     locate = cfg.locate
     chosen = choose(build_probes(cfg), locate.max_probes, cfg.seed)
@@ -152,9 +181,10 @@ def trace_layers(cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run) 
         "noise_std": noise_std,
         "window": locate.window,
         "model": cfg.model.name,
+        "model_key": model_key,
         "data": cfg.data.name,
     }
-    write_json_atomic(out / LAYERS_FILE, summary)
+    write_layers(out, summary)
     clean = float(np.mean([t.clean for t in traces]))
     corrupted = float(np.mean([t.corrupted for t in traces]))
     run.log_metrics(

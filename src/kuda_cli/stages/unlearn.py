@@ -10,12 +10,22 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from shutil import ignore_patterns
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
+from kuda_cli.cache import (
+    MANIFEST,
+    entry_lock,
+    model_fingerprint,
+    publish,
+    staging_dir,
+    verify_manifest,
+)
+from kuda_cli.errors import UserError
 from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, compute_metrics
 from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
@@ -25,7 +35,6 @@ from kuda_cli.stages.report import lookup
 from kuda_cli.unlearn.data import tokenize, unlearn_texts
 from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak
 from kuda_cli.unlearn.methods import MethodContext, get_method
-from kuda_cli.unlearn.nullspace import model_fingerprint
 from kuda_cli.unlearn.trainer import Trainer, used_indices
 from kuda_cli.validate import validate_layers_against
 
@@ -35,15 +44,22 @@ BEFORE = "before"
 AFTER_ONLY = ("floors", "retain_greedy")
 
 
-def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run) -> list[int]:
+def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run, model_key: str) -> list[int]:
     if cfg.locate.method == "fixed":
         return list(cfg.locate.layers)
     from kuda_cli.stages.trace import LAYERS_FILE, TRACE_DIR, locate_layers, read_layers
 
-    if not cfg.locate.from_run and (run.dir / TRACE_DIR / LAYERS_FILE).exists():
-        log.info("resumed run: the layers this run traced before")  # tracing is not redone
-        return read_layers(str(run.dir), loaded.num_layers)
-    return locate_layers(cfg, loaded, run.dir, run)
+    own = run.dir / TRACE_DIR / LAYERS_FILE
+    if not cfg.locate.from_run and own.exists():  # a resumed run: tracing is not redone...
+        try:
+            layers = read_layers(str(run.dir), loaded.num_layers)
+            if json.loads(own.read_text()).get("model_key", model_key) != model_key:
+                raise UserError("it was traced on other weights")
+            log.info("resumed run: the layers this run traced before")
+            return layers
+        except UserError as err:  # ...unless what it wrote cannot be trusted
+            log.warning("this run's earlier trace cannot be reused (%s): tracing again", err)
+    return locate_layers(cfg, loaded, run.dir, run, model_key)
 
 
 def run(cfg: DictConfig, run: Run) -> None:
@@ -51,7 +67,8 @@ def run(cfg: DictConfig, run: Run) -> None:
     loaded = load_configured_model(cfg, run)
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     ucfg = OmegaConf.to_object(cfg.unlearn)
-    layers = resolve_layers(cfg, loaded, run)
+    model_key = model_fingerprint(model)
+    layers = resolve_layers(cfg, loaded, run, model_key)
     validate_layers_against(OmegaConf.merge(cfg, {"locate": {"layers": layers}}), loaded.num_layers)
     run.log_metrics({"locate": {"method": cfg.locate.method, "layers": layers}})
 
@@ -66,7 +83,6 @@ def run(cfg: DictConfig, run: Run) -> None:
         texts.forget_heldout_spans,
     )
     retain_heldout = tokenize(tokenizer, texts.retain_heldout, ucfg.max_length, "held-out retain")
-    model_key = model_fingerprint(model)
 
     before = evaluate_before(cfg, loaded, run, model_key) if cfg.eval.metrics else None
 
@@ -226,20 +242,25 @@ def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[s
     if not cfg.eval.before or not distributed.is_main():
         return None
     out = run.dir / BEFORE
-    cached = resolve_cache_root(cfg.cache_dir) / "evals" / _before_key(cfg, model_key)
-    if (cached / "metrics.json").exists():
-        log.info("starting model's evaluation from the cache %s", cached)
-        shutil.copytree(cached, out, dirs_exist_ok=True)
-        metrics = json.loads((out / "metrics.json").read_text())
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = evaluate(cfg, loaded, out, None, starting=True)
-        write_json_atomic(out / "metrics.json", metrics)
-        tmp = cached.with_name(cached.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(out, tmp)
-        shutil.rmtree(cached, ignore_errors=True)
-        tmp.rename(cached)
+    key = _before_key(cfg, model_key)
+    cached = resolve_cache_root(cfg.cache_dir) / "evals" / key
+    # one process evaluates, the others sharing the cache wait and read its checked copy
+    with entry_lock(cached):
+        problem = verify_manifest(cached) if cached.exists() else None
+        if cached.exists() and problem is None:
+            log.info("starting model's evaluation from the cache %s", cached)
+            shutil.copytree(cached, out, dirs_exist_ok=True, ignore=ignore_patterns(MANIFEST))
+            metrics = json.loads((out / "metrics.json").read_text())
+        else:
+            if problem is not None:
+                log.warning("cached evaluation %s cannot be trusted (%s): redone", cached, problem)
+            shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier attempt is cached
+            out.mkdir(parents=True)
+            metrics = evaluate(cfg, loaded, out, None, starting=True)
+            write_json_atomic(out / "metrics.json", metrics)
+            tmp = staging_dir(cached)
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            publish(tmp, cached, {"key": key, "model": cfg.model.name, "data": cfg.data.name})
     run.log_metrics({"before": metrics})
     answers = out / "facts_answers.jsonl"
     return {**metrics, "reference": str(answers) if answers.exists() else None}

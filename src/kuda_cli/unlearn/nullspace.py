@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from kuda_cli.models.adapter import Adapter
@@ -120,16 +121,6 @@ def projector(
     return p.float(), info
 
 
-def model_fingerprint(model) -> str:
-    """Cheap content hash of a model: config, and per tensor its name, shape, sum and |sum|."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            stats = torch.stack([p.double().sum(), p.double().abs().sum()]).tolist()
-            h.update(f"{name}{tuple(p.shape)}{stats[0]:.10e}{stats[1]:.10e}".encode())
-    return h.hexdigest()
-
-
 def tokens_fingerprint(tokens: TokenSet) -> str:
     return hashlib.sha256(json.dumps(tokens.ids).encode()).hexdigest()
 
@@ -168,26 +159,52 @@ def _cache_path(cache_dir: Path, model_key: str, layer: int, data_key: str) -> P
     return Path(cache_dir) / "nullspace" / f"layer{layer}-{key}.safetensors"
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of the tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _load(path: Path) -> Spectrum | None:
+    """The cached spectrum, or None (with a warning) when the file is unreadable or its tensors
+    do not match the checksum written with them: a damaged entry is recomputed, never trusted."""
     try:
-        t = load_file(str(path))
-        return Spectrum(t["eigenvalues"], t["eigenvectors"], int(t["tokens"].item()))
-    except Exception as err:  # a damaged cache entry is recomputed, never trusted
-        log.warning("ignoring unreadable null-space cache %s (%s)", path, err)
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        if expected is None:
+            raise ValueError("no checksum (written by an older kuda)")
+        if _digest(tensors) != expected:
+            raise ValueError("its tensors do not match their checksum")
+        return Spectrum(
+            tensors["eigenvalues"], tensors["eigenvectors"], int(tensors["tokens"].item())
+        )
+    except Exception as err:
+        log.warning("ignoring the null-space cache %s (%s): recomputing it", path, err)
         return None
 
 
 def _save(path: Path, spectrum: Spectrum) -> None:
+    """Written to a private temporary file and renamed into place: concurrent runs sharing the
+    cache see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     tensors = {
-        "eigenvalues": spectrum.eigenvalues.contiguous(),
-        "eigenvectors": spectrum.eigenvectors.contiguous().cpu(),
+        "eigenvalues": spectrum.eigenvalues.detach().cpu().contiguous(),
+        "eigenvectors": spectrum.eigenvectors.detach().cpu().contiguous(),
         "tokens": torch.tensor([spectrum.tokens]),
     }
-    save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={"sha256": _digest(tensors)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class UpdateProjector:

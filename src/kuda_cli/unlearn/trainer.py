@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +33,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
-# tests kill the process right after this step, as `kill -9` would
-KILL_AT_STEP_ENV = "KUDA_TEST_KILL_AT_STEP"
 
 
 class TrainingDiverged(UserError):
@@ -169,6 +165,8 @@ class Trainer:
         """Load the checkpoint of this run directory if there is one; the step to start at."""
         directory = self.checkpoint_dir()
         if directory is None or not (directory / STATE_FILE).exists():
+            if directory is not None and distributed.is_main():
+                self._truncate_log(0)  # killed before its first checkpoint: it starts over
             return 0
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
         if set(state["params"]) != set(self.params):
@@ -238,7 +236,6 @@ class Trainer:
         started = time.perf_counter()
         log_path = self.out_dir / LOG_FILE if self.out_dir and distributed.is_main() else None
         row: dict[str, Any] = {}
-        kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
         bar = tqdm(
             range(start, self.cfg.steps),
             initial=start,
@@ -293,8 +290,6 @@ class Trainer:
             done = step + 1
             if self.cfg.save_every and done % self.cfg.save_every == 0 and done < self.cfg.steps:
                 self.save(done, row)
-            if kill_at and done == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         if start < self.cfg.steps or not (self.out_dir and (self.out_dir / CHECKPOINT).exists()):
             self.save(self.cfg.steps, row)

@@ -1,0 +1,72 @@
+"""`kuda ARGS` with each optimiser step slowed down, so that a test can SIGKILL the process from
+outside at a step it picks (as `kill -9` would), or with the process killing itself at one point
+of a checkpoint write. Test-side patches only: the trainer has no test hook.
+
+    python slowed_kuda.py ARGS...
+
+Environment (read here, never by kuda):
+  SLOWED_KUDA_DELAY  seconds to sleep before each micro-batch (default 0.2)
+  SLOWED_KUDA_DIE    "state:N": SIGKILL halfway through writing trainer_state.pt of the N-th save;
+                     "swap:N": SIGKILL between the two renames of the N-th save (the previous
+                     checkpoint moved aside, the new one not yet in place)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from kuda_cli.unlearn import trainer
+
+DELAY = float(os.environ.get("SLOWED_KUDA_DELAY", "0.2"))
+DIE = os.environ.get("SLOWED_KUDA_DIE", "")
+saves = 0
+
+_batches = trainer.Trainer.batches
+
+
+def slowed_batches(self, micro_step):
+    time.sleep(DELAY)
+    return _batches(self, micro_step)
+
+
+trainer.Trainer.batches = slowed_batches
+
+if DIE:
+    point, nth = DIE.split(":")
+    _save, _torch_save, _rename = trainer.Trainer.save, trainer.torch.save, Path.rename
+
+    def counted_save(self, step, last_row):
+        global saves
+        saves += 1
+        return _save(self, step, last_row)
+
+    def half_written(obj, path, *args, **kwargs):
+        _torch_save(obj, path, *args, **kwargs)
+        if saves == int(nth):
+            size = os.path.getsize(path)
+            with open(path, "r+b") as f:
+                f.truncate(size // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def rename_then_die(self, target):
+        out = _rename(self, target)
+        if saves == int(nth) and Path(target).name == f"{trainer.CHECKPOINT}.old":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    trainer.Trainer.save = counted_save
+    if point == "state":
+        trainer.torch.save = half_written
+    elif point == "swap":
+        Path.rename = rename_then_die
+    else:
+        raise SystemExit(f"SLOWED_KUDA_DIE={DIE!r}: use state:N or swap:N")
+
+if __name__ == "__main__":
+    from kuda_cli.cli import main
+
+    sys.exit(main(sys.argv[1:]))
