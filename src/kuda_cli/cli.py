@@ -219,7 +219,17 @@ def _explain_omegaconf(err: OmegaConfBaseException) -> str:
     msg = (getattr(err, "msg", None) or str(err)).strip().splitlines()[0]
     value = getattr(err, "value", None)
     shown = f"={value!r}" if value is not None else ""
-    return f"{key}{shown} is invalid: {msg}"
+    takes = next((what for pattern, what in TAKES if pattern in msg), None)
+    return f"{key}{shown} is invalid: {msg}" + (f"; {key} takes {takes}" if takes else "")
+
+
+# what a typed field takes, by the OmegaConf message that refused a value
+TAKES = (
+    ("converted to Integer", "an integer"),
+    ("converted to Float", "a number"),
+    ("not a valid bool", "true or false"),
+    ("is not a ListConfig", "a list, e.g. [a,b]"),
+)
 
 
 def explain_composition_error(err: Exception) -> str:
@@ -310,7 +320,10 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
     from kuda_cli.validate import validate
 
     if any(o.partition("=")[0].lstrip("+~") == "stage" for o in overrides):
-        raise ConfigError("stage is set by the command (kuda STAGE ...), not by stage=")
+        raise ConfigError(
+            "stage is set by the command (kuda STAGE ...), not by stage=; pass the stage as the "
+            f"first word: kuda {'|'.join(STAGES)} ..."
+        )
     overrides = [*overrides, f"stage={stage}"]
     jobs = job_override_lists(overrides, multirun)
     params = sweeper_params(compose(jobs[0]))
@@ -501,7 +514,10 @@ def _check_resume(directory: Path, cfg: DictConfig) -> Path:
 
     meta = read_meta(directory)
     if meta is None or meta.get("stage") != "unlearn":
-        raise ConfigError(f"resume={directory} is not a kuda unlearn run directory (no meta.json)")
+        raise ConfigError(
+            f"resume={directory} is not a kuda unlearn run directory (no meta.json); pass the "
+            "directory of an unfinished kuda unlearn run"
+        )
     if meta.get("status") == "completed":
         raise ConfigError(f"resume={directory} already completed; nothing to resume")
     if not _has_checkpoint(directory):

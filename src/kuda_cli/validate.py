@@ -21,11 +21,12 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model)
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval, cfg.data)
-    _check_domains(cfg.data)
+    _check_method(cfg.unlearn)
     _check_trainable(cfg.unlearn)
     _check_steer_layer(cfg)
     _check_text_source(cfg.eval)
     _check_local_paths(cfg)
+    _check_domains(cfg.data)
     _check_from_run(cfg.locate)
     _check_requires(cfg)
     _check_tune(cfg)
@@ -33,11 +34,18 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_domains(data: DictConfig) -> None:
-    """Before any work: forget and retain domains of a facts set do not overlap."""
+    """Before any work: forget and retain domains of a facts set are domains of that set (the
+    built-in one or data.path's) and do not overlap."""
     if data.get("kind") == "facts":
-        from kuda_cli.data.facts import check_disjoint
+        from kuda_cli.data.facts import load_facts, split_facts
 
-        check_disjoint(list(data.forget_domains), list(data.retain_domains))
+        split_facts(load_facts(data.path), list(data.forget_domains), list(data.retain_domains))
+
+
+def _check_method(unlearn: DictConfig) -> None:
+    from kuda_cli.unlearn.methods import check_registered
+
+    check_registered(unlearn.get("method"))
 
 
 def _check_frontier_range(report: DictConfig) -> None:
@@ -82,7 +90,9 @@ def _check_node(node: DictConfig, prefix: str) -> None:
     fields = (
         {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
     )
-    for key in node.keys():
+    # an interpolated value (model.num_layers: ${.tiny.num_layers}) is checked after the others,
+    # so that a bad value is reported at the key the user set
+    for key in sorted(node.keys(), key=lambda k: OmegaConf.is_interpolation(node, k)):
         path = f"{prefix}{key}"
         if path == "hydra":
             continue  # Hydra's own node, validated by Hydra

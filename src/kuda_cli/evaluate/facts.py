@@ -212,8 +212,14 @@ def read_reference_answers(path: str | Path) -> dict[str, str]:
             f"eval.facts.reference={given} has no {ANSWERS_FILE}; pass a run directory of a "
             "facts evaluation (or the file itself)"
         )
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {row["prompt"]: row["answer"] for row in rows if row.get("answer") is not None}
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {row["prompt"]: row["answer"] for row in rows if row.get("answer") is not None}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(
+            f"eval.facts.reference={given}: {path} is not a facts evaluation's answers "
+            f"({type(err).__name__}: {err}); pass the run directory of a facts evaluation"
+        ) from err
 
 
 def read_reference_fluency(path: str | Path) -> dict[str, dict[str, Any]] | None:

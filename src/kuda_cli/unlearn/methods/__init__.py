@@ -116,12 +116,17 @@ def register_method(name: str):
     return wrap
 
 
-def get_method(name: str) -> type[Method]:
+def check_registered(name: str) -> None:
+    """One line naming the registered methods when `name` is not one of them."""
     if name not in METHOD_MODULES:
         raise UserError(
             f"unlearn.method={name} is not a registered method; choose one of: "
             f"{', '.join(METHOD_MODULES)} (unlearn=NAME picks its config)"
         )
+
+
+def get_method(name: str) -> type[Method]:
+    check_registered(name)
     importlib.import_module(METHOD_MODULES[name])
     return METHODS[name]
 

