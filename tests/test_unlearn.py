@@ -311,3 +311,67 @@ def test_summary_measures_forgetting_against_the_floor_and_carries_every_task():
     assert below["forget_removed_mc"] == 1.0 and below["forget_removed_gen"] == 0.0
     no_floor = {"facts": {"forget": {"mc_acc": 1.0}, "floor": {"mc_acc": 1.0}}}
     assert "forget_removed_mc" not in summarise(no_floor, after)
+
+
+@pytest.mark.parametrize("method", ["kuda", "ga"])
+def test_unlearn_diagnostics_equal_an_independent_computation(kuda, tmp_path, monkeypatch, method):
+    """KRD (KUDA's own and the baselines' held-out one) and the retain leak, recomputed here
+    from the starting tiny model and the saved checkpoint with plain forward hooks, one unpadded
+    sequence at a time: the run's metrics.json holds the same numbers."""
+    from kuda_cli import cli
+    from kuda_cli.models.tiny import tiny_random
+    from kuda_cli.unlearn.data import unlearn_texts
+
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    args = [*TINY_RUN, f"unlearn={method}", "unlearn.lr=1e-3"]
+    kuda("unlearn", *args, "hydra.run.dir=run", check=True)
+    diagnostics = read_json(tmp_path / "run" / "metrics.json")["diagnostics"]
+    cfg = cli.compose(["stage=unlearn", *args])
+    start, tokenizer = tiny_random(OmegaConf.to_object(cfg.model.tiny))  # the same seed
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint").eval()
+    texts = unlearn_texts(OmegaConf.to_object(cfg.data))
+    length = cfg.unlearn.max_length
+    heldout = tokenize(tokenizer, texts.forget_heldout, length, "f", texts.forget_heldout_spans)
+    retain = tokenize(tokenizer, texts.retain_heldout, length, "r")
+
+    def captured(model, ids, layer, what):
+        """The MLP output (`out`) or the down_proj input (`in`) of one sequence."""
+        got = {}
+        module = model.model.layers[layer].mlp
+        module = module if what == "out" else module.down_proj
+
+        def hook(mod, args, output):
+            got["x"] = (output if what == "out" else args[0])[0].double()
+
+        handle = module.register_forward_hook(hook)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([ids]))
+        handle.remove()
+        return got["x"]
+
+    krd = {}
+    for layer in (1, 2):
+        values = []
+        for ids, focus in zip(heldout.ids, heldout.focus, strict=True):
+            a, b = captured(trained, ids, layer, "out"), captured(start, ids, layer, "out")
+            cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+            values += [1 - c for c, f in zip(cos.tolist(), focus, strict=True) if f]
+        krd[f"l{layer}"] = sum(values) / len(values)
+        assert diagnostics["krd"][f"l{layer}"] == pytest.approx(krd[f"l{layer}"], abs=1e-5)
+    assert diagnostics["krd"]["mean"] == pytest.approx(sum(krd.values()) / 2, abs=1e-5)
+    assert diagnostics["krd"]["mean"] > 1e-4  # something moved: the comparison has teeth
+
+    for layer in (1, 2):
+        dw = (
+            trained.model.layers[layer].mlp.down_proj.weight.double()
+            - start.model.layers[layer].mlp.down_proj.weight.double()
+        )
+        keys = torch.cat([captured(start, ids, layer, "in") for ids in retain.ids])
+        leak = diagnostics["retain_leak"][f"l{layer}"]
+        assert diagnostics["retain_leak"]["keys"] == keys.shape[0]
+        assert leak["dw_norm"] == pytest.approx(float(dw.norm()), rel=1e-5)
+        # ||dW K||_F / (||dW||_F sqrt(n)), the keys as rows
+        expected = float((keys @ dw.T).norm() / (dw.norm() * keys.shape[0] ** 0.5))
+        assert leak["dw_k_over_dw"] == pytest.approx(expected, rel=1e-4)
+        isotropic = float((keys * keys).sum() / keys.shape[0] / keys.shape[1]) ** 0.5
+        assert leak["vs_random"] == pytest.approx(expected / isotropic, rel=1e-4)

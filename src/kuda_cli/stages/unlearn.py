@@ -149,7 +149,12 @@ def run(cfg: DictConfig, run: Run) -> None:
                 **diagnostics,
                 "gradient_conflict": conflict,
                 "retain_leak": retain_leak(
-                    model, adapter, trained_layers, start_down, retain_heldout
+                    model,
+                    adapter,
+                    trained_layers,
+                    start_down,
+                    retain_heldout,
+                    lambda: _swapped(trainer.params, starting),
                 ),
             },
         }

@@ -68,12 +68,16 @@ def retain_leak(
     layers: list[int],
     before: dict[int, torch.Tensor],
     keys: TokenSet,
+    starting_weights,
 ) -> dict[str, Any]:
     """Per trained layer, with dW the change of its down_proj (out, in) and K the held-out retain
-    keys: `dw_k_over_dw = ||dW K||_F / (||dW||_F sqrt(n))`, the change's action on an average
-    retain key per unit of change, and `vs_random`, the same divided by what a random change of
-    the same norm would give (1: the update ignores the retain keys; 0: it never touches them)."""
-    moments, count = key_moments(model, adapter, layers, keys, desc="held-out retain keys")
+    keys of the starting model (what the null-space projector protects, on inputs it never saw;
+    `starting_weights()` swaps them in): `dw_k_over_dw = ||dW K||_F / (||dW||_F sqrt(n))`, the
+    change's action on an average retain key per unit of change, and `vs_random`, the same
+    divided by what a random change of the same norm would give (1: the update ignores the
+    retain keys; 0: it never touches them)."""
+    with starting_weights():
+        moments, count = key_moments(model, adapter, layers, keys, desc="held-out retain keys")
     out: dict[str, Any] = {"keys": count}
     for layer in layers:
         dw = adapter.down_proj_weight(model, layer).double() - before[layer].double()
