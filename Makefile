@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml
 	  || $(BIN)/pip install -q --disable-pip-version-check -e '.[dev]' $(QUIET)
 	touch $@
 
+# The suite runs in as many processes as there are cores (pytest-xdist), one torch thread each:
+# its tests are small and single-threaded work does not gain from a second thread.
 test: install
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n auto
 
 demo: install
 	$(BIN)/kuda unlearn name=demo locate.samples=3

@@ -128,7 +128,7 @@ class MuseData:
     kind: str = choice("muse", "muse")
     # PrivLeak compares the Min-K% AUC with that of a model retrained without the forget set:
     # set it for your retrained model; null reports the AUC alone.
-    retrain_auc: float | None = bounded(None, ge=0, le=1)
+    retrain_auc: float | None = bounded(None, gt=0, le=1)  # 0 would divide PrivLeak by zero
     forget: SplitSource = field(default_factory=SplitSource)
     retain: SplitSource = field(default_factory=SplitSource)
     holdout: SplitSource = field(default_factory=SplitSource)
