@@ -363,8 +363,8 @@ def test_unlearn_diagnostics_equal_an_independent_computation(kuda, tmp_path, mo
 
     for layer in (1, 2):
         dw = (
-            trained.model.layers[layer].mlp.down_proj.weight.double()
-            - start.model.layers[layer].mlp.down_proj.weight.double()
+            trained.model.layers[layer].mlp.down_proj.weight.detach().double()
+            - start.model.layers[layer].mlp.down_proj.weight.detach().double()
         )
         keys = torch.cat([captured(start, ids, layer, "in") for ids in retain.ids])
         leak = diagnostics["retain_leak"][f"l{layer}"]
