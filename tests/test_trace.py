@@ -414,6 +414,9 @@ def test_a_trace_whose_layers_file_was_edited_is_refused_and_a_checked_one_read(
     out.mkdir(parents=True)
     write_checked_layers(out, {"layers": [1, 2], "model_key": "abc"})
     assert read_layers(str(tmp_path / "prev"), 4, "abc") == [1, 2]
+    assert read_layers(str(tmp_path / "prev"), 4, "other") == [1, 2]  # a warning only
+    with pytest.raises(UserError, match="traced on other weights"):  # a resumed run's own
+        read_layers(str(tmp_path / "prev"), 4, "other", same_weights=True)
     edited = json.loads((out / "layers.json").read_text())
     edited["layers"] = [0, 1]  # valid indices, but not what was traced
     (out / "layers.json").write_text(json.dumps(edited))

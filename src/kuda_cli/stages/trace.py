@@ -80,9 +80,12 @@ def write_layers(out: Path, summary: dict) -> None:
     write_json_atomic(out / LAYERS_FILE, {**summary, "checksum": _checksum(summary)})
 
 
-def read_layers(from_run: str, num_layers: int, model_key: str | None = None) -> list[int]:
+def read_layers(
+    from_run: str, num_layers: int, model_key: str | None = None, *, same_weights: bool = False
+) -> list[int]:
     """The layers a trace run selected, from its checked trace/layers.json (files written before
-    checksums existed load unchecked); a warning when it traced other weights than model_key."""
+    checksums existed load unchecked). When it traced other weights than model_key: a warning,
+    or (same_weights) a UserError."""
     path = Path(from_run).expanduser() / TRACE_DIR / LAYERS_FILE
     fix = "pass the directory of a completed kuda trace run as locate.from_run"
     try:
@@ -94,6 +97,8 @@ def read_layers(from_run: str, num_layers: int, model_key: str | None = None) ->
         raise UserError(f"locate.from_run={from_run}: cannot read {path} ({err}); {fix}") from err
     traced = summary.get("model_key")
     if model_key and traced and traced != model_key:
+        if same_weights:
+            raise UserError(f"{path} was traced on other weights than this run's model")
         log.warning(
             "%s was traced on other weights than this run's model (%s): its layers are used as "
             "given",

@@ -52,9 +52,7 @@ def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run, model_key: st
     own = run.dir / TRACE_DIR / LAYERS_FILE
     if not cfg.locate.from_run and own.exists():  # a resumed run: tracing is not redone...
         try:
-            layers = read_layers(str(run.dir), loaded.num_layers)
-            if json.loads(own.read_text()).get("model_key", model_key) != model_key:
-                raise UserError("it was traced on other weights")
+            layers = read_layers(str(run.dir), loaded.num_layers, model_key, same_weights=True)
             log.info("resumed run: the layers this run traced before")
             return layers
         except UserError as err:  # ...unless what it wrote cannot be trusted
@@ -251,13 +249,13 @@ def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[s
     cached = resolve_cache_root(cfg.cache_dir) / "evals" / key
     # one process evaluates, the others sharing the cache wait and read its checked copy
     with entry_lock(cached):
-        problem = verify_manifest(cached) if cached.exists() else None
-        if cached.exists() and problem is None:
+        problem = verify_manifest(cached) if cached.exists() else "absent"
+        if problem is None:
             log.info("starting model's evaluation from the cache %s", cached)
             shutil.copytree(cached, out, dirs_exist_ok=True, ignore=ignore_patterns(MANIFEST))
             metrics = json.loads((out / "metrics.json").read_text())
         else:
-            if problem is not None:
+            if problem != "absent":
                 log.warning("cached evaluation %s cannot be trusted (%s): redone", cached, problem)
             shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier attempt is cached
             out.mkdir(parents=True)
