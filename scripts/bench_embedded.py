@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from kuda_cli.cache import verify_manifest
-from kuda_cli.cli import compose
+from kuda_cli.compose import compose
 from kuda_cli.config import ModelConfig
 from kuda_cli.models.embedded import converted_dir
 from kuda_cli.models.loading import load_model

@@ -19,7 +19,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from kuda_cli.cli import compose
+from kuda_cli.compose import compose
 from kuda_cli.data.facts import load_facts, probes
 from kuda_cli.evaluate.facts import mc_and_top1, mc_correct
 from kuda_cli.evaluate.scoring import (

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from kuda_cli.cli import compose
+from kuda_cli.compose import compose
 from kuda_cli.data.facts import load_facts, probes, select_domains
 from kuda_cli.locate.probes import choose, encode, from_facts
 from kuda_cli.locate.tracing import KINDS, trace_probes

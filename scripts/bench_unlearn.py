@@ -105,7 +105,7 @@ def build_model(s: Settings):
     if s.model == "embedded":
         from omegaconf import OmegaConf
 
-        from kuda_cli.cli import compose
+        from kuda_cli.compose import compose
         from kuda_cli.models.loading import load_model
 
         cfg = compose(["stage=unlearn", f"model.device={s.device}"])

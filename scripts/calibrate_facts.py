@@ -23,7 +23,7 @@ import random
 import torch
 from omegaconf import OmegaConf
 
-from kuda_cli.cli import compose
+from kuda_cli.compose import compose
 from kuda_cli.data.facts import load_facts, probes, split_facts, subject_subsets
 from kuda_cli.evaluate.facts import (
     evaluate_facts,

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli import cli, config
+from kuda_cli.compose import compose, group_options
 from kuda_cli.config import TinySpec
 from kuda_cli.errors import ConfigError
 from kuda_cli.models.adapter import get_adapter
@@ -81,12 +82,12 @@ def test_registry_lists_every_method_and_each_config_composes():
     assert set(METHOD_MODULES) == {"kuda", *BASELINES}
     for name in METHOD_MODULES:
         assert get_method(name).name == name
-    for option in cli.group_options("unlearn"):
-        cfg = cli.compose([f"unlearn={option}", "stage=unlearn"])
+    for option in group_options("unlearn"):
+        cfg = compose([f"unlearn={option}", "stage=unlearn"])
         validate(cfg)
         assert cfg.unlearn.method in METHOD_MODULES, option  # no YAML without a method
     for name in BASELINES:
-        cfg = cli.compose([f"unlearn={name}", "stage=unlearn"]).unlearn
+        cfg = compose([f"unlearn={name}", "stage=unlearn"]).unlearn
         assert OmegaConf.get_type(cfg) is SCHEMAS[name]
         assert list(cfg.trainable) == (["down_proj"] if name == "rmu" else ["all"])
 
@@ -114,7 +115,7 @@ def test_unknown_method_option_exits_2_with_one_line(capsys):
 )
 def test_trainable_and_steer_layer_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate(cli.compose(["model=tiny-random", *overrides, "stage=unlearn"]))
+        validate(compose(["model=tiny-random", *overrides, "stage=unlearn"]))
 
 
 @pytest.mark.parametrize("name", ["ga", "graddiff", "npo", "simnpo"])

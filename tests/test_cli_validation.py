@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from kuda_cli import cli
+from kuda_cli.overrides import fit_eval_to_data, job_override_lists, rewrite_model_shortcut
+from kuda_cli.planning import _fresh, preflight
 
 
 @pytest.fixture(autouse=True)
@@ -122,19 +124,19 @@ def test_help_lists_stages_groups_and_options(capsys):
 
 
 def test_model_shortcuts_rewrite_hub_ids_and_directories(tmp_path):
-    assert cli.rewrite_model_shortcut(["model=org/name"]) == ["model=hub", "model.id=org/name"]
-    assert cli.rewrite_model_shortcut([f"model={tmp_path}"]) == [
+    assert rewrite_model_shortcut(["model=org/name"]) == ["model=hub", "model.id=org/name"]
+    assert rewrite_model_shortcut([f"model={tmp_path}"]) == [
         "model=local",
         f"model.path={tmp_path.resolve()}",
     ]
-    assert cli.rewrite_model_shortcut(["model=tiny-random", "seed=1"]) == [
+    assert rewrite_model_shortcut(["model=tiny-random", "seed=1"]) == [
         "model=tiny-random",
         "seed=1",
     ]
 
 
 def test_multirun_expands_every_job():
-    jobs = cli.job_override_lists(["seed=1,2", "model=tiny-random,smollm2-135m"], multirun=True)
+    jobs = job_override_lists(["seed=1,2", "model=tiny-random,smollm2-135m"], multirun=True)
     assert len(jobs) == 4
     assert ["seed=1", "model=smollm2-135m"] in jobs
 
@@ -159,13 +161,13 @@ def test_explicit_run_dir_holding_a_completed_run_is_refused(capsys, in_tmp):
 
 
 def test_default_run_dir_never_reuses_an_existing_directory(in_tmp):
-    overrides = cli.preflight("eval", ["model=tiny-random"], multirun=False)
+    overrides = preflight("eval", ["model=tiny-random"], multirun=False)
     pinned = in_tmp / next(o for o in overrides if o.startswith("hydra.run.dir=")).split("=", 1)[1]
     assert pinned.parent == in_tmp / "outputs" / "eval" and not pinned.exists()
     pinned.mkdir(parents=True)
-    assert cli._fresh(pinned) == pinned.with_name(pinned.name + "-2")
+    assert _fresh(pinned) == pinned.with_name(pinned.name + "-2")
     pinned.with_name(pinned.name + "-2").mkdir()
-    assert cli._fresh(pinned) == pinned.with_name(pinned.name + "-3")
+    assert _fresh(pinned) == pinned.with_name(pinned.name + "-3")
 
 
 def test_tab_completion_completes_stages_then_group_options(capsys, monkeypatch):
@@ -184,12 +186,12 @@ def test_tab_completion_completes_stages_then_group_options(capsys, monkeypatch)
 
 
 def test_eval_follows_the_data_unless_given():
-    assert cli.fit_eval_to_data(["data=wmdp_bio"]) == ["data=wmdp_bio", "eval=wmdp"]
-    assert cli.fit_eval_to_data(["data=muse_books", "seed=1"])[-1] == "eval=muse"
-    assert cli.fit_eval_to_data(["data=facts"])[-1] == "eval=facts"
-    assert cli.fit_eval_to_data(["data=wmdp_bio", "eval=none"]) == ["data=wmdp_bio", "eval=none"]
-    assert cli.fit_eval_to_data(["data=wmdp_bio,muse_news"]) == ["data=wmdp_bio,muse_news"]
-    assert cli.fit_eval_to_data(["seed=1"]) == ["seed=1"]
+    assert fit_eval_to_data(["data=wmdp_bio"]) == ["data=wmdp_bio", "eval=wmdp"]
+    assert fit_eval_to_data(["data=muse_books", "seed=1"])[-1] == "eval=muse"
+    assert fit_eval_to_data(["data=facts"])[-1] == "eval=facts"
+    assert fit_eval_to_data(["data=wmdp_bio", "eval=none"]) == ["data=wmdp_bio", "eval=none"]
+    assert fit_eval_to_data(["data=wmdp_bio,muse_news"]) == ["data=wmdp_bio,muse_news"]
+    assert fit_eval_to_data(["seed=1"]) == ["seed=1"]
 
 
 def test_a_user_error_is_printed_once_by_the_real_command(tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from kuda_cli import cli, config
+from kuda_cli import config
+from kuda_cli.compose import compose, group_options
 from kuda_cli.errors import ConfigError
 from kuda_cli.validate import validate
 
@@ -47,11 +48,11 @@ NOT_YET: set[tuple[str, str]] = set()
 
 
 def all_options():
-    return [(g, o) for g in [*GROUP_SCHEMAS, "experiment"] for o in cli.group_options(g)]
+    return [(g, o) for g in [*GROUP_SCHEMAS, "experiment"] for o in group_options(g)]
 
 
 def test_defaults_are_the_documented_ones():
-    cfg = cli.compose(["stage=unlearn"])
+    cfg = compose(["stage=unlearn"])
     assert (
         cfg.model.name,
         cfg.data.name,
@@ -67,7 +68,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
     (tmp_path / "config.json").write_text("{}")  # what model=local needs to find
     (tmp_path / "choice.yaml").write_text("overrides: {unlearn.lr: 0.001}\n")  # tune_stage2's
     extra = [o.format(tmp=tmp_path) for o in EXTRA.get((group, option), [])]
-    cfg = cli.compose([f"{group}={option}", *extra, "stage=eval"])
+    cfg = compose([f"{group}={option}", *extra, "stage=eval"])
     if group in GROUP_SCHEMAS:
         schemas = GROUP_SCHEMAS[group]
         expected = schemas.get(option, schemas.get(None))
@@ -81,7 +82,7 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
 
 def test_paper_models_carry_their_hub_ids():
     ids = {
-        o: cli.compose([f"model={o}", "stage=eval"]).model.id
+        o: compose([f"model={o}", "stage=eval"]).model.id
         for o in (
             "zephyr-7b",
             "llama2-7b",
@@ -98,7 +99,7 @@ def test_paper_models_carry_their_hub_ids():
 
 
 def test_rmu_zephyr_is_the_published_setting():
-    rmu = cli.compose(["unlearn=rmu_zephyr", "stage=unlearn"]).unlearn
+    rmu = compose(["unlearn=rmu_zephyr", "stage=unlearn"]).unlearn
     assert (rmu.c, rmu.alpha, rmu.lr, rmu.steps, rmu.batch_size, rmu.max_length) == (
         6.5,
         1200.0,
@@ -111,6 +112,6 @@ def test_rmu_zephyr_is_the_published_setting():
 
 
 def test_experiment_smoke_overrides_globally():
-    cfg = cli.compose(["experiment=smoke", "stage=unlearn"])
+    cfg = compose(["experiment=smoke", "stage=unlearn"])
     assert cfg.model.name == "tiny-random" and list(cfg.locate.layers) == [1, 2]
     validate(cfg)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kuda_cli import cli
 from kuda_cli.cache import MANIFEST, sha256_of, verify_manifest, write_manifest
+from kuda_cli.compose import compose
 from kuda_cli.config import EmbeddedSource, ModelConfig
 from kuda_cli.models import embedded
 from kuda_cli.models.embedded import converted_dir, ensure_embedded
@@ -21,7 +21,7 @@ from kuda_cli.models.loading import load_model, resolve_cache_root
 
 def smollm_spec() -> ModelConfig:
     """The shipped model config (conf/model/smollm2-135m.yaml), as the command composes it."""
-    return OmegaConf.to_object(cli.compose(["model=smollm2-135m", "stage=eval"]).model)
+    return OmegaConf.to_object(compose(["model=smollm2-135m", "stage=eval"]).model)
 
 
 def fake_dir(path: Path) -> Path:

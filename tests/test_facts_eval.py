@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kuda_cli.compose import compose
 from kuda_cli.data.facts import (
     Fact,
     load_facts,
@@ -314,7 +315,6 @@ def test_facts_metric_with_a_judge_directory_scores_like_the_model_itself(tmp_pa
     saved copy of the evaluated model gives the evaluated model's own figure."""
     from omegaconf import OmegaConf
 
-    from kuda_cli import cli
     from kuda_cli.config import ModelConfig, TinySpec
     from kuda_cli.evaluate import EvalContext, get_metric
     from kuda_cli.models.loading import load_model
@@ -322,7 +322,7 @@ def test_facts_metric_with_a_judge_directory_scores_like_the_model_itself(tmp_pa
     loaded = load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))
     loaded.model.save_pretrained(tmp_path / "judge")
     loaded.tokenizer.save_pretrained(tmp_path / "judge")
-    cfg = cli.compose(
+    cfg = compose(
         [
             "stage=eval",
             "model=tiny-random",
@@ -456,14 +456,13 @@ def test_unlearn_reuses_the_starting_models_scores_of_the_fluent_wrong_reference
 
     from omegaconf import OmegaConf
 
-    from kuda_cli import cli
     from kuda_cli.config import ModelConfig, TinySpec
     from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, get_metric
     from kuda_cli.evaluate.facts import FLUENCY_FILE
     from kuda_cli.models.loading import load_model
 
     loaded = load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))
-    cfg = cli.compose(
+    cfg = compose(
         [
             "stage=eval",
             "model=tiny-random",

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from rouge_score import rouge_scorer, tokenizers
 
-from kuda_cli import cli
+from kuda_cli.compose import compose
 from kuda_cli.config import ModelConfig, TinySpec
 from kuda_cli.evaluate import EvalContext, get_metric
 from kuda_cli.models.loading import load_model
@@ -201,7 +201,7 @@ def test_muse_metric_on_local_splits(tmp_path):
         "knowmem_forget_icl": write(tmp_path / "kfi.jsonl", icl["forget"]),
         "knowmem_retain_icl": write(tmp_path / "kri.jsonl", icl["retain"]),
     }
-    cfg = cli.compose(
+    cfg = compose(
         [
             *(f"data.{key}.path={path}" for key, path in files.items()),
             "data=muse_news",

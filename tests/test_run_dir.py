@@ -197,8 +197,9 @@ def test_a_trace_sweep_is_reused_whatever_the_unlearning_settings(tmp_path):
     it too: a change of unlearning or evaluation settings must not make the completed trace "a
     run of another config"; a change of what tracing uses must. Runs written before the
     stage-aware hash (whole-config hash in meta.json) still match their own config."""
-    from kuda_cli.cli import compose, plan
+    from kuda_cli.compose import compose
     from kuda_cli.errors import ConfigError
+    from kuda_cli.planning import plan
     from kuda_cli.run import config_hash, config_hashes
 
     sweep = tmp_path / "trace"

@@ -15,7 +15,10 @@ import pytest
 import yaml
 
 from kuda_cli import cli, requirements
+from kuda_cli.compose import compose
 from kuda_cli.errors import ConfigError
+from kuda_cli.overrides import apply_choice
+from kuda_cli.planning import plan
 
 from conftest import kuda_killed, read_json
 
@@ -90,10 +93,10 @@ def test_local_copies_need_no_hub(tmp_path, monkeypatch):
         f"eval.wmdp.mmlu_path={tmp_path / 'mmlu.jsonl'}",
         "stage=unlearn",
     ]
-    cfg = cli.compose(local)
+    cfg = compose(local)
     assert requirements.hub_sources(cfg) == []
     requirements.check(cfg)  # nothing to fetch: no hub needed
-    cfg = cli.compose([o for o in local if not o.startswith("eval.wmdp.mmlu_path")])
+    cfg = compose([o for o in local if not o.startswith("eval.wmdp.mmlu_path")])
     assert requirements.hub_sources(cfg) == ["eval.wmdp.mmlu_path (cais/mmlu)"]
     with pytest.raises(ConfigError, match="eval.wmdp.mmlu_path"):
         requirements.check(cfg)
@@ -153,18 +156,18 @@ def test_slurm_sweeps_check_the_gpu_on_the_node_not_at_submission(monkeypatch):
     monkeypatch.setattr(requirements, "gpu_missing", lambda: "no CUDA device is visible")
     job = ["experiment=table_wmdp", "requires=[gpu]"]
     with pytest.raises(ConfigError, match="needs a GPU"):
-        cli.plan("unlearn", job, multirun=True)
-    planned = cli.plan("unlearn", [*job, "hydra/launcher=slurm"], multirun=True)
+        plan("unlearn", job, multirun=True)
+    planned = plan("unlearn", [*job, "hydra/launcher=slurm"], multirun=True)
     assert len(planned.jobs) == 1
 
 
 # ----------------------------------------------------------------------------- sweeps
 def test_an_experiment_that_sweeps_expands_its_params_and_needs_m():
-    planned = cli.plan("unlearn", ["experiment=tune_stage1", "model=tiny-random"], multirun=True)
+    planned = plan("unlearn", ["experiment=tune_stage1", "model=tiny-random"], multirun=True)
     assert len(planned.jobs) == 9
-    assert len(cli.plan("unlearn", ["experiment=tune_stage1", "unlearn.lr=5e-3"], True).jobs) == 3
+    assert len(plan("unlearn", ["experiment=tune_stage1", "unlearn.lr=5e-3"], True).jobs) == 3
     with pytest.raises(ConfigError, match="run it with -m"):
-        cli.plan("unlearn", ["experiment=tune_stage1"], multirun=False)
+        plan("unlearn", ["experiment=tune_stage1"], multirun=False)
 
 
 STUB = """
@@ -352,13 +355,13 @@ def test_pick_needs_runs(capsys, tmp_path):
 def test_stage2_starts_from_the_choice_and_sweeps_beta(capsys, stage1, tmp_path):
     out = tmp_path / "pick"
     assert cli.main(["pick", f"tune.runs=[{stage1}]", f"hydra.run.dir={out}"]) == 0
-    overrides = cli.apply_choice(["experiment=tune_stage2", f"tune.choice={out / 'choice.yaml'}"])
-    planned = cli.plan("unlearn", [*overrides, "model=tiny-random"], multirun=True)
-    cfgs = [cli.compose(job) for job in planned.jobs]
+    overrides = apply_choice(["experiment=tune_stage2", f"tune.choice={out / 'choice.yaml'}"])
+    planned = plan("unlearn", [*overrides, "model=tiny-random"], multirun=True)
+    cfgs = [compose(job) for job in planned.jobs]
     assert [c.unlearn.beta for c in cfgs] == [2, 5, 10, 20, 50]
     assert {(c.unlearn.lr, c.unlearn.nullspace.tau) for c in cfgs} == {(3e-3, 1e-2)}
     # what the command line sets itself wins over the choice
-    mine = cli.apply_choice([f"tune.choice={out / 'choice.yaml'}", "unlearn.lr=1e-4"])
+    mine = apply_choice([f"tune.choice={out / 'choice.yaml'}", "unlearn.lr=1e-4"])
     assert mine.count("unlearn.lr=1e-4") == 1 and not any("0.003" in o for o in mine)
     # stage 2 without a choice, or with a file that is not one
     assert cli.main(["unlearn", "-m", "experiment=tune_stage2"]) == 2

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from kuda_cli import cli
+from kuda_cli.compose import compose
 from kuda_cli.errors import UserError
 from kuda_cli.locate.probes import (
     TraceProbe,
@@ -338,7 +339,7 @@ def test_stage_builds_probes_from_each_data_kind(tmp_path):
         ("data=facts",): ("The element hydrogen is represented by the symbol", " H"),
     }
     for overrides, (prompt, target) in cases.items():
-        built = build_probes(cli.compose(["stage=trace", *overrides]))
+        built = build_probes(compose(["stage=trace", *overrides]))
         assert (built[0].prompt, built[0].target) == (prompt, target)
     assert len(built) == 45 * 3  # every paraphrase of every chemistry fact
 
@@ -397,10 +398,10 @@ def write_layers(run_dir, layers):
 
 
 def test_locate_layers_fixed_from_run_and_bad_files(tmp_path):
-    cfg = cli.compose(["stage=unlearn", "model=tiny-random", "locate=fixed", "locate.layers=[2]"])
+    cfg = compose(["stage=unlearn", "model=tiny-random", "locate=fixed", "locate.layers=[2]"])
     assert locate_layers(cfg, None, tmp_path, None, "key") == [2]
     previous = write_layers(tmp_path / "prev", [1, 2, 3])
-    cfg = cli.compose(["stage=unlearn", "model=tiny-random", f"locate.from_run={previous}"])
+    cfg = compose(["stage=unlearn", "model=tiny-random", f"locate.from_run={previous}"])
     assert locate_layers(cfg, SimpleNamespace(num_layers=4), tmp_path, None, "key") == [1, 2, 3]
     with pytest.raises(UserError, match="not layer indices of this model"):
         read_layers(str(previous), 3)

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kuda_cli.compose import compose
 from kuda_cli.config import KudaMethod
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
@@ -318,7 +319,6 @@ def test_unlearn_diagnostics_equal_an_independent_computation(kuda, tmp_path, mo
     """KRD (KUDA's own and the baselines' held-out one) and the retain leak, recomputed here
     from the starting tiny model and the saved checkpoint with plain forward hooks, one unpadded
     sequence at a time: the run's metrics.json holds the same numbers."""
-    from kuda_cli import cli
     from kuda_cli.models.tiny import tiny_random
     from kuda_cli.unlearn.data import unlearn_texts
 
@@ -326,7 +326,7 @@ def test_unlearn_diagnostics_equal_an_independent_computation(kuda, tmp_path, mo
     args = [*TINY_RUN, f"unlearn={method}", "unlearn.lr=1e-3"]
     kuda("unlearn", *args, "hydra.run.dir=run", check=True)
     diagnostics = read_json(tmp_path / "run" / "metrics.json")["diagnostics"]
-    cfg = cli.compose(["stage=unlearn", *args])
+    cfg = compose(["stage=unlearn", *args])
     start, tokenizer = tiny_random(OmegaConf.to_object(cfg.model.tiny))  # the same seed
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint").eval()
     texts = unlearn_texts(OmegaConf.to_object(cfg.data))

@@ -1,0 +1,110 @@
+"""Override rewriting before composition: the model shortcut (`model=ORG/NAME`, `model=DIR`),
+the evaluation that fits the data, a tuning choice file, and a sweep expanded into its jobs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from kuda_cli.compose import conf_dir, group_options
+from kuda_cli.errors import ConfigError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _override_value(value) -> str:
+    """A value of a choice file as Hydra override syntax."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def apply_choice(overrides: list[str]) -> list[str]:
+    """`tune.choice=FILE` (a choice.yaml written by kuda pick): its settings become overrides,
+    after the config's own and before nothing the command line sets itself (that wins)."""
+    given = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "tune.choice"]
+    if not given or not given[-1] or given[-1] == "null":
+        return overrides
+    path = Path(given[-1]).expanduser()
+    try:
+        chosen = (yaml.safe_load(path.read_text()) or {}).get("overrides")
+    except (OSError, yaml.YAMLError, AttributeError) as err:
+        raise ConfigError(
+            f"tune.choice={given[-1]} cannot be read ({type(err).__name__}); pass the "
+            "choice.yaml a kuda pick run wrote"
+        ) from err
+    if not isinstance(chosen, dict) or not chosen:
+        raise ConfigError(f"tune.choice={given[-1]} holds no overrides; is it a kuda pick choice?")
+    keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    return [*overrides, *(f"{k}={_override_value(v)}" for k, v in chosen.items() if k not in keys)]
+
+
+def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
+    """Shortcuts: `model=ORG/NAME` -> `model=hub model.id=ORG/NAME`;
+    `model=DIR` -> `model=local model.path=DIR`."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if key != "model" or not sep or value in group_options("model"):
+            out.append(item)
+        elif Path(value).expanduser().is_dir():
+            out += ["model=local", f"model.path={Path(value).expanduser().resolve()}"]
+        elif HUB_ID.match(value):
+            out += ["model=hub", f"model.id={value}"]
+        else:
+            raise ConfigError(
+                f"model={value} is not a model option, a local directory or a hub id (ORG/NAME); "
+                f"options: {', '.join(group_options('model'))}"
+            )
+    return out
+
+
+EVAL_FOR_DATA_KIND = {"facts": "facts", "corpus": "wmdp", "muse": "muse"}
+
+
+def data_kind(option: str) -> str | None:
+    """The kind of a data option (facts, corpus, muse): the schema its YAML starts from."""
+    path = conf_dir() / "data" / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    for entry in yaml.safe_load(path.read_text()).get("defaults", []):
+        if isinstance(entry, str) and entry.startswith("/schema/data/"):
+            return entry.removeprefix("/schema/data/").split("@")[0]
+    return None
+
+
+def fit_eval_to_data(overrides: list[str]) -> list[str]:
+    """`data=X` without `eval=`: evaluate with what fits X (wmdp data -> eval=wmdp, ...)."""
+    keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    if "eval" in keys:
+        return overrides
+    data = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "data"]
+    if not data or "," in data[-1]:
+        return overrides
+    fitting = EVAL_FOR_DATA_KIND.get(data_kind(data[-1]) or "")
+    return [*overrides, f"eval={fitting}"] if fitting else overrides
+
+
+def job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of every job Hydra will launch (sweeps expanded like the basic
+    sweeper does)."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [job for batch in batches for job in batch]
+
+
+def sweeper_params(cfg: DictConfig) -> list[str]:
+    """`hydra.sweeper.params` of a composed config (an experiment that sweeps), as overrides."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    return [f"{key}={value}" for key, value in params.items()]
