@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
-from kuda_cli.stages.report import collect_rows, find_runs, flatten
+from kuda_cli.run import find_runs, flatten
+from kuda_cli.stages.report import collect_rows
 
 from conftest import FAST_EVAL, read_json
 

@@ -14,7 +14,8 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from kuda_cli.run import Run, config_hash, set_seed, write_json_atomic
+from kuda_cli.cache import write_json_atomic
+from kuda_cli.run import Run, config_hash, set_seed
 
 from conftest import FAST_EVAL, read_json
 

@@ -18,31 +18,31 @@ import transformers
 from kuda_cli import cli
 from kuda_cli.compose import compose
 from kuda_cli.errors import UserError
+from kuda_cli.locate.effects import average_by_category
+from kuda_cli.locate.layers import read_layers
+from kuda_cli.locate.layers import write_layers as write_checked_layers
 from kuda_cli.locate.probes import (
     TraceProbe,
+    build_probes,
     choose,
     encode,
     from_facts,
     from_qa,
     from_wmdp,
 )
+from kuda_cli.locate.restore import restored_layers
 from kuda_cli.locate.select import last_subject_scores, select_window
 from kuda_cli.locate.tracing import (
     KINDS,
-    autocast,
-    average_by_category,
     embedding_std,
-    fast_bf16,
     make_noise,
-    resolve_precision,
-    restored_layers,
     trace_probe,
     trace_probes,
 )
 from kuda_cli.models.adapter import get_adapter
+from kuda_cli.models.precision import autocast, fast_bf16, resolve_precision
 from kuda_cli.models.tiny import byte_tokenizer
-from kuda_cli.stages.trace import build_probes, locate_layers, read_layers
-from kuda_cli.stages.trace import write_layers as write_checked_layers
+from kuda_cli.stages.common import locate_layers
 
 from conftest import read_json
 
@@ -203,7 +203,7 @@ def test_precision_auto_resolves_by_hardware():
     ],
 )
 def test_bf16_units_are_read_from_the_cpu_flags(flags, fast):
-    from kuda_cli.locate.tracing import cpu_has_bf16_units
+    from kuda_cli.models.precision import cpu_has_bf16_units
 
     cpuinfo = f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n"
     assert cpu_has_bf16_units(cpuinfo) is fast

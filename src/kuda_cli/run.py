@@ -5,6 +5,7 @@ Everything a run produces goes under its directory; `Run` owns the files every s
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -14,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -25,35 +25,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import __version__, distributed
+from kuda_cli.cache import write_json_atomic
 
 STATUSES = ("running", "completed", "failed")
 BOOTSTRAP_FILES = {"config.yaml", "meta.json", "kuda.log", ".hydra"}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def set_seed(seed: int) -> None:
@@ -233,3 +208,35 @@ def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             _deep_merge(into[key], value)
         else:
             into[key] = value
+
+
+# ----------------------------------------------------------------------------- reading runs
+def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            flat[name] = value
+    return flat
+
+
+def lookup(metrics: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key of nested dicts, or None."""
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def find_runs(patterns: list[str], exclude: Path) -> list[Path]:
+    found = set()
+    for pattern in patterns:
+        for match in glob.glob(str(Path(pattern).expanduser()), recursive=True):
+            for meta in Path(match).glob("**/meta.json"):  # "**" includes `match` itself
+                if meta.is_file() and meta.parent.resolve() != exclude.resolve():
+                    found.add(meta.parent)
+    return sorted(found)

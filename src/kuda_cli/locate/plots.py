@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from kuda_cli.locate.effects import CATEGORIES, average_by_category
+from kuda_cli.locate.tracing import KINDS
+
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 COLORS = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
 XLABELS = {
@@ -107,3 +110,28 @@ def effect_by_layer(
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def write_trace_plots(out: Path, encoded, traces, curves, selected: list[int], locate) -> None:
+    n = len(encoded)
+    for kind in KINDS:
+        average = average_by_category([t.effect(kind) for t in traces], encoded)
+        heatmap(
+            average,
+            list(CATEGORIES),
+            kind,
+            out / f"heatmap_{kind}.png",
+            window=locate.window,
+            title=f"{TITLES[kind]}\naverage over {n} probes",
+        )
+        for i, (enc, tr) in enumerate(zip(encoded[: locate.plot_probes], traces, strict=False)):
+            heatmap(
+                tr.effect(kind),
+                token_labels(enc.tokens, enc.span),
+                kind,
+                out / f"heatmap_{kind}_probe{i}.png",
+                window=locate.window,
+                title=f"{TITLES[kind]}\n{shorten(enc.probe.prompt)} -> "
+                f"{enc.probe.target.strip()!r}",
+            )
+    effect_by_layer(curves, selected, out / "effect_by_layer.png", module=locate.module)

@@ -9,7 +9,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kuda_cli.data.facts import Probe
+from omegaconf import OmegaConf
+
+from kuda_cli.data.facts import Probe, load_facts, select_domains
+from kuda_cli.data.facts import probes as fact_probes
+from kuda_cli.data.sources import load_split
 from kuda_cli.errors import UserError
 
 QA_PREFIX = "Question: "
@@ -131,3 +135,20 @@ def encode(tokenizer, probe: TraceProbe) -> EncodedProbe:
         target_ids = target_ids[1:]
     tokens = tuple(tokenizer.decode([i]) for i in ids)
     return EncodedProbe(probe, tuple(ids), (start, end), int(target_ids[0]), tokens)
+
+
+def build_probes(cfg) -> list[TraceProbe]:
+    """Tracing probes from the data group: the forget facts' prompts (subject corrupted), WMDP
+    questions or MUSE forget QA (question corrupted)."""
+    data = cfg.data
+    if data.kind == "facts":
+        forget = select_domains(load_facts(data.path), list(data.forget_domains), "forget")
+        return from_facts(fact_probes(forget), cfg.locate.span)
+    if data.kind == "corpus":
+        fields = ("question", "choices", "answer")
+        rows = load_split(OmegaConf.to_object(data.questions), "data.questions", fields)
+        return from_wmdp(rows, "data.questions")
+    if data.kind == "muse":
+        split = OmegaConf.to_object(data.knowmem_forget)
+        return from_qa(load_split(split, "data.knowmem_forget", ("question", "answer")))
+    raise UserError(f"data={data.name} (kind {data.kind}) has no probes for tracing")

@@ -1,12 +1,29 @@
-"""What several stages do the same way: load the configured model, record what was loaded."""
+"""What several stages do the same way: load the configured model (recording what was loaded),
+and find the layers to unlearn (`kuda trace` traces them; `kuda unlearn` takes them from
+`locate`, a previous trace run, or traces them inline into its own trace/ directory)."""
 
 from __future__ import annotations
 
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from kuda_cli.errors import UserError
+from kuda_cli.locate.effects import effect_arrays
+from kuda_cli.locate.layers import TRACE_DIR, read_layers, write_layers
+from kuda_cli.locate.plots import write_trace_plots
+from kuda_cli.locate.probes import build_probes, choose, encode
+from kuda_cli.locate.select import last_subject_scores, select_window
+from kuda_cli.locate.tracing import KINDS, trace_probes
 from kuda_cli.models.loading import LoadedModel, load_model
+from kuda_cli.models.precision import autocast, resolve_precision
 from kuda_cli.run import Run
 from kuda_cli.validate import validate_layers_against
+
+log = logging.getLogger(__name__)
 
 
 def load_configured_model(cfg: DictConfig, run: Run) -> LoadedModel:
@@ -24,3 +41,102 @@ def load_configured_model(cfg: DictConfig, run: Run) -> LoadedModel:
         }
     )
     return loaded
+
+
+def locate_layers(
+    cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run, model_key: str
+) -> list[int]:
+    """The layers to unlearn: `locate=fixed`'s, a previous trace run's, or traced now (writing
+    the same files as `kuda trace` into run_dir/trace/)."""
+    if cfg.locate.method == "fixed":
+        return list(cfg.locate.layers)
+    if cfg.locate.from_run:
+        layers = read_layers(cfg.locate.from_run, loaded.num_layers, model_key)
+        log.info("layers %s from %s", layers, cfg.locate.from_run)
+        return layers
+    return trace_layers(cfg, loaded, run_dir, run, model_key)
+
+
+def trace_layers(
+    cfg: DictConfig, loaded: LoadedModel, run_dir: Path, run: Run, model_key: str
+) -> list[int]:
+    """Trace the data's probes, write run_dir/trace/, and return the selected layers."""
+    locate = cfg.locate
+    chosen = choose(build_probes(cfg), locate.max_probes, cfg.seed)
+    if not chosen:
+        raise UserError(f"data={cfg.data.name} gave no probes to trace")
+    encoded = [encode(loaded.tokenizer, p) for p in chosen]
+    log.info(
+        "tracing %d probes, %d noise samples each, %d layers (%s), %s",
+        len(encoded),
+        locate.samples,
+        loaded.num_layers,
+        ", ".join(KINDS),
+        resolve_precision(locate.precision, loaded.device),
+    )
+    precision = resolve_precision(locate.precision, loaded.device)
+    start = time.perf_counter()
+    with autocast(precision, loaded.device):
+        traces, noise_std = trace_probes(
+            loaded.model,
+            loaded.adapter,
+            encoded,
+            samples=locate.samples,
+            noise=locate.noise,
+            seed=cfg.seed,
+            window=locate.window,
+            batch_tokens=locate.batch_tokens,
+        )
+    seconds = time.perf_counter() - start
+    out = Path(run_dir) / TRACE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+
+    last = [e.last_subject for e in encoded]
+    curves = {k: last_subject_scores([t.effect(k) for t in traces], last) for k in KINDS}
+    selection = select_window(curves[locate.module], locate.select_window)
+    np.savez_compressed(out / "effects.npz", **effect_arrays(encoded, traces, curves))
+    write_trace_plots(out, encoded, traces, curves, selection.layers, locate)
+    summary = {
+        "layers": selection.layers,
+        "module": locate.module,
+        "position": "last corrupted (subject) token",
+        "window_score": selection.score,
+        "scores": [float(s) for s in curves[locate.module]],
+        "select_window": locate.select_window,
+        "probes": len(encoded),
+        "samples": locate.samples,
+        "precision": precision,
+        "noise_std": noise_std,
+        "window": locate.window,
+        "model": cfg.model.name,
+        "model_key": model_key,
+        "data": cfg.data.name,
+    }
+    write_layers(out, summary)
+    clean = float(np.mean([t.clean for t in traces]))
+    corrupted = float(np.mean([t.corrupted for t in traces]))
+    run.log_metrics(
+        {
+            "trace": {
+                "layers": selection.layers,
+                "module": locate.module,
+                "window_score": selection.score,
+                "probes": len(encoded),
+                "clean_prob": clean,
+                "corrupted_prob": corrupted,
+                "noise_std": noise_std,
+                "seconds": round(seconds, 1),
+            }
+        }
+    )
+    log.info(
+        "selected layers %s (%s effect at the last subject token, window mean %.4f); "
+        "p(target) clean %.3f, corrupted %.3f; %.0f s",
+        selection.layers,
+        locate.module,
+        selection.score,
+        clean,
+        corrupted,
+        seconds,
+    )
+    return selection.layers

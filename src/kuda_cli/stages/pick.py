@@ -19,8 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.errors import UserError
-from kuda_cli.run import Run, read_meta
-from kuda_cli.stages.report import find_runs, lookup
+from kuda_cli.run import Run, find_runs, lookup, read_meta
 
 log = logging.getLogger(__name__)
 CHOICE_FILE = "choice.yaml"

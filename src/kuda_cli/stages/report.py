@@ -8,7 +8,6 @@ the CSV keeps them all."""
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import logging
 import re
@@ -18,42 +17,12 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
+from kuda_cli.cache import write_json_atomic
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.tradeoff import Point, compare, markdown_table, plot_frontier, points_table
-from kuda_cli.run import Run, read_meta, write_json_atomic
+from kuda_cli.run import Run, find_runs, flatten, read_meta
 
 log = logging.getLogger(__name__)
-
-
-def flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        elif isinstance(value, (int, float, str, bool)) or value is None:
-            flat[name] = value
-    return flat
-
-
-def lookup(metrics: dict[str, Any], dotted: str) -> Any:
-    """The value at a dotted key of nested dicts, or None."""
-    node: Any = metrics
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def find_runs(patterns: list[str], exclude: Path) -> list[Path]:
-    found = set()
-    for pattern in patterns:
-        for match in glob.glob(str(Path(pattern).expanduser()), recursive=True):
-            for meta in Path(match).glob("**/meta.json"):  # "**" includes `match` itself
-                if meta.is_file() and meta.parent.resolve() != exclude.resolve():
-                    found.add(meta.parent)
-    return sorted(found)
 
 
 # the trainer's knobs a table names for every method; a method's own fields are added to them

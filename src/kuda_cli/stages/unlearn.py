@@ -24,14 +24,15 @@ from kuda_cli.cache import (
     publish,
     staging_dir,
     verify_manifest,
+    write_json_atomic,
 )
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, compute_metrics
 from kuda_cli.evaluate.floors import forget_removed
+from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR, read_layers
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
-from kuda_cli.run import Run, write_json_atomic
-from kuda_cli.stages.common import load_configured_model
-from kuda_cli.stages.report import lookup
+from kuda_cli.run import Run, lookup
+from kuda_cli.stages.common import load_configured_model, locate_layers
 from kuda_cli.unlearn.data import tokenize, unlearn_texts
 from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak
 from kuda_cli.unlearn.methods import MethodContext, get_method
@@ -47,8 +48,6 @@ AFTER_ONLY = ("floors", "retain_greedy")
 def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run, model_key: str) -> list[int]:
     if cfg.locate.method == "fixed":
         return list(cfg.locate.layers)
-    from kuda_cli.stages.trace import LAYERS_FILE, TRACE_DIR, locate_layers, read_layers
-
     own = run.dir / TRACE_DIR / LAYERS_FILE
     if not cfg.locate.from_run and own.exists():  # a resumed run: tracing is not redone...
         try:

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from kuda_cli import distributed
 from kuda_cli.errors import UserError
+from kuda_cli.models.precision import autocast
 from kuda_cli.unlearn.data import TokenSet, batch_indices
-from kuda_cli.unlearn.methods import Method, precision_context
+from kuda_cli.unlearn.methods import Method
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
-        return precision_context(self.cfg.precision, self.device)
+        return autocast(self.cfg.precision, self.device)
 
     def batches(self, micro_step: int) -> tuple[dict, dict | None]:
         bs = self.cfg.batch_size

@@ -10,7 +10,6 @@ batch when `needs_retain` is set). The trainer does everything else.
 from __future__ import annotations
 
 import importlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,11 +158,3 @@ def with_retain_nll(
     nll = sequence_nll(model, retain)
     terms["retain_nll"] = float(nll.detach())
     return loss + weight * nll
-
-
-def precision_context(precision: str, device: torch.device):
-    """The autocast the trainer runs the loss under; precomputations use it too, so that a
-    reference equals what the loss computes on the same weights."""
-    if precision == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()

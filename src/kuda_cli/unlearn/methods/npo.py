@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kuda_cli.models.precision import autocast
 from kuda_cli.unlearn.data import TokenSet
 from kuda_cli.unlearn.methods import (
     Method,
-    precision_context,
     register_method,
     sequence_logprob,
     with_retain_nll,
@@ -40,7 +40,7 @@ def reference_logprobs(
     out: dict[int, float] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        with precision_context(precision, device):
+        with autocast(precision, device):
             logp, _ = sequence_logprob(model, tokens.batch(chunk, device))
         out.update(zip(chunk, logp.tolist(), strict=True))
     return out

@@ -21,7 +21,8 @@ from torch import nn
 
 from kuda_cli.errors import UserError
 from kuda_cli.models.hooks import trace
-from kuda_cli.unlearn.methods import Method, precision_context, register_method
+from kuda_cli.models.precision import autocast
+from kuda_cli.unlearn.methods import Method, register_method
 from kuda_cli.unlearn.representations import RepresentationStore, record_sites
 
 
@@ -74,7 +75,7 @@ class Rmu(Method):
         if self.needs_retain:
             directory = ctx.work_dir / "originals" if ctx.work_dir else None
             self.store = RepresentationStore(self.cfg.originals, directory)
-            with precision_context(self.cfg.precision, device):  # as the loss will see them
+            with autocast(self.cfg.precision, device):  # as the loss will see them
                 record_sites(
                     ctx.model,
                     ctx.retain,
