@@ -189,8 +189,9 @@ def kuda_trainer(s: Settings, model, adapter, forget, retain, method: str):
     """kuda's own method (`kuda` or `rmu`) on kuda's trainer, set up as `kuda unlearn` does."""
     from omegaconf import OmegaConf
 
-    from kuda_cli.config import KudaMethod, RmuMethod
     from kuda_cli.unlearn.methods import MethodContext, get_method
+    from kuda_cli.unlearn.methods.kuda import KudaMethod
+    from kuda_cli.unlearn.methods.rmu import RmuMethod
     from kuda_cli.unlearn.trainer import Trainer, used_indices
 
     schema = {"kuda": KudaMethod, "rmu": RmuMethod}[method]

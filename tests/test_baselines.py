@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kuda_cli import cli, config
+from kuda_cli import cli
 from kuda_cli.compose import compose, group_options
 from kuda_cli.config import TinySpec
 from kuda_cli.errors import ConfigError
@@ -20,16 +20,17 @@ from kuda_cli.models.hooks import trace
 from kuda_cli.models.tiny import tiny_random
 from kuda_cli.unlearn.data import tokenize
 from kuda_cli.unlearn.methods import (
-    METHOD_MODULES,
     MethodContext,
     get_method,
+    method_modules,
     sequence_logprob,
     sequence_nll,
 )
-from kuda_cli.unlearn.methods.ga import ga_loss
-from kuda_cli.unlearn.methods.npo import npo_loss
-from kuda_cli.unlearn.methods.rmu import masked_mse, steering_vector
-from kuda_cli.unlearn.methods.simnpo import simnpo_loss
+from kuda_cli.unlearn.methods.ga import GaMethod, ga_loss
+from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
+from kuda_cli.unlearn.methods.npo import NpoMethod, npo_loss
+from kuda_cli.unlearn.methods.rmu import RmuMethod, masked_mse, steering_vector
+from kuda_cli.unlearn.methods.simnpo import SimNpoMethod, simnpo_loss
 from kuda_cli.unlearn.trainer import Trainer
 from kuda_cli.validate import validate
 from test_unlearn import FORGET, RETAIN
@@ -38,11 +39,11 @@ from conftest import read_json
 
 BASELINES = ("ga", "graddiff", "npo", "simnpo", "rmu")
 SCHEMAS = {
-    "ga": config.GaMethod,
-    "graddiff": config.GradDiffMethod,
-    "npo": config.NpoMethod,
-    "simnpo": config.SimNpoMethod,
-    "rmu": config.RmuMethod,
+    "ga": GaMethod,
+    "graddiff": GradDiffMethod,
+    "npo": NpoMethod,
+    "simnpo": SimNpoMethod,
+    "rmu": RmuMethod,
 }
 SPEC = TinySpec(num_layers=3, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
 
@@ -79,13 +80,13 @@ def make_method(name, model, tokenizer, *, layers=(1,), work_dir=None, **overrid
 
 # ----------------------------------------------------------------------------- registry, configs
 def test_registry_lists_every_method_and_each_config_composes():
-    assert set(METHOD_MODULES) == {"kuda", *BASELINES}
-    for name in METHOD_MODULES:
+    assert set(method_modules()) == {"kuda", *BASELINES}
+    for name in method_modules():
         assert get_method(name).name == name
     for option in group_options("unlearn"):
         cfg = compose([f"unlearn={option}", "stage=unlearn"])
         validate(cfg)
-        assert cfg.unlearn.method in METHOD_MODULES, option  # no YAML without a method
+        assert cfg.unlearn.method in method_modules(), option  # no YAML without a method
     for name in BASELINES:
         cfg = compose([f"unlearn={name}", "stage=unlearn"]).unlearn
         assert OmegaConf.get_type(cfg) is SCHEMAS[name]

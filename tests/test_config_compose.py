@@ -8,6 +8,12 @@ from omegaconf import OmegaConf
 from kuda_cli import config
 from kuda_cli.compose import compose, group_options
 from kuda_cli.errors import ConfigError
+from kuda_cli.unlearn.methods.ga import GaMethod
+from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
+from kuda_cli.unlearn.methods.kuda import KudaMethod
+from kuda_cli.unlearn.methods.npo import NpoMethod
+from kuda_cli.unlearn.methods.rmu import RmuMethod
+from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
 from kuda_cli.validate import validate
 
 GROUP_SCHEMAS = {
@@ -21,13 +27,13 @@ GROUP_SCHEMAS = {
     },
     "locate": {None: config.LocateConfig},
     "unlearn": {
-        "kuda": config.KudaMethod,
-        "rmu": config.RmuMethod,
-        "rmu_zephyr": config.RmuMethod,
-        "ga": config.GaMethod,
-        "graddiff": config.GradDiffMethod,
-        "npo": config.NpoMethod,
-        "simnpo": config.SimNpoMethod,
+        "kuda": KudaMethod,
+        "rmu": RmuMethod,
+        "rmu_zephyr": RmuMethod,
+        "ga": GaMethod,
+        "graddiff": GradDiffMethod,
+        "npo": NpoMethod,
+        "simnpo": SimNpoMethod,
     },
     "eval": {None: config.EvalConfig},
 }

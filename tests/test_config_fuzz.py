@@ -16,6 +16,12 @@ from pathlib import Path
 import pytest
 
 from kuda_cli import cli, config
+from kuda_cli.unlearn.methods.ga import GaMethod
+from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
+from kuda_cli.unlearn.methods.kuda import KudaMethod
+from kuda_cli.unlearn.methods.npo import NpoMethod
+from kuda_cli.unlearn.methods.rmu import RmuMethod
+from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
 
 # schema -> (the key prefix it lives at, the overrides that compose it); each nested dataclass
 # field is walked at its own prefix
@@ -27,12 +33,12 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (config.CorpusData, "data.", ["data=wmdp_bio"]),
     (config.MuseData, "data.", ["data=muse_news"]),
     (config.LocateConfig, "locate.", []),
-    (config.KudaMethod, "unlearn.", ["unlearn=kuda"]),
-    (config.RmuMethod, "unlearn.", ["unlearn=rmu"]),
-    (config.GaMethod, "unlearn.", ["unlearn=ga"]),
-    (config.GradDiffMethod, "unlearn.", ["unlearn=graddiff"]),
-    (config.NpoMethod, "unlearn.", ["unlearn=npo"]),
-    (config.SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
+    (KudaMethod, "unlearn.", ["unlearn=kuda"]),
+    (RmuMethod, "unlearn.", ["unlearn=rmu"]),
+    (GaMethod, "unlearn.", ["unlearn=ga"]),
+    (GradDiffMethod, "unlearn.", ["unlearn=graddiff"]),
+    (NpoMethod, "unlearn.", ["unlearn=npo"]),
+    (SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
     (config.EvalConfig, "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema

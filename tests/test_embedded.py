@@ -180,7 +180,7 @@ def test_kuda_eval_facts_on_the_embedded_model(kuda, tmp_path):
 def test_kuda_eval_wmdp_equals_the_lm_eval_command(smollm, kuda, tmp_path):
     """`kuda eval eval=wmdp` on the embedded model and a local WMDP-schema file gives the
     accuracy the `lm_eval` command gives on the converted checkpoint and the same task files."""
-    from kuda_cli.evaluate.lm_eval_bridge import write_local_tasks
+    from kuda_cli.evaluate.lm_eval_data import write_local_tasks
     from test_lm_eval_bridge import WMDP_ROWS, lm_eval_command
 
     questions = tmp_path / "wmdp_bio.jsonl"

@@ -16,7 +16,8 @@ import torch
 
 from kuda_cli.config import TinySpec
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.lm_eval_bridge import read_rows, run_lm_eval, write_local_tasks
+from kuda_cli.evaluate.lm_eval_bridge import run_lm_eval
+from kuda_cli.evaluate.lm_eval_data import read_rows, write_local_tasks
 from kuda_cli.models.tiny import tiny_random
 
 # question | four choices | answer index; MMLU rows start with the subject.

@@ -11,12 +11,11 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kuda_cli.compose import compose
-from kuda_cli.config import KudaMethod
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.data import batch_indices, tokenize
-from kuda_cli.unlearn.methods import METHOD_MODULES, MethodContext, get_method
-from kuda_cli.unlearn.methods.kuda import deviation
+from kuda_cli.unlearn.methods import MethodContext, get_method, method_modules
+from kuda_cli.unlearn.methods.kuda import KudaMethod, deviation
 from kuda_cli.unlearn.trainer import STATE_FILE, Trainer, TrainingDiverged
 
 from conftest import kuda_killed, read_json
@@ -65,7 +64,7 @@ def kuda_method(model, tokenizer, **overrides):
 
 
 def test_registry_lists_kuda():
-    assert "kuda" in METHOD_MODULES
+    assert "kuda" in method_modules()
     assert get_method("kuda").name == "kuda"
 
 

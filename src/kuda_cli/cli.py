@@ -148,6 +148,7 @@ def _complete(argv: list[str]) -> int:
         if words[1] in STAGES:
             os.environ["COMP_LINE"] = line.replace(words[1], "", 1)
     sys.argv = ["kuda", *argv]
+    register()
     hydra_entry()
     return 0
 
@@ -166,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"kuda {__version__}")
         return 0
-    register()
     if argv[0] in ("-sc", "--shell-completion"):
         return _complete(argv)
     stage, rest = argv[0], argv[1:]
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = [f for f in flags if f not in ("-m", "--multirun")]
     # overrides first: a flag with an optional value (--info) must not swallow one
     sys.argv = ["kuda", *overrides, *flags]
+    register()  # (composing the plan registered already, unless Hydra's own --help is asked)
     hydra_entry()
     if sweep is None or args.cfg:
         return 0

@@ -15,7 +15,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from kuda_cli.config import STAGES, register_schemas
+from kuda_cli.config import SCHEMAS, STAGES
 from kuda_cli.errors import ConfigError, UserError
 
 GROUPS = ("model", "data", "locate", "unlearn", "eval", "experiment")
@@ -50,16 +50,25 @@ def register_resolvers() -> None:
     )
 
 
-_registered = False
+def register_schemas() -> None:
+    """Every schema into Hydra's ConfigStore: config.SCHEMAS, and each method's own as
+    schema/unlearn/<name> (kuda_cli.unlearn.methods finds them)."""
+    from hydra.core.config_store import ConfigStore
+
+    from kuda_cli.unlearn.methods import method_schemas
+
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
+    for name, node in method_schemas().items():
+        cs.store(group="schema/unlearn", name=name, node=node)
 
 
 def register() -> None:
-    """Schemas into Hydra's ConfigStore, resolvers into OmegaConf (once per process)."""
-    global _registered
-    if not _registered:
-        register_schemas()
-        register_resolvers()
-        _registered = True
+    """Schemas into Hydra's ConfigStore and resolvers into OmegaConf. Cheap after the first call,
+    and called before every composition, so a method registered since (a plugin) is known."""
+    register_schemas()
+    register_resolvers()
 
 
 def explain_missing_option(err: Exception) -> str:

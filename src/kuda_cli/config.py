@@ -1,7 +1,7 @@
-"""Structured config schemas for every config group, and their registration with Hydra.
+"""Structured config schemas of every config group but the methods (each method's is in its module).
 
 Each YAML option in conf/<group>/ starts from one of these schemas (its defaults list names
-`<schema>_schema`), so OmegaConf rejects unknown keys and wrong types while composing. Value
+`/schema/<group>/<name>`), so OmegaConf rejects unknown keys and wrong types while composing. Value
 constraints (choices, ranges) live in field metadata and are checked by `kuda_cli.validate`.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 STAGES = {
@@ -184,66 +183,6 @@ class UnlearnConfig:
     originals: str = choice("memory", "memory", "disk")  # where original representations live
 
 
-@dataclass
-class NullspaceConfig:
-    enabled: bool = True
-    form: str = choice("relaxed", "relaxed", "hard")
-    tau: float = bounded(1e-2, gt=0)
-    tau_mode: str = choice("energy", "energy", "max", "p99", "absolute")
-    project_on: str = choice("update", "update", "grad")
-    samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
-
-
-@dataclass
-class KudaMethod(UnlearnConfig):
-    beta: float = bounded(5.0, gt=0)
-    margin: float = bounded(0.0, ge=-1, le=1)
-    loss_form: str = choice("softplus", "softplus", "linear", "square")
-    site: str = choice("mlp_out", "mlp_out", "residual")
-    # forget tokens the loss reads: `subject` (the subject's tokens, where the data names one:
-    # facts), `all` (every non-padding token), `auto` (subject when known, else all)
-    tokens: str = choice("auto", "auto", "subject", "all")
-    retain_weight: float = bounded(0.0, ge=0)
-    # the cosine is maximal at the original, so its gradient there is 0: a seeded perturbation of
-    # the trained weights (std = init_noise x the weight's std, projected) breaks the symmetry
-    init_noise: float = bounded(1e-2, ge=0)
-    nullspace: NullspaceConfig = field(default_factory=NullspaceConfig)
-
-
-@dataclass
-class RmuMethod(UnlearnConfig):
-    steer_layer: int | None = bounded(None, ge=0)  # null: the last trained layer
-    c: float = bounded(6.5, gt=0)
-    alpha: float = bounded(1200.0, ge=0)
-
-
-@dataclass
-class GaMethod(UnlearnConfig):
-    trainable: list[str] = listed("all")
-
-
-@dataclass
-class GradDiffMethod(UnlearnConfig):
-    trainable: list[str] = listed("all")
-    forget_weight: float = bounded(1.0, ge=0)
-    retain_weight: float = bounded(1.0, ge=0)
-
-
-@dataclass
-class NpoMethod(UnlearnConfig):
-    trainable: list[str] = listed("all")
-    beta: float = bounded(0.1, gt=0)
-    retain_weight: float = bounded(1.0, ge=0)
-
-
-@dataclass
-class SimNpoMethod(UnlearnConfig):
-    trainable: list[str] = listed("all")
-    beta: float = bounded(2.5, gt=0)
-    gamma: float = bounded(0.0, ge=0)  # margin (the authors' code: delta = gamma / beta)
-    retain_weight: float = bounded(1.0, ge=0)
-
-
 # ----------------------------------------------------------------------------- eval
 @dataclass
 class PerplexityConfig:
@@ -382,7 +321,9 @@ class RootConfig:
 
 
 # (group in the ConfigStore, name) -> schema; options start from theirs with
-# `defaults: [/schema/<group>/<name>@_here_, _self_]`, kept out of the option lists.
+# `defaults: [/schema/<group>/<name>@_here_, _self_]`, kept out of the option lists. Each method's
+# schema is defined with the method (kuda_cli.unlearn.methods.<name>) and stored as
+# schema/unlearn/<name> by kuda_cli.compose.register.
 SCHEMAS: dict[tuple[str, str], type] = {
     ("schema", "root"): RootConfig,
     ("schema/model", "model"): ModelConfig,
@@ -390,17 +331,5 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("schema/data", "corpus"): CorpusData,
     ("schema/data", "muse"): MuseData,
     ("schema/locate", "locate"): LocateConfig,
-    ("schema/unlearn", "kuda"): KudaMethod,
-    ("schema/unlearn", "rmu"): RmuMethod,
-    ("schema/unlearn", "ga"): GaMethod,
-    ("schema/unlearn", "graddiff"): GradDiffMethod,
-    ("schema/unlearn", "npo"): NpoMethod,
-    ("schema/unlearn", "simnpo"): SimNpoMethod,
     ("schema/eval", "eval"): EvalConfig,
 }
-
-
-def register_schemas() -> None:
-    cs = ConfigStore.instance()
-    for (group, name), node in SCHEMAS.items():
-        cs.store(group=group, name=name, node=node)

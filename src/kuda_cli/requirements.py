@@ -33,12 +33,6 @@ SPLITS_FOR_MUSE_EVAL = (
     "holdout",
 )
 PROBES_SPLIT = {"corpus": "questions", "muse": "knowmem_forget"}
-LM_EVAL_FILES = {
-    "wmdp_bio": "bio_path",
-    "wmdp_cyber": "cyber_path",
-    "wmdp_chem": "chem_path",
-    "mmlu": "mmlu_path",
-}
 
 
 def describe(cfg: DictConfig) -> str:
@@ -75,15 +69,15 @@ def hub_sources(cfg: DictConfig) -> list[str]:
         if isinstance(split, DictConfig) and split.get("hub_id") and not split.get("path"):
             found.append(f"data.{name} ({split.hub_id})")
     if "lm_eval" in metrics:
-        from kuda_cli.evaluate.lm_eval_bridge import HUB_DATASETS, dataset_of
+        from kuda_cli.evaluate.lm_eval_data import HUB_DATASETS, LOCAL_FILE_KEYS, dataset_of
 
         for task in cfg.eval.wmdp.tasks:
             try:
                 dataset = dataset_of(task)
             except Exception:  # an unknown task is reported by lm-eval itself
                 continue
-            if not cfg.eval.wmdp.get(LM_EVAL_FILES[dataset]):
-                found.append(f"eval.wmdp.{LM_EVAL_FILES[dataset]} ({HUB_DATASETS[dataset]})")
+            if not cfg.eval.wmdp.get(LOCAL_FILE_KEYS[dataset]):
+                found.append(f"eval.wmdp.{LOCAL_FILE_KEYS[dataset]} ({HUB_DATASETS[dataset]})")
     if "perplexity" in metrics and cfg.eval.perplexity.source == "hub":
         found.append(f"eval.perplexity ({cfg.eval.perplexity.hub_id})")
     return list(dict.fromkeys(found))

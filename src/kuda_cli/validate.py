@@ -12,6 +12,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.errors import ConfigError
+from kuda_cli.evaluate.lm_eval_data import LOCAL_FILE_OPTIONS
+from kuda_cli.models.adapter import TRAINABLE_KINDS
 
 
 def validate(cfg: DictConfig) -> None:
@@ -198,13 +200,7 @@ def _check_text_source(eval_cfg: DictConfig) -> None:
 # run starts, so a typo costs no model load.
 LOCAL_PATHS = {
     "facts": ("eval.facts.reference", "eval.facts.judge", "data.path", "data.floor_path"),
-    "lm_eval": (
-        "eval.wmdp.bio_path",
-        "eval.wmdp.cyber_path",
-        "eval.wmdp.chem_path",
-        "eval.wmdp.mmlu_path",
-        "eval.wmdp.mmlu_dev_path",
-    ),
+    "lm_eval": tuple(LOCAL_FILE_OPTIONS.values()),
 }
 
 
@@ -255,9 +251,6 @@ def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
                 f"data={data_cfg.name} does not have; pass {fitting[data_cfg.kind]} with "
                 f"data={data_cfg.name} (or eval=none)"
             )
-
-
-TRAINABLE_KINDS = ("down_proj", "mlp", "attn", "layer", "all")  # models.adapter.MODULE_KINDS
 
 
 def _check_trainable(unlearn: DictConfig) -> None:

@@ -7,20 +7,13 @@ from typing import Any
 
 from kuda_cli.evaluate import EvalContext, register_metric
 from kuda_cli.evaluate.lm_eval_bridge import run_lm_eval
-
-LOCAL_KEYS = {
-    "wmdp_bio": "bio_path",
-    "wmdp_cyber": "cyber_path",
-    "wmdp_chem": "chem_path",
-    "mmlu": "mmlu_path",
-    "mmlu_dev": "mmlu_dev_path",
-}
+from kuda_cli.evaluate.lm_eval_data import LOCAL_FILE_KEYS
 
 
 @register_metric("lm_eval")
 def lm_eval_metric(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.eval.wmdp
-    local = {name: getattr(cfg, key) for name, key in LOCAL_KEYS.items() if getattr(cfg, key)}
+    local = {name: getattr(cfg, key) for name, key in LOCAL_FILE_KEYS.items() if getattr(cfg, key)}
     results = run_lm_eval(
         ctx.loaded.model,
         ctx.loaded.tokenizer,

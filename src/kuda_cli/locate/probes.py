@@ -13,13 +13,13 @@ from omegaconf import OmegaConf
 
 from kuda_cli.data.facts import Probe, load_facts, select_domains
 from kuda_cli.data.facts import probes as fact_probes
+from kuda_cli.data.questions import answer_index as parse_answer
 from kuda_cli.data.sources import load_split
 from kuda_cli.errors import UserError
 
 QA_PREFIX = "Question: "
 QA_SUFFIX = "\nAnswer:"
 SPANS = ("subject", "prompt")
-LETTERS = "ABCD"
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,10 @@ def qa_probe(question: str, answer: str, probe_id: str) -> TraceProbe:
 
 def answer_index(value: Any, choices: Sequence[str], where: str) -> int:
     """A WMDP answer as an index into `choices`: an int, a digit string or a letter A-D."""
-    if isinstance(value, str) and value.strip().upper() in LETTERS:
-        value = LETTERS.index(value.strip().upper())
-    elif isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(choices):
-        return value
-    raise UserError(f"{where}: answer {value!r} is not an index of its {len(choices)} choices")
+    index = parse_answer(value, len(choices))
+    if index is None:
+        raise UserError(f"{where}: answer {value!r} is not an index of its {len(choices)} choices")
+    return index
 
 
 def from_wmdp(rows: Iterable[dict[str, Any]], where: str = "questions") -> list[TraceProbe]:

@@ -12,7 +12,8 @@ from torch import nn
 
 from kuda_cli.errors import UserError
 
-MODULE_KINDS = ("layer", "mlp", "down_proj", "attn")
+MODULE_KINDS = ("down_proj", "mlp", "attn", "layer")
+TRAINABLE_KINDS = (*MODULE_KINDS, "all")  # what unlearn.trainable may name
 
 
 @dataclass(frozen=True)

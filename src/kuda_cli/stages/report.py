@@ -36,9 +36,10 @@ def settings(unlearn: dict[str, Any]) -> str:
     scalar fields the method's schema adds to the shared trainer's (beta, c, alpha, ...)."""
     from dataclasses import fields
 
-    from kuda_cli.config import SCHEMAS, UnlearnConfig
+    from kuda_cli.config import UnlearnConfig
+    from kuda_cli.unlearn.methods import method_schemas
 
-    schema = SCHEMAS.get(("schema/unlearn", str(unlearn.get("method"))))
+    schema = method_schemas().get(str(unlearn.get("method")))
     shared = {f.name for f in fields(UnlearnConfig)}
     own = [f.name for f in fields(schema) if f.name not in shared] if schema else []
     parts = [f"{k}={_cell(unlearn[k])}" for k in (*COMMON_SETTINGS, *own) if _scalar(unlearn, k)]

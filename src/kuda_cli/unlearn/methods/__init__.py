@@ -1,7 +1,10 @@
 """Unlearning methods, registered by name: `unlearn.method` picks one.
 
-A method is a class with `@register_method(name)` in its own module, listed in `METHOD_MODULES`
-(so config validation knows the names without importing torch). It says which parameters train,
+A method is one module: its config schema (a dataclass extending `kuda_cli.config.UnlearnConfig`)
+and a class with `@register_method(name, Schema)`, plus one YAML in conf/unlearn/ starting from
+`/schema/unlearn/<name>`. The modules of this package are found by name (no import needed to list
+them); a method outside kuda is a module named by an entry point of the group `kuda_cli.methods`
+(`name = "package.module"`) of any installed distribution. The method says which parameters train,
 precomputes what it compares against (original representations, reference log-probabilities)
 in `prepare`, and returns its loss and the loss terms to log for a forget batch (and a retain
 batch when `needs_retain` is set). The trainer does everything else.
@@ -10,7 +13,9 @@ batch when `needs_retain` is set). The trainer does everything else.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +26,22 @@ from kuda_cli.errors import UserError
 from kuda_cli.models.adapter import Adapter
 from kuda_cli.unlearn.data import TokenSet
 
-METHOD_MODULES = {
-    "kuda": "kuda_cli.unlearn.methods.kuda",
-    "ga": "kuda_cli.unlearn.methods.ga",
-    "graddiff": "kuda_cli.unlearn.methods.graddiff",
-    "npo": "kuda_cli.unlearn.methods.npo",
-    "simnpo": "kuda_cli.unlearn.methods.simnpo",
-    "rmu": "kuda_cli.unlearn.methods.rmu",
-}
+ENTRY_POINTS = "kuda_cli.methods"  # name -> module of a method defined outside kuda
 METHODS: dict[str, type[Method]] = {}
+
+
+def method_modules() -> dict[str, str]:
+    """Method name -> its module: this package's modules, then the entry points' (found again on
+    every call, so a plugin installed in a running process is seen)."""
+    found = {m.name: f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)}
+    for entry in metadata.entry_points(group=ENTRY_POINTS):
+        found.setdefault(entry.name, entry.module)
+    return found
+
+
+def method_schemas() -> dict[str, type]:
+    """Method name -> its config schema (imports every method module)."""
+    return {name: get_method(name).schema for name in method_modules()}
 
 
 @dataclass
@@ -54,11 +66,17 @@ class Method:
     """Base class: trainable parameters by `cfg.trainable` x layers, no projection."""
 
     name = ""
-    needs_retain = False
+    schema: type = object  # set by register_method
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
         self.cfg = ctx.cfg
+
+    @property
+    def needs_retain(self) -> bool:
+        """Whether the loss reads a retain batch: a positive `retain_weight` (a method without
+        one reads none, unless it says otherwise)."""
+        return getattr(self.cfg, "retain_weight", 0) > 0
 
     @property
     def trained_layers(self) -> list[int]:
@@ -106,9 +124,12 @@ def select_parameters(
     return chosen
 
 
-def register_method(name: str):
+def register_method(name: str, schema: type):
+    """Register a Method subclass as `name`, with the dataclass its config follows."""
+
     def wrap(cls):
         cls.name = name
+        cls.schema = schema
         METHODS[name] = cls
         return cls
 
@@ -117,16 +138,20 @@ def register_method(name: str):
 
 def check_registered(name: str) -> None:
     """One line naming the registered methods when `name` is not one of them."""
-    if name not in METHOD_MODULES:
+    modules = method_modules()
+    if name not in modules:
         raise UserError(
             f"unlearn.method={name} is not a registered method; choose one of: "
-            f"{', '.join(METHOD_MODULES)} (unlearn=NAME picks its config)"
+            f"{', '.join(modules)} (unlearn=NAME picks its config)"
         )
 
 
 def get_method(name: str) -> type[Method]:
     check_registered(name)
-    importlib.import_module(METHOD_MODULES[name])
+    if name not in METHODS:
+        importlib.import_module(method_modules()[name])
+    if name not in METHODS:
+        raise UserError(f"module {method_modules()[name]} registers no method {name!r}")
     return METHODS[name]
 
 

@@ -4,8 +4,11 @@ it is stopped, usually into gibberish."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from kuda_cli.config import UnlearnConfig, listed
 from kuda_cli.unlearn.methods import Method, register_method, sequence_logprob
 
 
@@ -14,7 +17,12 @@ def ga_loss(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return logp.sum() / lengths.sum().clamp_min(1)
 
 
-@register_method("ga")
+@dataclass
+class GaMethod(UnlearnConfig):
+    trainable: list[str] = listed("all")
+
+
+@register_method("ga", GaMethod)
 class Ga(Method):
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         logp, lengths = sequence_logprob(self.ctx.model, forget)

@@ -3,18 +3,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from kuda_cli.config import UnlearnConfig, bounded, listed
 from kuda_cli.unlearn.methods import Method, register_method, sequence_logprob, with_retain_nll
 from kuda_cli.unlearn.methods.ga import ga_loss
 
 
-@register_method("graddiff")
-class GradDiff(Method):
-    @property
-    def needs_retain(self) -> bool:  # type: ignore[override]
-        return self.cfg.retain_weight > 0
+@dataclass
+class GradDiffMethod(UnlearnConfig):
+    trainable: list[str] = listed("all")
+    forget_weight: float = bounded(1.0, ge=0)
+    retain_weight: float = bounded(1.0, ge=0)
 
+
+@register_method("graddiff", GradDiffMethod)
+class GradDiff(Method):
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         logp, lengths = sequence_logprob(self.ctx.model, forget)
         forget_term = ga_loss(logp, lengths)

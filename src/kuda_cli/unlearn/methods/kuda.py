@@ -15,12 +15,14 @@ before the first step (memory or disk), never from a second model copy.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kuda_cli.config import UnlearnConfig, bounded, choice
 from kuda_cli.errors import UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.data import TokenSet
@@ -47,12 +49,34 @@ def masked_cosine(h: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor) -> torc
     return torch.where(mask.bool(), cos, torch.zeros_like(cos))
 
 
-@register_method("kuda")
-class Kuda(Method):
-    @property
-    def needs_retain(self) -> bool:  # type: ignore[override]
-        return self.cfg.retain_weight > 0
+@dataclass
+class NullspaceConfig:
+    enabled: bool = True
+    form: str = choice("relaxed", "relaxed", "hard")
+    tau: float = bounded(1e-2, gt=0)
+    tau_mode: str = choice("energy", "energy", "max", "p99", "absolute")
+    project_on: str = choice("update", "update", "grad")
+    samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
 
+
+@dataclass
+class KudaMethod(UnlearnConfig):
+    beta: float = bounded(5.0, gt=0)
+    margin: float = bounded(0.0, ge=-1, le=1)
+    loss_form: str = choice("softplus", "softplus", "linear", "square")
+    site: str = choice("mlp_out", "mlp_out", "residual")
+    # forget tokens the loss reads: `subject` (the subject's tokens, where the data names one:
+    # facts), `all` (every non-padding token), `auto` (subject when known, else all)
+    tokens: str = choice("auto", "auto", "subject", "all")
+    retain_weight: float = bounded(0.0, ge=0)
+    # the cosine is maximal at the original, so its gradient there is 0: a seeded perturbation of
+    # the trained weights (std = init_noise x the weight's std, projected) breaks the symmetry
+    init_noise: float = bounded(1e-2, ge=0)
+    nullspace: NullspaceConfig = field(default_factory=NullspaceConfig)
+
+
+@register_method("kuda", KudaMethod)
+class Kuda(Method):
     def sites(self) -> dict[int, str]:
         kind = "mlp" if self.cfg.site == "mlp_out" else "layer"
         return {layer: self.ctx.adapter.module_name(kind, layer) for layer in self.trained_layers}

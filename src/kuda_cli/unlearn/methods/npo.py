@@ -13,9 +13,12 @@ checkpoint, so on resume they come from the original weights again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from kuda_cli.config import UnlearnConfig, bounded, listed
 from kuda_cli.models.precision import autocast
 from kuda_cli.unlearn.data import TokenSet
 from kuda_cli.unlearn.methods import (
@@ -46,12 +49,15 @@ def reference_logprobs(
     return out
 
 
-@register_method("npo")
-class Npo(Method):
-    @property
-    def needs_retain(self) -> bool:  # type: ignore[override]
-        return self.cfg.retain_weight > 0
+@dataclass
+class NpoMethod(UnlearnConfig):
+    trainable: list[str] = listed("all")
+    beta: float = bounded(0.1, gt=0)
+    retain_weight: float = bounded(1.0, ge=0)
 
+
+@register_method("npo", NpoMethod)
+class Npo(Method):
     def prepare(self) -> None:
         ctx = self.ctx
         self.reference = reference_logprobs(

@@ -16,9 +16,12 @@ The forward pass stops after `steer_layer`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from kuda_cli.config import UnlearnConfig, bounded
 from kuda_cli.errors import UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.models.precision import autocast
@@ -40,7 +43,14 @@ def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
     return (per_token * weights).sum() / weights.sum().clamp_min(1)
 
 
-@register_method("rmu")
+@dataclass
+class RmuMethod(UnlearnConfig):
+    steer_layer: int | None = bounded(None, ge=0)  # null: the last trained layer
+    c: float = bounded(6.5, gt=0)
+    alpha: float = bounded(1200.0, ge=0)
+
+
+@register_method("rmu", RmuMethod)
 class Rmu(Method):
     @property
     def needs_retain(self) -> bool:  # type: ignore[override]

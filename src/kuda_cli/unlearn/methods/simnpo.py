@@ -10,9 +10,12 @@ the margin as `delta` inside the product with beta: gamma = beta * delta.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from kuda_cli.config import UnlearnConfig, bounded, listed
 from kuda_cli.unlearn.methods import Method, register_method, sequence_logprob, with_retain_nll
 
 
@@ -23,12 +26,16 @@ def simnpo_loss(
     return -(2.0 / beta) * F.logsigmoid(-beta * per_token - gamma).mean()
 
 
-@register_method("simnpo")
-class SimNpo(Method):
-    @property
-    def needs_retain(self) -> bool:  # type: ignore[override]
-        return self.cfg.retain_weight > 0
+@dataclass
+class SimNpoMethod(UnlearnConfig):
+    trainable: list[str] = listed("all")
+    beta: float = bounded(2.5, gt=0)
+    gamma: float = bounded(0.0, ge=0)  # margin (the authors' code: delta = gamma / beta)
+    retain_weight: float = bounded(1.0, ge=0)
 
+
+@register_method("simnpo", SimNpoMethod)
+class SimNpo(Method):
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         logp, lengths = sequence_logprob(self.ctx.model, forget)
         forget_term = simnpo_loss(logp, lengths, self.cfg.beta, self.cfg.gamma)
