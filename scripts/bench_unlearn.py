@@ -125,7 +125,7 @@ def build_model(s: Settings):
 
 def token_sets(s: Settings, vocab: int):
     """Forget and retain sets of random token ids: one fresh forget batch per step."""
-    from kuda_cli.unlearn.data import TokenSet
+    from kuda_cli.unlearn.batches import TokenSet
 
     g = torch.Generator().manual_seed(s.seed)
     n = s.batch * (s.warmup + s.steps)
@@ -260,7 +260,7 @@ def rmu_with_copy(s: Settings, model, adapter, forget, retain):
         return out.hidden_states[steer + 1]  # after block `steer` (index 0: the embeddings)
 
     def step(i: int) -> None:
-        from kuda_cli.unlearn.data import batch_indices
+        from kuda_cli.unlearn.batches import batch_indices
 
         f = forget.batch(batch_indices(len(forget), s.batch, i, s.seed), s.device)
         r = retain.batch(batch_indices(len(retain), s.batch, i, s.seed + 1), s.device)
@@ -280,7 +280,7 @@ def rmu_with_copy(s: Settings, model, adapter, forget, retain):
 
 def full_finetuning(s: Settings, model, adapter, forget, retain):
     """Every parameter trains: AdamW on the next-token NLL of the forget batch."""
-    from kuda_cli.unlearn.data import batch_indices
+    from kuda_cli.unlearn.batches import batch_indices
     from kuda_cli.unlearn.methods import sequence_nll
 
     params = list(model.parameters())

@@ -18,7 +18,7 @@ from kuda_cli.errors import ConfigError
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
 from kuda_cli.models.tiny import tiny_random
-from kuda_cli.unlearn.data import tokenize
+from kuda_cli.unlearn.batches import tokenize
 from kuda_cli.unlearn.methods import (
     MethodContext,
     get_method,

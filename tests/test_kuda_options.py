@@ -3,7 +3,7 @@
 import pytest
 
 from kuda_cli.errors import UserError
-from kuda_cli.unlearn.data import subject_spans, tokenize
+from kuda_cli.unlearn.batches import subject_spans, tokenize
 from test_unlearn import FORGET, kuda_method, site_grad
 
 SUBJECTS = ["hydrogen", "oxygen", "sodium", "iron"]

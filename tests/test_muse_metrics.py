@@ -9,8 +9,8 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from kuda_cli.evaluate import muse_metrics
-from kuda_cli.evaluate.muse_metrics import (
+from kuda_cli.evaluate import muse as muse_metrics
+from kuda_cli.evaluate.muse import (
     auc,
     first_answer,
     greedy_continuations,

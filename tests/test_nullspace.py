@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
-from kuda_cli.unlearn.data import TokenSet, tokenize
+from kuda_cli.unlearn.batches import TokenSet, tokenize
 from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.methods.kuda import KudaMethod, NullspaceConfig
 from kuda_cli.unlearn.nullspace import (

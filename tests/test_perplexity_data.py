@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from kuda_cli.data.texts import load_texts, read_records
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.perplexity import perplexity
+from kuda_cli.evaluate.metrics.perplexity import perplexity
 
 TEXTS = [
     "The Nile flows north.",

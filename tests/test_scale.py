@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kuda_cli import cli, requirements
+from kuda_cli import cli, requires
 from kuda_cli.compose import compose
 from kuda_cli.errors import ConfigError
 from kuda_cli.overrides import apply_choice
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    requirements.gpu_missing.cache_clear()
-    requirements.hub_unreachable.cache_clear()
+    requires.gpu_missing.cache_clear()
+    requires.hub_unreachable.cache_clear()
     return tmp_path
 
 
@@ -50,7 +50,7 @@ def in_tmp(tmp_path, monkeypatch):
     ],
 )
 def test_table_experiments_stop_before_loading_without_a_gpu(capsys, in_tmp, argv, monkeypatch):
-    monkeypatch.setattr(requirements, "gpu_missing", lambda: "no CUDA device is visible")
+    monkeypatch.setattr(requires, "gpu_missing", lambda: "no CUDA device is visible")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -59,7 +59,7 @@ def test_table_experiments_stop_before_loading_without_a_gpu(capsys, in_tmp, arg
 
 
 def test_gpu_present_but_hub_offline_names_what_needs_the_hub(capsys, in_tmp, monkeypatch):
-    monkeypatch.setattr(requirements, "gpu_missing", lambda: None)
+    monkeypatch.setattr(requires, "gpu_missing", lambda: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert cli.main(["unlearn", "experiment=table_wmdp"]) == 2
     err = capsys.readouterr().err.strip()
@@ -72,13 +72,13 @@ def test_gpu_present_but_hub_offline_names_what_needs_the_hub(capsys, in_tmp, mo
 def test_unreachable_hub_is_found_by_a_quick_request(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
-    why = requirements.hub_unreachable(timeout=2.0)
+    why = requires.hub_unreachable(timeout=2.0)
     assert why is not None and "http://127.0.0.1:9 is unreachable" in why
 
 
 def test_local_copies_need_no_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(requirements, "gpu_missing", lambda: None)
+    monkeypatch.setattr(requires, "gpu_missing", lambda: None)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     for name in ("forget.jsonl", "retain.jsonl", "bio.jsonl", "cyber.jsonl", "mmlu.jsonl"):
@@ -94,12 +94,12 @@ def test_local_copies_need_no_hub(tmp_path, monkeypatch):
         "stage=unlearn",
     ]
     cfg = compose(local)
-    assert requirements.hub_sources(cfg) == []
-    requirements.check(cfg)  # nothing to fetch: no hub needed
+    assert requires.hub_sources(cfg) == []
+    requires.check(cfg)  # nothing to fetch: no hub needed
     cfg = compose([o for o in local if not o.startswith("eval.wmdp.mmlu_path")])
-    assert requirements.hub_sources(cfg) == ["eval.wmdp.mmlu_path (cais/mmlu)"]
+    assert requires.hub_sources(cfg) == ["eval.wmdp.mmlu_path (cais/mmlu)"]
     with pytest.raises(ConfigError, match="eval.wmdp.mmlu_path"):
-        requirements.check(cfg)
+        requires.check(cfg)
 
 
 def test_requires_takes_only_known_values(capsys):
@@ -153,7 +153,7 @@ def test_slurm_launcher_composes(capsys):
 
 
 def test_slurm_sweeps_check_the_gpu_on_the_node_not_at_submission(monkeypatch):
-    monkeypatch.setattr(requirements, "gpu_missing", lambda: "no CUDA device is visible")
+    monkeypatch.setattr(requires, "gpu_missing", lambda: "no CUDA device is visible")
     job = ["experiment=table_wmdp", "requires=[gpu]"]
     with pytest.raises(ConfigError, match="needs a GPU"):
         plan("unlearn", job, multirun=True)

@@ -1,6 +1,7 @@
 """The shared trainer and KUDA's deviation loss: masking, data order, kill-and-resume, the NaN
 guard, checkpoints other tools load, and `kuda unlearn` end to end on a tiny model."""
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kuda_cli.compose import compose
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
-from kuda_cli.unlearn.data import batch_indices, tokenize
+from kuda_cli.unlearn.batches import batch_indices, tokenize
+from kuda_cli.unlearn.diagnostics import heldout_krd
 from kuda_cli.unlearn.methods import MethodContext, get_method, method_modules
 from kuda_cli.unlearn.methods.kuda import KudaMethod, deviation
 from kuda_cli.unlearn.trainer import STATE_FILE, Trainer, TrainingDiverged
@@ -117,12 +119,45 @@ def test_deviation_loss_has_no_gradient_at_padding(tiny):
     assert again.item() == pytest.approx(loss.item(), abs=1e-6)
 
 
+def _starting(params):
+    """A context manager swapping the starting values of `params` in (as `kuda unlearn` does)."""
+    saved = {name: p.detach().clone() for name, p in params.items()}
+
+    @contextlib.contextmanager
+    def swapped():
+        now = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(now[name])
+
+    return swapped
+
+
 def test_kuda_moves_forget_representations_away(tiny):
+    """Measured with the KRD every method reports (MLP outputs, subject tokens); KUDA adds no
+    figure of its own at its default site."""
     model, tokenizer = tiny
     method, cfg, forget, retain = kuda_method(model, tokenizer, lr=1e-2, steps=15)
+    starting = _starting(method.trainable_parameters())
     Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=None, progress=False).train()
-    krd = method.diagnostics({})["krd"]["mean"]
+    heldout = method.ctx.forget_heldout
+    krd = heldout_krd(model, method.ctx.adapter, [1], heldout, starting)["mean"]
     assert krd > 0.05  # held-out forget input, never trained on, moved too
+    assert "krd_loss_site" not in method.diagnostics({})
+
+
+def test_kuda_at_the_residual_site_also_reports_its_own_sites_krd(tiny):
+    model, tokenizer = tiny
+    method, cfg, forget, retain = kuda_method(model, tokenizer, lr=1e-2, steps=5, site="residual")
+    Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=None, progress=False).train()
+    own = method.diagnostics({})["krd_loss_site"]
+    assert set(own) == {"l1", "mean"} and own["mean"] > 0
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path):
@@ -319,7 +354,7 @@ def test_unlearn_diagnostics_equal_an_independent_computation(kuda, tmp_path, mo
     from the starting tiny model and the saved checkpoint with plain forward hooks, one unpadded
     sequence at a time: the run's metrics.json holds the same numbers."""
     from kuda_cli.models.tiny import tiny_random
-    from kuda_cli.unlearn.data import unlearn_texts
+    from kuda_cli.unlearn.batches import unlearn_texts
 
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
     args = [*TINY_RUN, f"unlearn={method}", "unlearn.lr=1e-3"]

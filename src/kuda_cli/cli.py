@@ -89,7 +89,7 @@ def help_text() -> str:
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
-    from kuda_cli import requirements
+    from kuda_cli import requires
     from kuda_cli.run import Run, completed_with
     from kuda_cli.stages import STAGE_FUNCTIONS
     from kuda_cli.validate import validate
@@ -105,7 +105,7 @@ def hydra_entry(cfg: DictConfig) -> None:
     run = Run(out_dir, cfg)
     try:
         validate(cfg)
-        requirements.check(cfg)  # on a cluster node this is where the GPU is checked
+        requires.check(cfg)  # on a cluster node this is where the GPU is checked
         run = Run.start(out_dir, cfg, list(hydra_cfg.overrides.task))
         log.info("kuda %s: run directory %s", cfg.stage, out_dir)
         STAGE_FUNCTIONS[cfg.stage](cfg, run)

@@ -44,7 +44,7 @@ def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
 def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = False) -> Plan:
     """`preflight`, plus what a sweep needs to skip its completed jobs and report at the end.
     `printing` (--cfg): the config is printed and nothing runs; requirements are not checked."""
-    from kuda_cli import requirements
+    from kuda_cli import requires
     from kuda_cli.run import config_hashes
     from kuda_cli.validate import validate
 
@@ -75,7 +75,7 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
         launcher = str(OmegaConf.select(first, "hydra.launcher._target_", default="") or "")
         on_cluster = multirun and "Slurm" in launcher  # the GPU is checked in the job
         for cfg in cfgs:
-            requirements.check(cfg, gpu=not on_cluster)
+            requires.check(cfg, gpu=not on_cluster)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), None)
     target = Path(chosen or OmegaConf.select(first, key))

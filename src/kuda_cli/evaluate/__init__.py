@@ -1,24 +1,25 @@
 """Metrics, registered by name: `eval.metrics` lists the ones a run computes.
 
 A metric is a function (EvalContext) -> nested dict of results, registered with
-`@register_metric(name)` in its module; `METRIC_MODULES` says which module defines each name, so
-config validation knows the names without importing torch.
+`@register_metric(name)` in its module `evaluate/metrics/<name>.py`; `METRIC_MODULES` lists
+them by file name, so config validation knows the names without importing a metric.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# metric name -> the module registering it: one module per metric in evaluate/metrics/, found
+# by name (as unlearn/methods/ holds one module per method)
 METRIC_MODULES = {
-    "perplexity": "kuda_cli.evaluate.perplexity",
-    "facts": "kuda_cli.evaluate.facts_metric",
-    "muse": "kuda_cli.evaluate.muse_metric",
-    "lm_eval": "kuda_cli.evaluate.lm_eval_metric",
+    m.name: f"{__name__}.metrics.{m.name}"
+    for m in pkgutil.iter_modules([str(Path(__file__).with_name("metrics"))])
 }
 # the data kind a metric reads its sets from (validated before the run)
 METRIC_DATA_KIND = {"facts": "facts", "muse": "muse"}

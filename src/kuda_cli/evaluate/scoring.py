@@ -43,7 +43,7 @@ def _padding(tokenizer, side: str) -> Iterator[None]:
             tokenizer.pad_token = None
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     """The id that fills padded positions (masked out, so any valid id would do)."""
     return next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
 
@@ -176,7 +176,7 @@ def _score_continuations(
         if not cont:
             raise ValueError(f"empty continuation after {context!r}")
         encoded.append((ctx, cont))
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     results: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(pairs)
     batches = _batches([len(ctx) + len(cont) for ctx, cont in encoded], batch_size)
     with _eval_mode(model):
@@ -274,7 +274,7 @@ def option_scores(
         if not all(conts):
             raise ValueError(f"an empty option after {context!r}")
         packed.append((ctx, conts))
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     results: list[list[tuple[float, int, int]]] = [[] for _ in groups]
     batches = _batches([len(c) + sum(map(len, o)) for c, o in packed], batch_size)
     with _eval_mode(model):

@@ -5,9 +5,9 @@ from kuda_cli.stages import eval as eval_stage
 from kuda_cli.stages import pick, report, trace, unlearn
 
 STAGE_FUNCTIONS = {
-    "trace": trace.run,
-    "unlearn": unlearn.run,
-    "eval": eval_stage.run,
-    "report": report.run,
-    "pick": pick.run,
+    "trace": trace.main,
+    "unlearn": unlearn.main,
+    "eval": eval_stage.main,
+    "report": report.main,
+    "pick": pick.main,
 }

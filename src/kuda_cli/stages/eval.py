@@ -13,7 +13,7 @@ from kuda_cli.stages.common import load_configured_model
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run: Run) -> None:
+def main(cfg: DictConfig, run: Run) -> None:
     loaded = load_configured_model(cfg, run)
     ctx = EvalContext(
         loaded=loaded,

@@ -153,7 +153,7 @@ def choice_record(chosen: Candidate, tune, candidates: list[Candidate]) -> dict[
     }
 
 
-def run(cfg: DictConfig, run: Run) -> None:
+def main(cfg: DictConfig, run: Run) -> None:
     tune = cfg.tune
     run_dirs = find_runs(list(tune.runs), exclude=run.dir)
     run_dirs = [d for d in run_dirs if (read_meta(d) or {}).get("stage") != "pick"]

@@ -252,7 +252,7 @@ def write_frontier(rows: list[dict[str, Any]], out_dir: Path, lo: float, hi: flo
     return found
 
 
-def run(cfg: DictConfig, run: Run) -> None:
+def main(cfg: DictConfig, run: Run) -> None:
     run_dirs = find_runs(list(cfg.report.runs), exclude=run.dir)
     if not run_dirs:
         raise UserError(

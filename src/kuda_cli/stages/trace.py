@@ -14,7 +14,7 @@ from kuda_cli.stages.common import load_configured_model, trace_layers
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run: Run) -> None:
+def main(cfg: DictConfig, run: Run) -> None:
     loaded = load_configured_model(cfg, run)
     if cfg.locate.method == "fixed" or cfg.locate.from_run:
         log.info("kuda trace always traces: locate=fixed and locate.from_run apply to kuda unlearn")

@@ -33,7 +33,7 @@ from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR, read_layers
 from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, lookup
 from kuda_cli.stages.common import load_configured_model, locate_layers
-from kuda_cli.unlearn.data import tokenize, unlearn_texts
+from kuda_cli.unlearn.batches import tokenize, unlearn_texts
 from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak
 from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.trainer import Trainer, used_indices
@@ -59,7 +59,7 @@ def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run, model_key: st
     return locate_layers(cfg, loaded, run.dir, run, model_key)
 
 
-def run(cfg: DictConfig, run: Run) -> None:
+def main(cfg: DictConfig, run: Run) -> None:
     get_method(cfg.unlearn.method)  # an unimplemented method stops before any work
     loaded = load_configured_model(cfg, run)
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
@@ -123,7 +123,7 @@ def run(cfg: DictConfig, run: Run) -> None:
     if not distributed.is_main():  # several processes: process 0 evaluates and writes the rest
         return
     diagnostics = method.diagnostics(trainer.params)
-    if "krd" not in diagnostics and len(forget_heldout):  # the baselines: one definition for all
+    if len(forget_heldout):  # one definition for every method, KUDA's included
         diagnostics["krd"] = heldout_krd(
             model,
             adapter,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kuda_cli.models.adapter import Adapter
-from kuda_cli.unlearn.data import TokenSet
+from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import Method, sequence_nll
 from kuda_cli.unlearn.nullspace import UpdateProjector, key_moments
 from kuda_cli.unlearn.representations import RepresentationStore, krd, record_sites

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from kuda_cli.models.adapter import Adapter
 from kuda_cli.models.hooks import trace
-from kuda_cli.unlearn.data import TokenSet
+from kuda_cli.unlearn.batches import TokenSet
 
 log = logging.getLogger(__name__)
 

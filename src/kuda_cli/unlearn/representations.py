@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from kuda_cli.models.hooks import trace
-from kuda_cli.unlearn.data import TokenSet
+from kuda_cli.unlearn.batches import TokenSet
 
 SHARD_BYTES = 256 * 2**20
 
@@ -115,7 +115,7 @@ def record_sites(
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             chunk = order[start : start + batch_size]
             batch = tokens.batch(chunk, device)
-            with trace(model, names, stop_after=_deepest(model, names), detach=True) as rec:
+            with trace(model, names, stop_after=deepest(model, names), detach=True) as rec:
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             lengths = batch["attention_mask"].sum(1).tolist()
             for r, index in enumerate(chunk):
@@ -126,7 +126,7 @@ def record_sites(
     store.flush()
 
 
-def _deepest(model, names: list[str]) -> str:
+def deepest(model, names: list[str]) -> str:
     """The module among `names` whose forward ends last: registration order follows depth, and
     a block ends after its children."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}

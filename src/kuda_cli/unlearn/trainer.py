@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from kuda_cli import distributed
 from kuda_cli.errors import UserError
 from kuda_cli.models.precision import autocast
-from kuda_cli.unlearn.data import TokenSet, batch_indices
+from kuda_cli.unlearn.batches import TokenSet, batch_indices
 from kuda_cli.unlearn.methods import Method
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from torch import nn
 
 from kuda_cli.errors import UserError
 from kuda_cli.models.adapter import Adapter
-from kuda_cli.unlearn.data import TokenSet
+from kuda_cli.unlearn.batches import TokenSet
 
 ENTRY_POINTS = "kuda_cli.methods"  # name -> module of a method defined outside kuda
 METHODS: dict[str, type[Method]] = {}

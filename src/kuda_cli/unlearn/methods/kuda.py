@@ -25,10 +25,10 @@ from torch import nn
 from kuda_cli.config import UnlearnConfig, bounded, choice
 from kuda_cli.errors import UserError
 from kuda_cli.models.hooks import trace
-from kuda_cli.unlearn.data import TokenSet
-from kuda_cli.unlearn.methods import Method, register_method, sequence_nll
+from kuda_cli.unlearn.batches import TokenSet
+from kuda_cli.unlearn.methods import Method, register_method, with_retain_nll
 from kuda_cli.unlearn.nullspace import UpdateProjector, projector, retain_spectra
-from kuda_cli.unlearn.representations import RepresentationStore, _deepest, krd, record_sites
+from kuda_cli.unlearn.representations import RepresentationStore, deepest, krd, record_sites
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Kuda(Method):
         with trace(
             self.ctx.model,
             list(sites.values()),
-            stop_after=_deepest(self.ctx.model, list(sites.values())),
+            stop_after=deepest(self.ctx.model, list(sites.values())),
         ) as rec:
             self.ctx.model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"])
         mask = self.loss_mask(forget)
@@ -131,11 +131,7 @@ class Kuda(Method):
             total = total + (per_token * mask).sum() / tokens / len(sites)
             terms[f"cos_l{layer}"] = float(cos.detach().sum() / tokens)
         terms["deviation"] = float(total.detach())
-        if retain is not None and self.cfg.retain_weight > 0:
-            nll = sequence_nll(self.ctx.model, retain)
-            total = total + self.cfg.retain_weight * nll
-            terms["retain_nll"] = float(nll)
-        return total, terms
+        return with_retain_nll(self.ctx.model, total, retain, self.cfg.retain_weight, terms), terms
 
     def projector(self, params: dict[str, nn.Parameter]) -> UpdateProjector | None:
         ns = self.cfg.nullspace
@@ -183,12 +179,13 @@ class Kuda(Method):
 
     @torch.no_grad()
     def diagnostics(self, params: dict[str, nn.Parameter]) -> dict[str, Any]:
-        """KRD: mean 1 - cos between the unlearned and the original representations of the
-        held-out forget inputs (about 1: orthogonal), per layer and averaged."""
+        """The projector's figures; and where the loss reads another site or other tokens than
+        the KRD every method reports (MLP outputs, subject tokens: diagnostics.heldout_krd),
+        `krd_loss_site`, the same measure at the loss's own site and tokens."""
         out: dict[str, Any] = {}
         if getattr(self, "projector_info", None):
             out["projector"] = self.projector_info
-        if self.heldout is None:
+        if self.heldout is None or (self.cfg.site == "mlp_out" and self.cfg.tokens != "all"):
             return out
         sites = self.sites()
         now = RepresentationStore("memory")
@@ -202,7 +199,7 @@ class Kuda(Method):
             desc="held-out representations",
         )
         focus = self.heldout.focus if self.cfg.tokens != "all" else None
-        out["krd"] = krd(now, self.heldout_store, sites, indices, focus)
+        out["krd_loss_site"] = krd(now, self.heldout_store, sites, indices, focus)
         return out
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from kuda_cli.config import UnlearnConfig, bounded, listed
 from kuda_cli.models.precision import autocast
-from kuda_cli.unlearn.data import TokenSet
+from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import (
     Method,
     register_method,

@@ -21,7 +21,7 @@ from kuda_cli.errors import ConfigError
 
 TRUE = {"1", "ON", "YES", "TRUE"}
 HUB_TIMEOUT_S = 5.0
-# the data splits each use reads (kuda_cli.unlearn.data, evaluate.muse_metric, locate.probes)
+# the data splits each use reads (kuda_cli.unlearn.batches, evaluate.metrics.muse, locate.probes)
 SPLITS_FOR_UNLEARN = ("forget", "retain")
 SPLITS_FOR_MUSE_EVAL = (
     "verbmem",

@@ -7,7 +7,7 @@ from typing import Any
 
 from kuda_cli.data.sources import load_split
 from kuda_cli.evaluate import EvalContext, register_metric
-from kuda_cli.evaluate.muse_metrics import knowmem, mia_min_k, privleak, verbmem
+from kuda_cli.evaluate.muse import knowmem, mia_min_k, privleak, verbmem
 
 
 def _cap(records: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.scoring import _pad_id
+from kuda_cli.evaluate.scoring import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def tokenize(
                 for start, stop in enc["offset_mapping"][i]
             ]
             focus.append(row if any(row) else [1] * len(row))
-    return TokenSet(ids=ids, pad_id=_pad_id(tokenizer), focus=focus)
+    return TokenSet(ids=ids, pad_id=pad_id(tokenizer), focus=focus)
 
 
 def subject_spans(text: str, subject: str) -> list[tuple[int, int]]:
