@@ -11,6 +11,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.compose import conf_dir, group_options
+from kuda_cli.data import EVAL_FOR_KIND
 from kuda_cli.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -65,9 +66,6 @@ def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
     return out
 
 
-EVAL_FOR_DATA_KIND = {"facts": "facts", "corpus": "wmdp", "muse": "muse"}
-
-
 def data_kind(option: str) -> str | None:
     """The kind of a data option (facts, corpus, muse): the schema its YAML starts from."""
     path = conf_dir() / "data" / f"{option}.yaml"
@@ -87,7 +85,7 @@ def fit_eval_to_data(overrides: list[str]) -> list[str]:
     data = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "data"]
     if not data or "," in data[-1]:
         return overrides
-    fitting = EVAL_FOR_DATA_KIND.get(data_kind(data[-1]) or "")
+    fitting = EVAL_FOR_KIND.get(data_kind(data[-1]) or "")
     return [*overrides, f"eval={fitting}"] if fitting else overrides
 
 

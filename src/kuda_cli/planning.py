@@ -232,9 +232,9 @@ def sweep_summary(sweep: Sweep) -> tuple[int, str]:
 
 
 def _has_checkpoint(directory: Path) -> bool:
-    return any(
-        (directory / d / "trainer_state.pt").exists() for d in ("checkpoint", "checkpoint.old")
-    )
+    from kuda_cli.unlearn.trainer import CHECKPOINT, OLD_CHECKPOINT, STATE_FILE
+
+    return any((directory / d / STATE_FILE).exists() for d in (CHECKPOINT, OLD_CHECKPOINT))
 
 
 def _check_resume(directory: Path, cfg: DictConfig) -> Path:

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from kuda_cli.data import PROBE_SPLIT, UNLEARN_SPLITS
 from kuda_cli.errors import ConfigError
 
 TRUE = {"1", "ON", "YES", "TRUE"}
 HUB_TIMEOUT_S = 5.0
-# the data splits each use reads (kuda_cli.unlearn.batches, evaluate.metrics.muse, locate.probes)
-SPLITS_FOR_UNLEARN = ("forget", "retain")
+# the data splits the MUSE metric reads (kuda_cli.evaluate.metrics.muse); those of unlearning and
+# tracing are in kuda_cli.data
 SPLITS_FOR_MUSE_EVAL = (
     "verbmem",
     "knowmem_forget",
@@ -32,7 +33,6 @@ SPLITS_FOR_MUSE_EVAL = (
     "forget",
     "holdout",
 )
-PROBES_SPLIT = {"corpus": "questions", "muse": "knowmem_forget"}
 
 
 def describe(cfg: DictConfig) -> str:
@@ -57,10 +57,10 @@ def hub_sources(cfg: DictConfig) -> list[str]:
     data = cfg.data
     splits: list[str] = []
     if cfg.stage == "unlearn":
-        splits += SPLITS_FOR_UNLEARN
+        splits += UNLEARN_SPLITS
     if cfg.stage in ("trace", "unlearn") and cfg.locate.method == "causal_tracing":
-        if not cfg.locate.get("from_run") and data.kind in PROBES_SPLIT:
-            splits.append(PROBES_SPLIT[data.kind])
+        if not cfg.locate.get("from_run") and data.kind in PROBE_SPLIT:
+            splits.append(PROBE_SPLIT[data.kind])
     metrics = list(cfg.eval.metrics) if cfg.stage in ("eval", "unlearn") else []
     if "muse" in metrics:
         splits += SPLITS_FOR_MUSE_EVAL

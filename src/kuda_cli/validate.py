@@ -11,8 +11,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kuda_cli.data import EVAL_FOR_KIND
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.lm_eval_data import LOCAL_FILE_OPTIONS
+from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR
 from kuda_cli.models.adapter import TRAINABLE_KINDS
 
 
@@ -226,7 +228,7 @@ def _check_from_run(locate: DictConfig) -> None:
     """A reused trace run must hold its selection, so a typo costs no model load."""
     if not locate.get("from_run"):
         return
-    if not (Path(str(locate.from_run)).expanduser() / "trace" / "layers.json").is_file():
+    if not (Path(str(locate.from_run)).expanduser() / TRACE_DIR / LAYERS_FILE).is_file():
         raise ConfigError(
             f"locate.from_run={locate.from_run} holds no trace/layers.json; pass the directory "
             "of a completed kuda trace run (outputs/trace/DATE_TIME)"
@@ -245,11 +247,10 @@ def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
             )
         kind = METRIC_DATA_KIND.get(name)
         if kind and data_cfg.kind != kind:
-            fitting = {"facts": "eval=facts", "corpus": "eval=wmdp", "muse": "eval=muse"}
             raise ConfigError(
                 f"eval={eval_cfg.name} reads its {name} sets from the data group, which "
-                f"data={data_cfg.name} does not have; pass {fitting[data_cfg.kind]} with "
-                f"data={data_cfg.name} (or eval=none)"
+                f"data={data_cfg.name} does not have; pass "
+                f"eval={EVAL_FOR_KIND[data_cfg.kind]} with data={data_cfg.name} (or eval=none)"
             )
 
 

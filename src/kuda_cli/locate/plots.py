@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from kuda_cli.locate.effects import CATEGORIES, average_by_category
+from kuda_cli.locate.effects import CATEGORIES
 from kuda_cli.locate.tracing import KINDS
 
 COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -112,12 +112,15 @@ def effect_by_layer(
     fig.savefig(path)
 
 
-def write_trace_plots(out: Path, encoded, traces, curves, selected: list[int], locate) -> None:
+def write_trace_plots(
+    out: Path, encoded, traces, curves, averages, selected: list[int], locate
+) -> None:
+    """trace/'s PNGs: per kind the heatmap of `averages` (by token category, from effects.npz),
+    one per probe for the first `locate.plot_probes`, and the effect by layer."""
     n = len(encoded)
     for kind in KINDS:
-        average = average_by_category([t.effect(kind) for t in traces], encoded)
         heatmap(
-            average,
+            averages[kind],
             list(CATEGORIES),
             kind,
             out / f"heatmap_{kind}.png",

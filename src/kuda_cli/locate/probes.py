@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from kuda_cli.data import PROBE_SPLIT
 from kuda_cli.data.facts import Probe, load_facts, select_domains
 from kuda_cli.data.facts import probes as fact_probes
 from kuda_cli.data.questions import answer_index as parse_answer
@@ -141,11 +142,12 @@ def build_probes(cfg) -> list[TraceProbe]:
     if data.kind == "facts":
         forget = select_domains(load_facts(data.path), list(data.forget_domains), "forget")
         return from_facts(fact_probes(forget), cfg.locate.span)
+    name = PROBE_SPLIT.get(data.kind)
     if data.kind == "corpus":
         fields = ("question", "choices", "answer")
-        rows = load_split(OmegaConf.to_object(data.questions), "data.questions", fields)
-        return from_wmdp(rows, "data.questions")
+        rows = load_split(OmegaConf.to_object(data[name]), f"data.{name}", fields)
+        return from_wmdp(rows, f"data.{name}")
     if data.kind == "muse":
-        split = OmegaConf.to_object(data.knowmem_forget)
-        return from_qa(load_split(split, "data.knowmem_forget", ("question", "answer")))
+        split = OmegaConf.to_object(data[name])
+        return from_qa(load_split(split, f"data.{name}", ("question", "answer")))
     raise UserError(f"data={data.name} (kind {data.kind}) has no probes for tracing")

@@ -94,8 +94,10 @@ def trace_layers(
     last = [e.last_subject for e in encoded]
     curves = {k: last_subject_scores([t.effect(k) for t in traces], last) for k in KINDS}
     selection = select_window(curves[locate.module], locate.select_window)
-    np.savez_compressed(out / "effects.npz", **effect_arrays(encoded, traces, curves))
-    write_trace_plots(out, encoded, traces, curves, selection.layers, locate)
+    arrays = effect_arrays(encoded, traces, curves)
+    np.savez_compressed(out / "effects.npz", **arrays)
+    averages = {kind: arrays[f"{kind}_effect_avg"] for kind in KINDS}
+    write_trace_plots(out, encoded, traces, curves, averages, selection.layers, locate)
     summary = {
         "layers": selection.layers,
         "module": locate.module,

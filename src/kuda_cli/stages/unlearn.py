@@ -46,9 +46,7 @@ AFTER_ONLY = ("floors", "retain_greedy")
 
 
 def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run, model_key: str) -> list[int]:
-    if cfg.locate.method == "fixed":
-        return list(cfg.locate.layers)
-    own = run.dir / TRACE_DIR / LAYERS_FILE
+    own = run.dir / TRACE_DIR / LAYERS_FILE  # written only by tracing: never with locate=fixed
     if not cfg.locate.from_run and own.exists():  # a resumed run: tracing is not redone...
         try:
             layers = read_layers(str(run.dir), loaded.num_layers, model_key, same_weights=True)

@@ -32,6 +32,7 @@ from kuda_cli.unlearn.methods import Method
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+OLD_CHECKPOINT = f"{CHECKPOINT}.old"  # the previous one, while a new one is written
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 
@@ -127,7 +128,7 @@ class Trainer:
     def checkpoint_dir(self) -> Path | None:
         if self.out_dir is None:
             return None
-        final, old = self.out_dir / CHECKPOINT, self.out_dir / f"{CHECKPOINT}.old"
+        final, old = self.out_dir / CHECKPOINT, self.out_dir / OLD_CHECKPOINT
         if not (final / STATE_FILE).exists() and (old / STATE_FILE).exists():
             if distributed.is_main():
                 old.rename(final)  # killed between the two renames of a save
@@ -138,7 +139,7 @@ class Trainer:
             return
         final = self.checkpoint_dir()
         tmp = self.out_dir / f"{CHECKPOINT}.tmp"
-        old = self.out_dir / f"{CHECKPOINT}.old"
+        old = self.out_dir / OLD_CHECKPOINT
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp, safe_serialization=True)
