@@ -1,7 +1,6 @@
 """The shared trainer and KUDA's deviation loss: masking, data order, kill-and-resume, the NaN
 guard, checkpoints other tools load, and `kuda unlearn` end to end on a tiny model."""
 
-import contextlib
 import json
 import math
 import os
@@ -15,7 +14,7 @@ from kuda_cli.compose import compose
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import batch_indices, tokenize
-from kuda_cli.unlearn.diagnostics import heldout_krd
+from kuda_cli.unlearn.diagnostics import heldout_krd, swapped_in
 from kuda_cli.unlearn.methods import MethodContext, get_method, method_modules
 from kuda_cli.unlearn.methods.kuda import KudaMethod, deviation
 from kuda_cli.unlearn.trainer import STATE_FILE, Trainer, TrainingDiverged
@@ -120,23 +119,10 @@ def test_deviation_loss_has_no_gradient_at_padding(tiny):
 
 
 def _starting(params):
-    """A context manager swapping the starting values of `params` in (as `kuda unlearn` does)."""
+    """A context manager factory swapping the starting values of `params` in (as `kuda unlearn`
+    gives heldout_krd)."""
     saved = {name: p.detach().clone() for name, p in params.items()}
-
-    @contextlib.contextmanager
-    def swapped():
-        now = {name: p.detach().clone() for name, p in params.items()}
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(now[name])
-
-    return swapped
+    return lambda: swapped_in(params, saved)
 
 
 def test_kuda_moves_forget_representations_away(tiny):

@@ -13,7 +13,6 @@ from pathlib import Path
 from shutil import ignore_patterns
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
@@ -34,7 +33,7 @@ from kuda_cli.models.loading import LoadedModel, resolve_cache_root
 from kuda_cli.run import Run, lookup
 from kuda_cli.stages.common import load_configured_model, locate_layers
 from kuda_cli.unlearn.batches import tokenize, unlearn_texts
-from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak
+from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak, swapped_in
 from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.trainer import Trainer, used_indices
 from kuda_cli.validate import validate_layers_against
@@ -127,7 +126,7 @@ def main(cfg: DictConfig, run: Run) -> None:
             adapter,
             layers,
             forget_heldout,
-            lambda: _swapped(trainer.params, starting),
+            lambda: swapped_in(trainer.params, starting),
         )
     run.log_metrics(
         {
@@ -149,7 +148,7 @@ def main(cfg: DictConfig, run: Run) -> None:
                     trained_layers,
                     start_down,
                     retain_heldout,
-                    lambda: _swapped(trainer.params, starting),
+                    lambda: swapped_in(trainer.params, starting),
                 ),
             },
         }
@@ -170,27 +169,13 @@ def main(cfg: DictConfig, run: Run) -> None:
             log.info("summary: %s", json.dumps(run.metrics["summary"]))
 
 
-@contextmanager
-def _swapped(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
-    with torch.no_grad():
-        current = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
-        for n, p in params.items():
-            p.copy_(values[n])
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(current[n])
-
-
 def starting_model_judge(loaded: LoadedModel, params, starting):
     """A judge for the fluency metric: the same model object with the starting weights of the
     trained parameters swapped in for as long as it scores."""
 
     @contextmanager
     def lend():
-        with _swapped(params, starting):
+        with swapped_in(params, starting):
             yield loaded.model, loaded.tokenizer, STARTING_JUDGE
 
     return lend

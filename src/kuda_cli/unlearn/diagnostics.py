@@ -4,6 +4,7 @@ reaches held-out retain keys."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -115,3 +116,19 @@ def heldout_krd(
     with starting_weights():
         record_sites(model, heldout, indices, list(sites.values()), before, desc="held-out start")
     return krd(now, before, sites, indices, heldout.focus)
+
+
+@contextmanager
+def swapped_in(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]):
+    """`values` copied into `params` for the block, their current values put back after (a
+    starting model without a second copy of it: `heldout_krd`'s `starting_weights`)."""
+    with torch.no_grad():
+        current = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        for n, p in params.items():
+            p.copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(current[n])

@@ -81,13 +81,21 @@ class Kuda(Method):
         kind = "mlp" if self.cfg.site == "mlp_out" else "layer"
         return {layer: self.ctx.adapter.module_name(kind, layer) for layer in self.trained_layers}
 
+    @property
+    def reads_own_site(self) -> bool:
+        """Whether the loss reads another site or other tokens than the shared KRD (MLP outputs,
+        subject tokens), so that KUDA reports `krd_loss_site` beside it."""
+        return self.cfg.site != "mlp_out" or self.cfg.tokens == "all"
+
     def prepare(self) -> None:
         ctx = self.ctx
         directory = ctx.work_dir / "originals" if ctx.work_dir else None
         self.store = RepresentationStore(self.cfg.originals, directory)
         sites = list(self.sites().values())
         record_sites(ctx.model, ctx.forget, ctx.forget_used, sites, self.store)
-        self.heldout = ctx.forget_heldout
+        # held-out originals only where KUDA reports its own site's KRD (the KRD every method
+        # reports, diagnostics.heldout_krd, records its own from the starting weights)
+        self.heldout = ctx.forget_heldout if self.reads_own_site else None
         if self.heldout is not None:
             self.heldout_store = RepresentationStore("memory")
             record_sites(
@@ -185,7 +193,7 @@ class Kuda(Method):
         out: dict[str, Any] = {}
         if getattr(self, "projector_info", None):
             out["projector"] = self.projector_info
-        if self.heldout is None or (self.cfg.site == "mlp_out" and self.cfg.tokens != "all"):
+        if self.heldout is None:
             return out
         sites = self.sites()
         now = RepresentationStore("memory")
