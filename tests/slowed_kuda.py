@@ -7,8 +7,8 @@ of a checkpoint write. Test-side patches only: the trainer has no test hook.
 Environment (read here, never by kuda):
   SLOWED_KUDA_DELAY  seconds to sleep before each micro-batch (default 0.2)
   SLOWED_KUDA_DIE    "state:N": SIGKILL halfway through writing trainer_state.pt of the N-th save;
-                     "swap:N": SIGKILL between the two renames of the N-th save (the previous
-                     checkpoint moved aside, the new one not yet in place)
+                     "prune:N": SIGKILL right after the N-th save is renamed into place, before
+                     the older checkpoints are pruned (two complete ones on disk)
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
-from kuda_cli.unlearn import trainer
+from kuda_cli.unlearn import checkpoints, trainer
 
 DELAY = float(os.environ.get("SLOWED_KUDA_DELAY", "0.2"))
 DIE = os.environ.get("SLOWED_KUDA_DIE", "")
@@ -37,7 +36,7 @@ trainer.Trainer.batches = slowed_batches
 
 if DIE:
     point, nth = DIE.split(":")
-    _save, _torch_save, _rename = trainer.Trainer.save, trainer.torch.save, Path.rename
+    _save, _torch_save, _prune = trainer.Trainer.save, trainer.torch.save, checkpoints.prune
 
     def counted_save(self, step, last_row):
         global saves
@@ -52,19 +51,18 @@ if DIE:
                 f.truncate(size // 2)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def rename_then_die(self, target):
-        out = _rename(self, target)
-        if saves == int(nth) and Path(target).name == f"{trainer.CHECKPOINT}.old":
+    def die_before_pruning(out_dir, keep):
+        if saves == int(nth):
             os.kill(os.getpid(), signal.SIGKILL)
-        return out
+        return _prune(out_dir, keep)
 
     trainer.Trainer.save = counted_save
     if point == "state":
         trainer.torch.save = half_written
-    elif point == "swap":
-        Path.rename = rename_then_die
+    elif point == "prune":
+        checkpoints.prune = die_before_pruning
     else:
-        raise SystemExit(f"SLOWED_KUDA_DIE={DIE!r}: use state:N or swap:N")
+        raise SystemExit(f"SLOWED_KUDA_DIE={DIE!r}: use state:N or prune:N")
 
 if __name__ == "__main__":
     from kuda_cli.cli import main

@@ -75,6 +75,7 @@ FREE = {
     "tune.utility": "a dotted metrics key",
     "tune.carry": "dotted config keys",
     "eval.wmdp.tasks": "any lm-eval task name (lm-eval resolves it; offline, the local files)",
+    "unlearn.lora.target_modules": "module names of the architecture (peft refuses unknown ones)",
 }
 # paths that must exist, with the overrides under which they are read
 PATHS: dict[str, list[str]] = {
@@ -267,8 +268,9 @@ ALLOWED_HINTS = (
 
 def _unfinished_run(directory: Path) -> Path:
     """An unfinished `kuda unlearn` run of another config, with a checkpoint to resume."""
-    (directory / "checkpoint").mkdir(parents=True)
-    (directory / "checkpoint" / "trainer_state.pt").write_bytes(b"0")
+    (directory / "checkpoint-2").mkdir(parents=True)
+    (directory / "checkpoint-2" / "trainer_state.pt").write_bytes(b"0")
+    (directory / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2}')
     meta = {"stage": "unlearn", "status": "running", "config_hash": "other", "command": "kuda x"}
     (directory / "meta.json").write_text(json.dumps(meta))
     return directory

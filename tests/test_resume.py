@@ -81,13 +81,14 @@ def test_every_method_killed_at_a_random_step_resumes_to_the_uninterrupted_weigh
         assert_same_weights(run, tmp_path / "straight" / str(job), what)
 
 
-@pytest.mark.parametrize("point", ["state", "swap"])
+@pytest.mark.parametrize(("point", "found"), [("state", 2), ("prune", 4)])
 def test_a_kill_during_a_checkpoint_write_loses_only_the_steps_since_the_previous_one(
-    kuda, tmp_path, monkeypatch, point
+    kuda, tmp_path, monkeypatch, point, found
 ):
-    """Killed halfway through writing the trainer state of the save at step 4, or between the
-    two renames that put it in place: the checkpoint a rerun finds is the complete one of step
-    2 (its trainer state and weights agree), never the half-written one."""
+    """Killed halfway through writing the trainer state of the save at step 4: the checkpoint a
+    rerun finds is the complete one of step 2, never the half-written one; killed after the
+    step-4 one is in place but before the older one is pruned: the rerun takes step 4's, and
+    prunes step 2's."""
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
     args = ["unlearn", *TINY, "unlearn=ga"]
     kuda(*args, "hydra.run.dir=straight", check=True)
@@ -100,16 +101,16 @@ def test_a_kill_during_a_checkpoint_write_loses_only_the_steps_since_the_previou
     )
     assert code == -9, (tmp_path / "killed.stderr").read_text()[-3000:]
     run = tmp_path / "run"
-    found = run / CHECKPOINT if point == "state" else run / f"{CHECKPOINT}.old"
-    assert (run / CHECKPOINT).exists() is (point == "state")
-    assert read_json(found / "trainer_state.json")["step"] == 2
-    state = torch.load(found / STATE_FILE, weights_only=False)
-    saved = load_file(str(found / "model.safetensors"))
-    for name, value in state["params"].items():  # the weights and the trainer state agree
-        torch.testing.assert_close(saved[name], value, rtol=0, atol=0)
+    assert not (run / CHECKPOINT).exists()  # no final model yet
+    complete = sorted(p.name for p in run.glob(f"{CHECKPOINT}-*") if not p.name.endswith(".tmp"))
+    assert complete == (["checkpoint-2"] if point == "state" else ["checkpoint-2", "checkpoint-4"])
+    latest = run / f"{CHECKPOINT}-{found}"
+    assert read_json(latest / "trainer_state.json")["step"] == found
+    state = torch.load(latest / STATE_FILE, weights_only=False)
+    assert state["step"] == found and state["optimizer"] and set(state["params"])
 
     done = kuda(*args, "hydra.run.dir=run", check=True)
-    assert "resuming from the checkpoint at step 2" in done.stdout + done.stderr
-    assert read_json(run / "metrics.json")["train"]["resumed_from"] == 2
-    assert not (run / f"{CHECKPOINT}.tmp").exists() and not (run / f"{CHECKPOINT}.old").exists()
+    assert f"resuming from the checkpoint at step {found}" in done.stdout + done.stderr
+    assert read_json(run / "metrics.json")["train"]["resumed_from"] == found
+    assert sorted(p.name for p in run.glob(f"{CHECKPOINT}*")) == [CHECKPOINT]  # the final only
     assert_same_weights(run, tmp_path / "straight", f"killed in the {point} of a save")

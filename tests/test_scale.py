@@ -403,32 +403,82 @@ def equal_length_corpus(directory: Path) -> list[str]:
     ]
 
 
-def test_two_processes_train_as_one_with_the_whole_batch(kuda, tmp_path, monkeypatch):
-    """torchrun sets what accelerate launch sets (RANK, LOCAL_RANK, WORLD_SIZE): two CPU
-    processes (Gloo) each take half of every batch; the averaged step equals one process's."""
-    from safetensors.torch import load_file
-
-    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
-    args = equal_length_corpus(tmp_path)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "-m", "kuda_cli.cli", "unlearn", *args]
-        + ["hydra.run.dir=two"],
-        cwd=tmp_path,
+def torchrun(args: list[str], cwd: Path, script: str = "-m kuda_cli.cli", env=None):
+    runner = Path(sys.executable).with_name("torchrun")
+    return subprocess.run(
+        [str(runner), "--nproc_per_node", "2", *script.split(), "unlearn", *args],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, **(env or {})},
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "sharded"),
+    [(["unlearn=kuda"], False), (["unlearn=ga", "unlearn.trainable=[all]"], True)],
+    ids=["kuda-replicated", "ga-fsdp2"],
+)
+def test_two_processes_train_as_one_with_the_whole_batch(
+    kuda, tmp_path, monkeypatch, method, sharded
+):
+    """torchrun sets what accelerate launch sets (RANK, LOCAL_RANK, WORLD_SIZE): two CPU
+    processes (Gloo) each take half of every batch; the step equals one process's with the
+    whole batch: KUDA's three down_proj matrices by averaged gradients, GA's every parameter
+    sharded with FSDP2 (float32 shards, reduce-scattered gradients, a sharded intermediate
+    checkpoint, the final model gathered to process 0)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    args = [*equal_length_corpus(tmp_path), *method, "unlearn.save_every=2"]
+    two = torchrun([*args, "hydra.run.dir=two"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     kuda("unlearn", *args, "hydra.run.dir=one", check=True)
     a = load_file(str(tmp_path / "two" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "one" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4  # lr is 1e-2
     rows = (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]  # written once, by process 0
     meta = read_json(tmp_path / "two" / "meta.json")
     assert meta["status"] == "completed"
-    assert "perplexity" in read_json(tmp_path / "two" / "metrics.json")  # process 0 evaluated
+    metrics = read_json(tmp_path / "two" / "metrics.json")
+    assert "perplexity" in metrics  # process 0 evaluated
+    assert metrics["train"]["sharded"] is sharded
+    assert sorted(p.name for p in (tmp_path / "two").glob("checkpoint*")) == ["checkpoint"]
+
+
+def test_a_sharded_run_stopped_after_a_checkpoint_resumes_to_the_uninterrupted_weights(
+    tmp_path, monkeypatch
+):
+    """Two processes, FSDP2: stopped at step 5 after the sharded step-4 checkpoint (every
+    process wrote its shards of the weights and AdamW's states), the same command again
+    loads them and ends with the weights of the uninterrupted two-process run."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    args = [
+        *equal_length_corpus(tmp_path),
+        "unlearn=ga",
+        "unlearn.trainable=[all]",
+        "unlearn.steps=6",
+        "unlearn.save_every=2",
+        "eval=none",
+    ]
+    straight = torchrun([*args, "hydra.run.dir=straight"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopper = str(Path(__file__).with_name("stopped_kuda.py"))
+    stopped = torchrun([*args, "hydra.run.dir=run"], tmp_path, stopper, {"STOPPED_KUDA_AT": "5"})
+    assert stopped.returncode != 0
+    assert (tmp_path / "run" / "checkpoint-4" / "sharded").is_dir()
+    again = torchrun([*args, "hydra.run.dir=run"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from the checkpoint at step 4" in again.stdout + again.stderr
+    assert read_json(tmp_path / "run" / "metrics.json")["train"]["resumed_from"] == 4
+    a = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,8 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny, tmp_path):
     trainer = Trainer(model, tokenizer, method, cfg, forget, retain, out_dir=tmp_path)
     with pytest.raises(TrainingDiverged, match=r"step 3.*checkpoint \(step 2\)"):
         trainer.train()
-    assert read_json(tmp_path / "checkpoint" / "trainer_state.json")["step"] == 2
+    assert read_json(tmp_path / "checkpoint-2" / "trainer_state.json")["step"] == 2
+    assert not (tmp_path / "checkpoint").exists()  # no final model of a diverged run
     rows = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2]
 
@@ -186,8 +187,8 @@ def test_a_weight_turned_infinite_by_a_step_stops_with_the_last_good_checkpoint(
         trainer.train()
     rows = (tmp_path / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2]
-    saved = trained_weights(tmp_path)
-    assert all(torch.isfinite(v).all() for v in saved.values())
+    saved = torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=False)["params"]
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
 
 
 def test_checkpoint_loads_with_from_pretrained(tiny, tmp_path):
@@ -198,7 +199,7 @@ def test_checkpoint_loads_with_from_pretrained(tiny, tmp_path):
     AutoTokenizer.from_pretrained(tmp_path / "checkpoint")
     for name, param in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], param)
-    assert (tmp_path / "checkpoint" / STATE_FILE).exists()
+    assert not (tmp_path / "checkpoint" / STATE_FILE).exists()  # the final one: the model only
 
 
 def trained_weights(run_dir):
@@ -213,7 +214,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(kuda, tmp_path, monkeyp
     log = "outputs/unlearn/*/train_log.jsonl"
     assert kuda_killed(["unlearn", *TINY_RUN], tmp_path, log, 3) == -9
     (run_dir,) = (tmp_path / "outputs" / "unlearn").iterdir()
-    assert read_json(run_dir / "checkpoint" / "trainer_state.json")["step"] == 2
+    assert read_json(run_dir / "checkpoint-2" / "trainer_state.json")["step"] == 2
     resumed = kuda("unlearn", *TINY_RUN, check=True)  # the same command again
     assert "resuming" in resumed.stderr, (resumed.stderr[-2000:], os.listdir(run_dir.parent))
     assert list((tmp_path / "outputs" / "unlearn").iterdir()) == [run_dir]

@@ -162,6 +162,22 @@ class LocateConfig:
 
 # ----------------------------------------------------------------------------- unlearn
 @dataclass
+class LoraSpec:
+    """LoRA adapters (peft) trained instead of the weights, for the full-parameter baselines
+    (GA, GradDiff, NPO, SimNPO): the final checkpoint is the merged model plus `adapter/`."""
+
+    enabled: bool = False
+    r: int = bounded(16, ge=1)
+    alpha: float = bounded(32.0, gt=0)
+    dropout: float = bounded(0.0, ge=0, lt=1)
+    # module names (Llama/Mistral/Qwen: the attention and MLP projections); with
+    # unlearn.trainable=[all] in every layer, else in unlearn.layers (the located ones)
+    target_modules: list[str] = listed(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    )
+
+
+@dataclass
 class UnlearnConfig:
     """What every method shares: the trainer's knobs."""
 
@@ -178,9 +194,21 @@ class UnlearnConfig:
     max_grad_norm: float | None = bounded(1.0, gt=0)
     precision: str = choice("auto", "auto", "float32", "bfloat16")
     save_every: int = bounded(0, ge=0)  # 0: only at the end
+    keep: int = bounded(1, ge=1)  # intermediate checkpoints (checkpoint-<step>/) kept on disk
+    # intermediate checkpoints hold the optimiser state (a resume equals an uninterrupted run);
+    # false: the trained tensors only (a resume restarts the optimiser's moments)
+    save_optimizer: bool = True
     trainable: list[str] = listed("down_proj")  # module kinds trained; see models.adapter
     layers: list[int] | None = None  # trained layers; null: the located layers
     originals: str = choice("memory", "memory", "disk")  # where original representations live
+    # trained tensors of a half-precision model keep float32 master copies: the optimiser and
+    # the null-space projection work on them, the model gets them rounded after each step
+    # (bf16 at |w| 0.02 has a spacing of 1.2e-4: smaller updates would round to nothing)
+    master_weights: bool = True
+    # several processes: `auto` shards with FSDP2 when every parameter trains (trainable=[all]),
+    # else replicates (data parallel); `fsdp` always shards; `none` never
+    shard: str = choice("auto", "auto", "none", "fsdp")
+    lora: LoraSpec = field(default_factory=LoraSpec)
 
 
 # ----------------------------------------------------------------------------- eval

@@ -4,7 +4,8 @@ Data parallel with replicated weights: every process holds the whole model, trai
 of each batch, and the trained parameters' gradients are averaged across processes before the
 optimiser step, so every process takes the same step. Process 0 alone writes the run directory
 (config, meta, metrics, log, checkpoint) and evaluates after training. KUDA and RMU train three
-`down_proj` matrices: the all-reduce moves those gradients only.
+`down_proj` matrices: the all-reduce moves those gradients only. Runs that train every parameter
+shard it with FSDP2 instead (kuda_cli.unlearn.sharding).
 
 Nothing here does anything in a single process (`WORLD_SIZE` unset or 1): the default path is
 unchanged.
@@ -56,7 +57,7 @@ def shard(indices: list[int]) -> list[int]:
 
 
 def average(tensors: list) -> None:
-    """Replace each tensor by its mean over the processes (one all-reduce for all of them)."""
+    """Replace each tensor by its mean over the processes."""
     import torch
     import torch.distributed as dist
 
@@ -64,13 +65,26 @@ def average(tensors: list) -> None:
     if not active() or not tensors:
         return
     with torch.no_grad():
-        flat = torch.cat([t.reshape(-1).float() for t in tensors])
-        dist.all_reduce(flat)
-        flat /= world_size()
-        offset = 0
+        # one tensor at a time, in place where it is float32: no whole-model buffer
         for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t).to(t.dtype))
-            offset += t.numel()
+            work = t if t.dtype == torch.float32 else t.float()
+            dist.all_reduce(work)
+            work /= world_size()
+            if work is not t:
+                t.copy_(work)
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether `flag` holds on any process (so that all of them stop together)."""
+    import torch
+
+    if not active():
+        return bool(flag)
+    import torch.distributed as dist
+
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
 
 
 def mean_values(values: dict[str, float], device) -> dict[str, float]:

@@ -232,9 +232,9 @@ def sweep_summary(sweep: Sweep) -> tuple[int, str]:
 
 
 def _has_checkpoint(directory: Path) -> bool:
-    from kuda_cli.unlearn.trainer import CHECKPOINT, OLD_CHECKPOINT, STATE_FILE
+    from kuda_cli.unlearn.checkpoints import any_checkpoint
 
-    return any((directory / d / STATE_FILE).exists() for d in (CHECKPOINT, OLD_CHECKPOINT))
+    return any_checkpoint(directory)
 
 
 def _check_resume(directory: Path, cfg: DictConfig) -> Path:

@@ -29,10 +29,12 @@ from kuda_cli.errors import UserError
 from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, compute_metrics
 from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR, read_layers
-from kuda_cli.models.loading import LoadedModel, resolve_cache_root
+from kuda_cli.models.loading import LoadedModel, load_model, resolve_cache_root
 from kuda_cli.run import Run, lookup
 from kuda_cli.stages.common import load_configured_model, locate_layers
+from kuda_cli.unlearn import sharding
 from kuda_cli.unlearn.batches import tokenize, unlearn_texts
+from kuda_cli.unlearn.checkpoints import CHECKPOINT
 from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak, swapped_in
 from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.trainer import Trainer, used_indices
@@ -101,39 +103,56 @@ def main(cfg: DictConfig, run: Run) -> None:
     trainer = Trainer(
         model, tokenizer, method, ucfg, forget, retain, out_dir=run.dir, seed=cfg.seed
     )
-    trainer.setup()
     trained_layers = method.trained_layers
-    # kept on the CPU: with unlearn.trainable=[all] this is a whole model's weights
-    starting = {n: p.detach().to("cpu", copy=True) for n, p in trainer.params.items()}
+    main = distributed.is_main()  # several processes: process 0 evaluates and writes the rest
+    # the starting values of what trains, on process 0's CPU (with unlearn.trainable=[all] a
+    # whole model's weights): the starting model for the diagnostics and the fluency judge;
+    # taken before a sharded run splits the parameters
+    sharded = sharding.wanted(ucfg)
+    starting = _cpu_copy(method.trainable_parameters()) if sharded and main else {}
     start_down = {
-        layer: adapter.down_proj_weight(model, layer).detach().clone() for layer in trained_layers
+        layer: adapter.down_proj_weight(model, layer).detach().to("cpu", copy=True)
+        for layer in (trained_layers if main else [])
     }
-    first_forget, _ = trainer.batches(0)
-    conflict = gradient_conflict(
-        method,
-        trainer.params,
-        first_forget,
-        retain.batch(list(range(min(len(retain), ucfg.batch_size))), loaded.device),
-        trainer.projector,
-    )
+    trainer.setup()
+    if not sharded and main:
+        starting = _cpu_copy(trainer.params)
+    if sharded:
+        conflict = {"skipped": "the parameters are sharded (FSDP2)"}
+    else:
+        first_forget, _ = trainer.batches(0)
+        conflict = gradient_conflict(
+            method,
+            trainer.params,
+            first_forget,
+            retain.batch(list(range(min(len(retain), ucfg.batch_size))), loaded.device),
+            trainer.projector,
+        )
     result = trainer.train()
-    if not distributed.is_main():  # several processes: process 0 evaluates and writes the rest
+    if not main:
         return
-    diagnostics = method.diagnostics(trainer.params)
+    params = trainer.params
+    if sharded:  # process 0 alone from here: the whole model, from the final checkpoint
+        loaded = _reload(cfg, run.dir / CHECKPOINT)
+        model = loaded.model
+        params = {n: p for n, p in model.named_parameters() if n in starting}
+    diagnostics = method.diagnostics(params) if not sharded else {}
     if len(forget_heldout):  # one definition for every method, KUDA's included
         diagnostics["krd"] = heldout_krd(
             model,
             adapter,
             layers,
             forget_heldout,
-            lambda: swapped_in(trainer.params, starting),
+            lambda: swapped_in(params, starting),
         )
     run.log_metrics(
         {
             "train": {
                 "method": ucfg.method,
                 "layers": trained_layers,
-                "trainable_parameters": sum(p.numel() for p in trainer.params.values()),
+                "trainable_parameters": sum(p.numel() for p in params.values()),
+                "sharded": sharded,
+                "lora": bool(ucfg.lora.enabled),
                 "steps": result.steps,
                 "resumed_from": result.resumed_from,
                 "seconds": result.seconds,
@@ -148,7 +167,7 @@ def main(cfg: DictConfig, run: Run) -> None:
                     trained_layers,
                     start_down,
                     retain_heldout,
-                    lambda: swapped_in(trainer.params, starting),
+                    lambda: swapped_in(params, starting),
                 ),
             },
         }
@@ -160,13 +179,23 @@ def main(cfg: DictConfig, run: Run) -> None:
             loaded,
             run.dir,
             before,
-            judge=starting_model_judge(loaded, trainer.params, starting),
+            judge=starting_model_judge(loaded, params, starting),
         )
         run.log_metrics(after)
         if before is not None:
             tasks = list(cfg.eval.wmdp.tasks) if "lm_eval" in cfg.eval.metrics else None
             run.log_metrics({"summary": summarise(before, after, tasks)})
             log.info("summary: %s", json.dumps(run.metrics["summary"]))
+
+
+def _cpu_copy(params) -> dict:
+    return {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+
+
+def _reload(cfg: DictConfig, directory: Path) -> LoadedModel:
+    """The model saved in `directory`, loaded as `cfg.model` says (dtype, device)."""
+    spec = replace(OmegaConf.to_object(cfg.model), path=str(directory))
+    return load_model(spec, cfg.cache_dir)
 
 
 def starting_model_judge(loaded: LoadedModel, params, starting):

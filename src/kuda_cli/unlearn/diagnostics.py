@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kuda_cli.models.adapter import Adapter
@@ -18,19 +17,25 @@ from kuda_cli.unlearn.nullspace import UpdateProjector, key_moments
 from kuda_cli.unlearn.representations import RepresentationStore, krd, record_sites
 
 
-def _grads(loss: torch.Tensor, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    return {
-        n: (g if g is not None else torch.zeros_like(params[n]))
-        for n, g in zip(names, grads, strict=True)
-    }
+class _Sums:
+    """Dot products and squared norms of two gradients, per parameter, in float64."""
 
+    def __init__(self):
+        self.per: dict[str, dict[str, float]] = {}
 
-def _cos(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], names: list[str]) -> float:
-    flat_a = torch.cat([a[n].flatten().float() for n in names])
-    flat_b = torch.cat([b[n].flatten().float() for n in names])
-    return float(F.cosine_similarity(flat_a, flat_b, dim=0, eps=1e-12))
+    def add(self, name: str, key: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.flatten().double(), b.flatten().double()
+        row = self.per.setdefault(name, {})
+        row[f"{key}_dot"] = row.get(f"{key}_dot", 0.0) + float(a @ b)
+        row[f"{key}_aa"] = row.get(f"{key}_aa", 0.0) + float(a @ a)
+        row["bb"] = float(b @ b)
+
+    @staticmethod
+    def cos(rows: list[dict[str, float]], key: str) -> float:
+        dot = sum(r.get(f"{key}_dot", 0.0) for r in rows)
+        aa = sum(r.get(f"{key}_aa", 0.0) for r in rows)
+        bb = sum(r.get("bb", 0.0) for r in rows)
+        return dot / max(aa**0.5 * bb**0.5, 1e-12)
 
 
 def gradient_conflict(
@@ -41,23 +46,70 @@ def gradient_conflict(
     projector: UpdateProjector | None,
 ) -> dict[str, Any]:
     """Cosine between the method's forget gradient and the retain NLL gradient, over all trained
-    parameters and per parameter; `after` projects the forget gradient first."""
-    loss, _ = method.loss(forget, None)
-    g_forget = _grads(loss, params)
-    g_retain = _grads(sequence_nll(method.ctx.model, retain), params)
+    parameters and per parameter; `after` projects the forget gradient first.
+
+    Streamed: the retain gradient is kept (one copy of the trained parameters, in their dtype),
+    then the forget gradient is reduced to dot products parameter by parameter as backward
+    produces it, each freed at once; no float32 concatenation of either."""
     names = list(params)
-    out: dict[str, Any] = {"before": _cos(g_forget, g_retain, names)}
-    if projector is not None:
-        projected = dict(g_forget)
-        for name, (_, p, in_out) in projector.projectors.items():
-            projected[name] = UpdateProjector.apply(g_forget[name], p, in_out)
-        out["after"] = _cos(projected, g_retain, names)
-        out["per_param"] = {
-            name: {
-                "before": _cos(g_forget, g_retain, [name]),
-                "after": _cos(projected, g_retain, [name]),
+    saved = {n: params[n].grad for n in names}
+    for n in names:
+        params[n].grad = None
+    sequence_nll(method.ctx.model, retain).backward(inputs=[params[n] for n in names])
+    retain_grads = {n: params[n].grad for n in names}
+    for n in names:
+        params[n].grad = None
+    sums = _Sums()
+    projected = projector.projectors if projector is not None else {}
+
+    def reduce(name: str):
+        def hook(param: torch.Tensor) -> None:
+            g_forget = param.grad
+            g_retain = retain_grads[name]
+            if g_retain is None:
+                g_retain = torch.zeros_like(g_forget)
+            sums.add(name, "before", g_forget, g_retain)
+            if name in projected:
+                _, p, in_out = projected[name]
+                sums.add(name, "after", UpdateProjector.apply(g_forget, p, in_out), g_retain)
+            param.grad = None
+            retain_grads[name] = None  # this parameter is done: free its retain gradient
+
+        return hook
+
+    handles = [params[n].register_post_accumulate_grad_hook(reduce(n)) for n in names]
+    try:
+        loss, _ = method.loss(forget, None)
+        loss.backward(inputs=[params[n] for n in names])
+    finally:
+        for handle in handles:
+            handle.remove()
+        for n in names:
+            params[n].grad = saved[n]
+    for n in names:  # trained but unused by the forget loss: the retain gradient's norm only
+        if retain_grads[n] is not None:
+            g = retain_grads[n].flatten().double()
+            sums.per[n] = {"bb": float(g @ g)}
+    rows = [sums.per.get(n, {}) for n in names]
+    out: dict[str, Any] = {"before": _Sums.cos(rows, "before")}
+    if projected:
+        chosen = [n for n in names if n in projected]
+        # parameters the projector leaves alone enter "after" unprojected
+        rows_after = [
+            {
+                **r,
+                "after_dot": r.get("after_dot", r.get("before_dot", 0.0)),
+                "after_aa": r.get("after_aa", r.get("before_aa", 0.0)),
             }
-            for name in projector.projectors
+            for r in rows
+        ]
+        out["after"] = _Sums.cos(rows_after, "after")
+        out["per_param"] = {
+            n: {
+                "before": _Sums.cos([sums.per.get(n, {})], "before"),
+                "after": _Sums.cos([sums.per.get(n, {})], "after"),
+            }
+            for n in chosen
         }
     return out
 
@@ -81,7 +133,8 @@ def retain_leak(
         moments, count = key_moments(model, adapter, layers, keys, desc="held-out retain keys")
     out: dict[str, Any] = {"keys": count}
     for layer in layers:
-        dw = adapter.down_proj_weight(model, layer).double() - before[layer].double()
+        now = adapter.down_proj_weight(model, layer)
+        dw = now.double() - before[layer].to(now.device).double()
         norm2 = float((dw * dw).sum())
         c = moments[layer]
         if norm2 == 0:
