@@ -205,9 +205,9 @@ class UnlearnConfig:
     # the null-space projection work on them, the model gets them rounded after each step
     # (bf16 at |w| 0.02 has a spacing of 1.2e-4: smaller updates would round to nothing)
     master_weights: bool = True
-    # several processes: `auto` shards with FSDP2 when every parameter trains (trainable=[all]),
-    # else replicates (data parallel); `fsdp` always shards; `none` never
-    shard: str = choice("auto", "auto", "none", "fsdp")
+    # several processes: `auto` shards with FSDP2 when every parameter trains (trainable=[all],
+    # no LoRA), else replicates the model (data parallel); `none` always replicates
+    shard: str = choice("auto", "auto", "none")
     lora: LoraSpec = field(default_factory=LoraSpec)
 
 

@@ -27,6 +27,7 @@ def validate(cfg: DictConfig) -> None:
     _check_metrics(cfg.eval, cfg.data)
     _check_method(cfg.unlearn)
     _check_trainable(cfg.unlearn)
+    _check_lora(cfg.unlearn)
     _check_steer_layer(cfg)
     _check_text_source(cfg.eval)
     _check_local_paths(cfg)
@@ -271,6 +272,17 @@ def _check_trainable(unlearn: DictConfig) -> None:
         raise ConfigError(
             f"unlearn.trainable=[{', '.join(kinds)}]: all already trains every parameter; pass "
             "unlearn.trainable=[all] alone, or list module kinds without all"
+        )
+
+
+def _check_lora(unlearn: DictConfig) -> None:
+    from kuda_cli.unlearn.lora import NOT_FOR
+
+    lora = unlearn.get("lora")
+    if lora is not None and lora.enabled and unlearn.get("method") in NOT_FOR:
+        raise ConfigError(
+            f"unlearn.lora.enabled=true is for the full-parameter baselines (ga, graddiff, npo, "
+            f"simnpo); {unlearn.method} trains named down_proj matrices: drop unlearn.lora"
         )
 
 

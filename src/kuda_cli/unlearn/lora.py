@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from kuda_cli.errors import UserError
+
 ADAPTER_DIR = "adapter"
 ADAPTER_NAME = "default"
 NOT_FOR = ("kuda", "rmu")  # their losses and projector read the weights of named modules
@@ -36,7 +38,14 @@ def attach(model: nn.Module, cfg, layers: list[int] | None) -> dict[str, nn.Para
         bias="none",
     )
     dtype = next(model.parameters()).dtype
-    inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as err:  # e.g. no module of these names in the layers
+        first = str(err).strip().splitlines()[0][:200]
+        raise UserError(
+            f"unlearn.lora could not attach adapters ({first}); set unlearn.lora.target_modules "
+            "to module names of this model's layers"
+        ) from err
     params = {n: p for n, p in model.named_parameters() if "lora_" in n}
     for p in params.values():  # in the model's dtype, like the weights they add to
         p.data = p.data.to(dtype)

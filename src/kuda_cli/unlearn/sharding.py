@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 
 
 def wanted(cfg) -> bool:
-    """Whether this run shards: `shard=fsdp`, or `auto` with several processes training every
-    parameter."""
-    mode = getattr(cfg, "shard", "auto")
-    if mode == "fsdp":
-        return True
-    return mode == "auto" and distributed.active() and "all" in cfg.trainable
+    """Whether this run shards: `shard=auto` with several processes training every parameter
+    (LoRA adapters are small: they replicate)."""
+    return (
+        cfg.shard == "auto"
+        and distributed.active()
+        and "all" in cfg.trainable
+        and not cfg.lora.enabled
+    )
 
 
 def shard(model: nn.Module, adapter: Adapter) -> torch.dtype:
