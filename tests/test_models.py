@@ -105,3 +105,28 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="model.device=cuda"):
             resolve_device("cuda")
+
+
+def test_a_gpu_model_loads_straight_to_its_device(monkeypatch):
+    """On CUDA `from_pretrained` gets `device_map` (the weights go to the GPU shard by shard, no
+    host copy of the whole model) and the model is not moved again; on the CPU neither."""
+    from kuda_cli.models import loading
+
+    calls = {}
+
+    class Fake:
+        def to(self, device):
+            calls["moved"] = device
+            return self
+
+    def fake_model(name, **kwargs):
+        calls["kwargs"] = kwargs
+        return Fake()
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fake_model)
+    spec = ModelConfig(name="m", source="local", device="cuda", dtype="bfloat16")
+    loading._from_pretrained("dir", spec, torch.device("cuda", 1))
+    assert calls["kwargs"]["device_map"] == torch.device("cuda", 1) and "moved" not in calls
+    loading._from_pretrained("dir", spec, torch.device("cpu"))
+    assert "device_map" not in calls["kwargs"] and calls["moved"] == torch.device("cpu")

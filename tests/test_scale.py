@@ -588,3 +588,25 @@ def test_frontier_runs_the_domain_defaults_and_the_sweeps_then_plots_the_curves(
     # a random model knows nothing above its floor: no forget-removed level, so no curve point
     # (the curves themselves are tested on runs with known figures in test_report.py)
     assert (report / "frontier.md").is_file() and (report / "frontier.json").is_file()
+
+
+def test_the_shipped_launch_configs_load_in_accelerate_and_fsdp2_sets_what_kuda_reads(
+    monkeypatch,
+):
+    """accelerate reads both configs; an FSDP2 launch's settings reach kuda's sharding through
+    the environment accelerate launch sets (reshard after forward, activation checkpointing)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from kuda_cli.unlearn.sharding import launch_options
+
+    root = Path(__file__).resolve().parents[1] / "scripts" / "accelerate"
+    fsdp = load_config_from_file(str(root / "fsdp2.yaml"))
+    assert str(fsdp.distributed_type) in ("FSDP", "DistributedType.FSDP")
+    assert fsdp.fsdp_config["fsdp_version"] == 2
+    assert str(load_config_from_file(str(root / "multi_gpu.yaml")).distributed_type).endswith(
+        "MULTI_GPU"
+    )
+    assert launch_options() == {"reshard_after_forward": True, "activation_checkpointing": False}
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    assert launch_options() == {"reshard_after_forward": False, "activation_checkpointing": True}

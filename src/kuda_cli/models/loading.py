@@ -112,9 +112,13 @@ def _local_dir(path: str) -> str:
 def _from_pretrained(name_or_path: str, spec: ModelConfig, device: torch.device):
     dtype = resolve_dtype(spec.dtype, device)
     common = dict(revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    # on a GPU the weights go straight to it, shard by shard: no host copy of a 7B model
+    placement = {"device_map": device} if device.type == "cuda" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or name_or_path, **common)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, **common, **placement
+        )
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -128,4 +132,4 @@ def _from_pretrained(name_or_path: str, spec: ModelConfig, device: torch.device)
                 "model.trust_remote_code=true"
             ) from err
         raise
-    return model.to(device), tokenizer
+    return (model if placement else model.to(device)), tokenizer

@@ -17,6 +17,7 @@ path of `kuda_cli.distributed`, which moves those gradients only.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -39,6 +40,30 @@ def wanted(cfg) -> bool:
     )
 
 
+def launch_options() -> dict[str, bool]:
+    """What an accelerate FSDP launch config (scripts/accelerate/fsdp2.yaml) asks of the
+    sharding, from the environment `accelerate launch` sets: reshard after forward (ZeRO-3
+    style, the default) and activation checkpointing (off by default)."""
+
+    def flag(name: str, default: bool) -> bool:
+        value = os.environ.get(name)
+        return default if value is None else value.strip().lower() in ("1", "true", "yes")
+
+    return {
+        "reshard_after_forward": flag("FSDP_RESHARD_AFTER_FORWARD", True),
+        "activation_checkpointing": flag("FSDP_ACTIVATION_CHECKPOINTING", False),
+    }
+
+
+def warn_unused_launch(cfg) -> None:
+    """An FSDP launch for a run that replicates (KUDA, RMU, LoRA): said once, not silently."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not wanted(cfg):
+        log.warning(
+            "launched with an FSDP config, but this run replicates the model (only "
+            "unlearn.trainable=[all] without LoRA is sharded); the launch settings are unused"
+        )
+
+
 def shard(model: nn.Module, adapter: Adapter) -> torch.dtype:
     """Shard `model` in place (decoder layers, then the root); returns the dtype its parameters
     had, in which forward passes run. The float32 copies are made one layer at a time, after
@@ -47,10 +72,15 @@ def shard(model: nn.Module, adapter: Adapter) -> torch.dtype:
 
     dtype = next(model.parameters()).dtype
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    options = launch_options()
+    if options["activation_checkpointing"] and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = [adapter.module(model, "layer", i) for i in range(adapter.num_layers(model))]
     for layer in layers:
         layer.to(torch.float32)  # sharded next: the float32 shards are the master weights
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(
+            layer, mp_policy=policy, reshard_after_forward=options["reshard_after_forward"]
+        )
     model.to(torch.float32)  # the rest (embeddings, final norm, head); the layers already are
     fully_shard(model, mp_policy=policy)
     log.info(

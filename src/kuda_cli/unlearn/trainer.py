@@ -122,6 +122,7 @@ class Trainer:
         build the projector and the float32 master copies. Runs on the starting weights, also
         when resuming."""
         cfg = self.cfg
+        sharding.warn_unused_launch(cfg)
         if sharding.wanted(cfg):
             distributed.init(self.device)
             self.compute_dtype = sharding.shard(self.model, self.method.ctx.adapter)
