@@ -155,12 +155,34 @@ ablation-kuda: $(DEPS)
 
 # zephyr-7b-beta on WMDP-bio, WMDP-cyber and MMLU: the starting model, RMU, NPO, SimNPO, GA and
 # KUDA. Needs a GPU and the hub (or local copies in ARGS): checked first, one line, exit 2.
+# RMU and KUDA train three down_proj matrices: one GPU each (peak about 1.1-1.3x the bf16 weights,
+# `python scripts/bench_unlearn.py --shape zephyr-7b --plan`). The full-parameter baselines
+# (FULL_BASELINES: every parameter trains) run sharded with FSDP2 over GPUS GPUs, one launch per
+# domain and method (a multi-process run has a fixed directory; a completed one is skipped).
+# FULL_LAUNCH=lora trains LoRA adapters on one GPU instead of sharding.
+GPUS ?= 4
+FULL_BASELINES ?= npo simnpo ga
+WMDP_DATA ?= wmdp_bio wmdp_cyber
+FULL_LAUNCH ?= fsdp2
+LAUNCH_FSDP2 := $(BIN)/accelerate launch --config_file scripts/accelerate/fsdp2.yaml \
+  --num_processes $(GPUS) -m kuda_cli.cli
+ECHO := $(if $(DRY),echo,)
 table-wmdp: $(DEPS)
 	$(RUN) $(KUDA) eval -m experiment=table_wmdp $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/start
-	$(RUN) $(KUDA) unlearn -m experiment=table_wmdp data=wmdp_bio,wmdp_cyber \
-	  unlearn=$(BASELINES) $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/baselines $(SWEEP_OK)
-	$(RUN) $(KUDA) unlearn -m experiment=table_wmdp data=wmdp_bio,wmdp_cyber unlearn=kuda \
-	  locate=causal_tracing $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/kuda $(SWEEP_OK)
+	$(RUN) $(KUDA) unlearn -m experiment=table_wmdp data=$(subst $(space),$(comma),$(WMDP_DATA)) \
+	  unlearn=rmu_zephyr $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/rmu $(SWEEP_OK)
+	$(if $(DRY),@,)for d in $(WMDP_DATA); do for m in $(FULL_BASELINES); do \
+	  dir=$(TABLES)/wmdp/baselines/$$d-$$m; \
+	  if grep -qs '"status": "completed"' $$dir/meta.json; then continue; fi; \
+	  $(if $(filter lora,$(FULL_LAUNCH)), \
+	    $(ECHO) $(KUDA) unlearn experiment=table_wmdp data=$$d unlearn=$$m \
+	      unlearn.lora.enabled=true $(ARGS) hydra.run.dir=$$dir, \
+	    $(ECHO) $(LAUNCH_FSDP2) unlearn experiment=table_wmdp data=$$d unlearn=$$m \
+	      unlearn.trainable=[all] $(ARGS) hydra.run.dir=$$dir) \
+	    || [ $$? -eq 1 ]; \
+	done; done
+	$(RUN) $(KUDA) unlearn -m experiment=table_wmdp data=$(subst $(space),$(comma),$(WMDP_DATA)) \
+	  unlearn=kuda locate=causal_tracing $(ARGS) hydra.sweep.dir=$(TABLES)/wmdp/kuda $(SWEEP_OK)
 	$(RUN) rm -rf $(TABLES)/wmdp/report
 	$(RUN) $(KUDA) report report.runs=[$(TABLES)/wmdp] report.metric_prefix=lm_eval \
 	  hydra.run.dir=$(TABLES)/wmdp/report

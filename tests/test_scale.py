@@ -119,14 +119,21 @@ def test_make_dry_prints_every_command_and_runs_nothing(in_tmp):
         return done.stdout.strip().splitlines()
 
     wmdp = dry("table-wmdp")
-    assert [line.split()[1] for line in wmdp if "kuda " in line] == [
+    assert [line.split()[1] for line in wmdp if line.startswith(".venv/bin/kuda ")] == [
         "eval",
         "unlearn",
         "unlearn",
         "report",
     ]
-    assert all(line.startswith((".venv/bin/kuda ", "rm -rf ")) for line in wmdp)
-    assert "unlearn=rmu_zephyr,npo,simnpo,ga" in wmdp[1] and "unlearn=kuda" in wmdp[2]
+    assert all(
+        line.startswith((".venv/bin/kuda ", ".venv/bin/accelerate ", "rm -rf ")) for line in wmdp
+    )
+    assert "unlearn=rmu_zephyr " in wmdp[1] and "unlearn=kuda" in wmdp[-3]
+    # the full-parameter baselines: one FSDP2 launch on 4 GPUs per domain and method
+    sharded = [line for line in wmdp if line.startswith(".venv/bin/accelerate launch")]
+    assert len(sharded) == 6 and all("scripts/accelerate/fsdp2.yaml" in x for x in sharded)
+    assert all("--num_processes 4" in x and "unlearn.trainable=[all]" in x for x in sharded)
+    assert {x.split("unlearn=")[1].split()[0] for x in sharded} == {"npo", "simnpo", "ga"}
     muse = dry("table-muse")
     assert sum("model=muse-books-iclm-7b" in line for line in muse) == 3
     assert "report.metric_prefix=muse" in muse[-1]
