@@ -157,6 +157,7 @@ def main(cfg: DictConfig, run: Run) -> None:
                 "resumed_from": result.resumed_from,
                 "seconds": result.seconds,
                 "last": result.last,
+                **_gpu_memory(loaded, model),
             },
             "diagnostics": {
                 **diagnostics,
@@ -186,6 +187,19 @@ def main(cfg: DictConfig, run: Run) -> None:
             tasks = list(cfg.eval.wmdp.tasks) if "lm_eval" in cfg.eval.metrics else None
             run.log_metrics({"summary": summarise(before, after, tasks)})
             log.info("summary: %s", json.dumps(run.metrics["summary"]))
+
+
+def _gpu_memory(loaded: LoadedModel, model) -> dict[str, float]:
+    """On a GPU: the peak allocated so far (load, originals, spectra, diagnostics, training)
+    against the bf16 size of the model's weights (the figure docs/scale.md's memory model
+    predicts)."""
+    if loaded.device.type != "cuda":
+        return {}
+    import torch
+
+    peak = torch.cuda.max_memory_allocated(loaded.device)
+    bf16 = 2 * sum(p.numel() for p in model.parameters())
+    return {"peak_gpu_gib": round(peak / 2**30, 3), "peak_over_bf16_weights": round(peak / bf16, 3)}
 
 
 def _cpu_copy(params) -> dict:
