@@ -181,6 +181,8 @@ def cases() -> list[tuple[str, list[str], str]]:
                     add(f"{path}:range{bad}", [*context, f"{path}={bad}"], path)
             elif tp is str and "choices" in meta:
                 add(f"{path}:choice", [*context, f"{path}=no_such_choice"], path)
+            elif tp is str and "pattern" in meta:
+                add(f"{path}:pattern", [*context, f"{path}=no_such_value"], path)
             elif _path_key(path) not in FREE:
                 raise AssertionError(
                     f"{path} ({hints[f.name]}) has no case: give it bounds or choices, or "

@@ -16,7 +16,7 @@ import torch
 
 from kuda_cli.config import TinySpec
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.lm_eval_bridge import run_lm_eval
+from kuda_cli.evaluate.lm_eval_bridge import CPU_BATCH_SIZE, lm_eval_batch_size, run_lm_eval
 from kuda_cli.evaluate.lm_eval_data import read_rows, write_local_tasks
 from kuda_cli.models.tiny import tiny_random
 
@@ -325,3 +325,51 @@ def test_bad_rows_and_names_are_user_errors(tmp_path, local_files):
         write_local_tasks(["hellaswag"], local_files, tmp_path / "t")
     with pytest.raises(UserError, match="no rows with subject 'anatomy'"):
         write_local_tasks(["mmlu_anatomy"], local_files, tmp_path / "t")
+
+
+# ----------------------------------------------------------------------------- batch size
+def test_batch_size_auto_is_lm_evals_on_cuda_and_fixed_elsewhere():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert lm_eval_batch_size("auto", cuda) == "auto"
+    assert lm_eval_batch_size("auto:4", cuda) == "auto:4"
+    assert lm_eval_batch_size("auto", cpu) == lm_eval_batch_size("auto:4", cpu) == CPU_BATCH_SIZE
+    assert lm_eval_batch_size("16", cuda) == lm_eval_batch_size(16, cpu) == 16
+    for bad in ("0", "-2", "auto:0", "auto:x", "big", "1.5"):
+        with pytest.raises(UserError, match="integer >= 1, auto or auto:N"):
+            lm_eval_batch_size(bad, cpu)
+
+
+@pytest.mark.parametrize(("setting", "passed"), [("auto", CPU_BATCH_SIZE), ("3", 3)])
+def test_the_batch_size_setting_reaches_hflm(tiny, local_files, monkeypatch, setting, passed):
+    from lm_eval.models import huggingface
+
+    seen = []
+
+    class Recording(huggingface.HFLM):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["batch_size"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface, "HFLM", Recording)
+    model, tokenizer = tiny
+    scores = run_lm_eval(
+        model, tokenizer, ["wmdp_bio"], local_files=local_files, limit=2, batch_size=setting
+    )
+    assert seen == [passed] and scores["wmdp_bio"]["n"] == 2
+
+
+def test_the_config_default_is_auto_and_a_bad_value_is_one_line_exit_2(
+    tmp_path, monkeypatch, capsys
+):
+    from kuda_cli import cli
+    from kuda_cli.compose import compose
+
+    assert compose(["stage=eval", "eval=wmdp", "data=wmdp_bio"]).eval.wmdp.batch_size == "auto"
+    assert compose(["stage=eval", "eval.wmdp.batch_size=32"]).eval.wmdp.batch_size == "32"
+    monkeypatch.chdir(tmp_path)
+    for bad in ("0", "auto:0", "many"):
+        assert cli.main(["eval", "model=tiny-random", f"eval.wmdp.batch_size={bad}"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("kuda: eval.wmdp.batch_size="), lines
+        assert "auto or auto:N" in lines[0]
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.methods.kuda import KudaMethod, NullspaceConfig
 from kuda_cli.unlearn.nullspace import (
     Spectrum,
+    decomposition_device,
     key_moments,
     projector,
     retain_spectra,
@@ -182,3 +183,50 @@ def test_projected_update_stays_out_of_retain_keys_but_projected_gradient_does_n
     assert leak_update < 1e-4
     # Adam divides each gradient entry by its own running scale: the step leaves the null space
     assert leak_grad > 100 * max(leak_update, 1e-6)
+
+
+def old_key_moments(model, adapter, layers, tokens: TokenSet, batch_size: int):
+    """The moments as kuda summed them before the in-place sums: a fresh product per batch."""
+    names = {layer: adapter.module_name("down_proj", layer) for layer in layers}
+    sums, count = {}, 0
+    for start in range(0, len(tokens), batch_size):
+        batch = tokens.batch(list(range(start, min(start + batch_size, len(tokens)))))
+        mask = batch["attention_mask"].bool()
+        with torch.no_grad(), trace(model, list(names.values()), inputs=True) as rec:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        for layer, name in names.items():
+            keys = rec[name].input[mask].double()
+            sums[layer] = sums.get(layer, 0) + keys.T @ keys
+        count += int(mask.sum())
+    return {layer: s / count for layer, s in sums.items()}, count
+
+
+def test_in_place_moments_are_bit_identical_to_fresh_products_on_the_cpu(tiny):
+    model, tokenizer = tiny
+    adapter = get_adapter(model)
+    tokens = tokenize(tokenizer, RETAIN + FORGET, 64, "retain")
+    moments, n = key_moments(model, adapter, [0, 2], tokens, batch_size=3)
+    reference, m = old_key_moments(model, adapter, [0, 2], tokens, batch_size=3)
+    assert n == m and set(moments) == {0, 2}
+    for layer in (0, 2):
+        assert moments[layer].dtype == torch.float64
+        assert torch.equal(moments[layer], reference[layer]), layer
+
+
+def test_the_eigendecomposition_runs_where_asked_and_returns_home(tiny, monkeypatch):
+    model, tokenizer = tiny
+    adapter = get_adapter(model)
+    moments, n = key_moments(model, adapter, [1], tokenize(tokenizer, RETAIN, 64, "retain"))
+    moment = moments[1]
+    values, vectors = torch.linalg.eigh(moment)
+    for device in ("auto", "cpu", None):
+        spectrum = spectrum_of(moment.clone(), n, device=device)
+        assert torch.equal(spectrum.eigenvalues, values.clamp_min(0.0))
+        assert torch.equal(spectrum.eigenvectors, vectors.float()) and spectrum.tokens == n
+        assert spectrum.eigenvectors.device == moment.device
+    # auto: a GPU when there is one, whatever device the moment is on
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert decomposition_device(moment) == torch.device("cuda")
+    assert decomposition_device(moment, "cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert decomposition_device(moment) == torch.device("cpu")

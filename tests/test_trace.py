@@ -333,9 +333,9 @@ def test_stage_builds_probes_from_each_data_kind(tmp_path):
     wmdp.write_text(json.dumps({"question": "Q?", "choices": ["a", "b", "c", "d"], "answer": 2}))
     muse = tmp_path / "qa.jsonl"
     muse.write_text(json.dumps({"question": "Who?", "answer": "Ann"}))
-    cases = {
-        ("data=wmdp_bio", f"data.questions.path={wmdp}"): ("Question: Q?\nAnswer:", " c"),
-        ("data=muse_news", f"data.knowmem_forget.path={muse}"): ("Question: Who?\nAnswer:", " Ann"),
+    cases = {  # held-apart questions (data.probes); the forget corpus's cloze: test_probes.py
+        ("data=wmdp_bio", f"data.probes.path={wmdp}"): ("Question: Q?\nAnswer:", " c"),
+        ("data=muse_news", f"data.probes.path={muse}"): ("Question: Who?\nAnswer:", " Ann"),
         ("data=facts",): ("The element hydrogen is represented by the symbol", " H"),
     }
     for overrides, (prompt, target) in cases.items():

@@ -117,8 +117,13 @@ class CorpusData:
     kind: str = choice("corpus", "corpus")
     forget: SplitSource = field(default_factory=SplitSource)
     retain: SplitSource = field(default_factory=SplitSource)
+    # the WMDP test questions, the ones eval=wmdp scores: tracing never reads them
     questions: SplitSource = field(default_factory=SplitSource)
     min_chars: int = bounded(50, ge=0)
+    # tracing probes held apart from the evaluation questions (rows: question, answer, and
+    # choices when the answer indexes them); unset (no path, no hub_id): cloze probes from the
+    # forget corpus's trained passages. Never data.questions: layers chosen on the test set.
+    probes: SplitSource = field(default_factory=SplitSource)
 
 
 @dataclass
@@ -136,6 +141,9 @@ class MuseData:
     knowmem_retain: SplitSource = field(default_factory=SplitSource)
     knowmem_forget_icl: SplitSource = field(default_factory=SplitSource)
     knowmem_retain_icl: SplitSource = field(default_factory=SplitSource)
+    # tracing probes held apart from the KnowMem questions (rows: question, answer); unset: cloze
+    # probes from the forget corpus's trained passages, never knowmem_forget (an eval split)
+    probes: SplitSource = field(default_factory=SplitSource)
 
 
 # ----------------------------------------------------------------------------- locate
@@ -158,6 +166,10 @@ class LocateConfig:
     # matrix products of the traced passes: `auto` is bfloat16 (autocast, float32 elsewhere)
     # where the hardware multiplies bf16 fast (CUDA with bf16, CPUs with AMX), else float32
     precision: str = choice("auto", "auto", "float32", "bfloat16")
+    # prompt tokens a probe keeps: a longer one loses tokens from its start (the end of the
+    # question, next to the answer, stays; the corrupted span is shifted, clipped to what is
+    # kept). Tracing costs grow with the square of the length. null: no cap
+    max_tokens: int | None = bounded(256, ge=8)
 
 
 # ----------------------------------------------------------------------------- unlearn
@@ -262,7 +274,16 @@ class WmdpEvalConfig:
     mmlu_path: str | None = None  # rows: question, subject, choices, answer
     mmlu_dev_path: str | None = None  # few-shot examples for MMLU (num_fewshot > 0)
     limit: int | None = bounded(None, ge=1)  # questions per task, for quick runs
-    batch_size: int = bounded(8, ge=1)
+    # rows per lm-eval batch: a positive integer, `auto` (lm-eval finds the largest batch that
+    # fits on the GPU: 64 halved on out-of-memory) or `auto:N` (found again N times as requests
+    # get shorter). On a CPU auto is 8: lm-eval's probe would run 64 rows of the longest request
+    batch_size: str = field(
+        default="auto",
+        metadata={
+            "pattern": r"auto(:[1-9][0-9]*)?|[1-9][0-9]*",
+            "allowed": "an integer >= 1, auto or auto:N",
+        },
+    )
     num_fewshot: int = bounded(0, ge=0)
 
 

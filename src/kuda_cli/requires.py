@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.data import PROBE_SPLIT, UNLEARN_SPLITS
+from kuda_cli.data import UNLEARN_SPLITS, probe_split
 from kuda_cli.errors import ConfigError
 
 TRUE = {"1", "ON", "YES", "TRUE"}
@@ -59,8 +59,8 @@ def hub_sources(cfg: DictConfig) -> list[str]:
     if cfg.stage == "unlearn":
         splits += UNLEARN_SPLITS
     if cfg.stage in ("trace", "unlearn") and cfg.locate.method == "causal_tracing":
-        if not cfg.locate.get("from_run") and data.kind in PROBE_SPLIT:
-            splits.append(PROBE_SPLIT[data.kind])
+        if not cfg.locate.get("from_run") and probe_split(data):
+            splits.append(probe_split(data))
     metrics = list(cfg.eval.metrics) if cfg.stage in ("eval", "unlearn") else []
     if "muse" in metrics:
         splits += SPLITS_FOR_MUSE_EVAL

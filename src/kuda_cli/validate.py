@@ -117,6 +117,8 @@ def _check_node(node: DictConfig, prefix: str) -> None:
         if "choices" in meta and value not in meta["choices"]:
             allowed = ", ".join(str(c) for c in meta["choices"])
             raise ConfigError(f"{path}={value!r} is not allowed; choose one of: {allowed}")
+        if "pattern" in meta and not re.fullmatch(meta["pattern"], str(value)):
+            raise ConfigError(f"{path}={value!r} is not allowed; it must be {meta['allowed']}")
         bounds = {k: v for k, v in meta.items() if k in ("gt", "ge", "lt", "le")}
         if bounds and _violates(value, bounds):
             raise ConfigError(f"{path}={value!r} is out of range; it must be {_describe(bounds)}")

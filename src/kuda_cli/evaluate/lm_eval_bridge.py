@@ -5,6 +5,7 @@ or lm-eval's hub tasks."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import re
@@ -21,6 +22,24 @@ from kuda_cli.evaluate.lm_eval_data import (
     fields_of,
     write_local_tasks,
 )
+
+log = logging.getLogger(__name__)
+# `auto` off CUDA: lm-eval's probe runs its largest batch (64 rows of the longest request) on
+# whatever memory there is, and a CPU only ever gets slower, never out of memory
+CPU_BATCH_SIZE = 8
+
+
+def lm_eval_batch_size(value: int | str, device) -> int | str:
+    """What HFLM gets for `eval.wmdp.batch_size`: an integer as it is; `auto` or `auto:N` on a
+    CUDA device as they are (lm-eval finds the largest batch that fits, N times), elsewhere
+    CPU_BATCH_SIZE."""
+    text = str(value).strip()
+    head, _, times = text.partition(":")
+    if head == "auto" and (not times or (times.isdigit() and int(times) > 0)):
+        return text if getattr(device, "type", str(device)).startswith("cuda") else CPU_BATCH_SIZE
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise UserError(f"lm-eval batch size {value!r} must be an integer >= 1, auto or auto:N")
 
 
 @contextlib.contextmanager
@@ -133,7 +152,7 @@ def run_lm_eval(
     *,
     local_files: dict[str, str] | None = None,
     limit: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     num_fewshot: int = 0,
     task_dir: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
@@ -143,8 +162,9 @@ def run_lm_eval(
     `local_files` maps wmdp_bio / wmdp_cyber / wmdp_chem / mmlu (and mmlu_dev, the few-shot
     examples) to local JSON/JSONL/parquet files in the hub schema; those tasks run lm-eval's
     prompts over the local rows, the others lm-eval's hub tasks. `task_dir` keeps the generated
-    task YAMLs there (otherwise a temporary directory)."""
+    task YAMLs there (otherwise a temporary directory). `batch_size`: see lm_eval_batch_size."""
     requested = list(dict.fromkeys(tasks))
+    batch = lm_eval_batch_size(batch_size, next(model.parameters()).device)
     if not requested:
         raise UserError("no lm-eval tasks given; e.g. eval.wmdp.tasks=[wmdp_bio,wmdp_cyber,mmlu]")
     datasets = {task: dataset_of(task) for task in requested}
@@ -176,7 +196,8 @@ def run_lm_eval(
             hub = [task for task in requested if task not in local]
             manager = _task_manager(directory, hub)
             objects = _load_tasks(manager, requested, local)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            log.info("lm-eval batch size %s (eval.wmdp.batch_size=%s)", batch, batch_size)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
             results = simple_evaluate(
                 model=lm,
                 tasks=objects,

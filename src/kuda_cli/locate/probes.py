@@ -1,26 +1,48 @@
 """Tracing probes: a prompt, the span of it that the corrupted runs noise, and the target whose
-probability is traced. Built from the facts set (subject spans are known), WMDP questions and MUSE
-QA rows (the whole question is corrupted), and tokenised once for tracing."""
+probability is traced, tokenised once for tracing (at most `locate.max_tokens` prompt tokens).
+
+Built from the forget facts' prompts (the subject is corrupted); for corpus and MUSE data from
+`data.probes`, question rows held apart from the evaluation (the question is corrupted), or, when
+that is unset, cloze probes from the forget corpus: a window of a trained forget passage, the
+next content word as the target, the whole window corrupted. Never from the evaluation questions
+(data.questions, data.knowmem_forget): layers chosen on them would be chosen on the test set."""
 
 from __future__ import annotations
 
+import logging
+import math
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from kuda_cli.data import PROBE_SPLIT
+from kuda_cli.data import probe_split
 from kuda_cli.data.facts import Probe, load_facts, select_domains
 from kuda_cli.data.facts import probes as fact_probes
 from kuda_cli.data.questions import answer_index as parse_answer
 from kuda_cli.data.sources import load_split
+from kuda_cli.data.texts import texts_of
 from kuda_cli.errors import UserError
 
+log = logging.getLogger(__name__)
 QA_PREFIX = "Question: "
 QA_SUFFIX = "\nAnswer:"
 SPANS = ("subject", "prompt")
+# forget-corpus (cloze) probes: words of passage before the target (about 40-50 tokens), how far
+# past them a content word is looked for, and the least number of candidates drawn from
+CLOZE_WORDS = 32
+CLOZE_LOOKAHEAD = 16
+CLOZE_POOL = 256
+# words too common to say what a passage knows (the rest of them have under four letters)
+STOPWORDS = frozenset(
+    "also been both could each from have into more most only other over should some such than "
+    "that their them then there these they this those very were what when where which while "
+    "will with would about after again being between during under because".split()
+)
+_WORD = re.compile(r"\S+")
 
 
 @dataclass(frozen=True)
@@ -38,6 +60,7 @@ class EncodedProbe:
     span: tuple[int, int]  # token positions [start, end) that are corrupted
     target_id: int  # the first token of the target
     tokens: tuple[str, ...]  # decoded tokens, for plots
+    truncated: int = 0  # prompt tokens dropped from the start (locate.max_tokens)
 
     @property
     def last_subject(self) -> int:
@@ -92,6 +115,58 @@ def from_qa(rows: Iterable[dict[str, Any]]) -> list[TraceProbe]:
     return [qa_probe(row["question"], row["answer"], f"q{i}") for i, row in enumerate(rows)]
 
 
+def from_questions(rows: Sequence[dict[str, Any]], where: str) -> list[TraceProbe]:
+    """Question rows: multiple choice (question, choices, answer: an index into them) where
+    they have choices, else free-form (question, answer: the text)."""
+    if rows and "choices" in rows[0]:
+        return from_wmdp(rows, where)
+    return from_qa(rows)
+
+
+def _content_word(word: str) -> str | None:
+    """The word without its trailing punctuation when it says something: it starts with a
+    letter, has at least four letters (hyphens aside) and is no stop word."""
+    core = word.rstrip(".,;:!?)]}'\"\u201d\u2019")
+    letters = core.replace("-", "")
+    if len(letters) >= 4 and letters.isalpha() and core[0].isalpha():
+        return core if core.lower() not in STOPWORDS else None
+    return None
+
+
+def cloze_probes(
+    texts: Sequence[str], per_passage: int = 1, words: int = CLOZE_WORDS
+) -> list[TraceProbe]:
+    """Cloze probes from passages: up to `per_passage` windows spread evenly through each
+    passage (the first at its start), each `words` words long and ending before a content word
+    (looked for in the next CLOZE_LOOKAHEAD words), which is the target (" word"); the whole
+    window is corrupted. A passage shorter than one window gives none."""
+    out, seen = [], set()
+    for i, text in enumerate(texts):
+        for j in range(per_passage):
+            at = j * len(text) // per_passage
+            found = []
+            for m in _WORD.finditer(text, at):
+                if m.start() == at and at > 0 and not text[at - 1].isspace():
+                    continue  # the rest of a word cut by the window's start
+                found.append(m)
+                if len(found) == words + CLOZE_LOOKAHEAD:
+                    break
+            if len(found) <= words or (i, found[0].start()) in seen:
+                continue
+            seen.add((i, found[0].start()))
+            for k in range(words, len(found)):
+                target = _content_word(found[k].group())
+                if target:
+                    prompt = text[found[0].start() : found[k - 1].end()]
+                    out.append(
+                        TraceProbe(
+                            prompt, " " + target, (0, len(prompt)), f"p{i}@{found[0].start()}"
+                        )
+                    )
+                    break
+    return out
+
+
 def choose(probes: Sequence[TraceProbe], max_probes: int | None, seed: int) -> list[TraceProbe]:
     """At most `max_probes` probes, drawn with `seed` and kept in their original order."""
     if max_probes is None or len(probes) <= max_probes:
@@ -119,35 +194,93 @@ def _token_span(tokenizer, prompt: str, chars: tuple[int, int]) -> tuple[list[in
     return ids, inside[0], inside[-1] + 1
 
 
-def encode(tokenizer, probe: TraceProbe) -> EncodedProbe:
+def left_truncate(
+    ids: list[int], span: tuple[int, int], max_tokens: int | None, lead: int = 0
+) -> tuple[list[int], tuple[int, int], int]:
+    """(ids, span, dropped): at most `max_tokens` ids, the `lead` leading special tokens (BOS)
+    kept and the others dropped from the start, so that the end of the prompt (next to the
+    target) stays; the span is shifted with them and clipped to what is kept, or, when it is cut
+    entirely, becomes every kept prompt token."""
+    drop = len(ids) - max_tokens if max_tokens is not None else 0
+    if drop <= 0:
+        return ids, span, 0
+    lead = min(lead, max_tokens - 1)
+    first = lead + drop  # the first position kept after the leading special tokens
+    start, end = span
+    kept = (max(start, first) - drop, end - drop) if end > first else (lead, max_tokens)
+    return ids[:lead] + ids[first:], kept, drop
+
+
+def _leading_special(tokenizer, ids: Sequence[int]) -> int:
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    lead = 0
+    while lead < len(ids) and ids[lead] in special:
+        lead += 1
+    return lead
+
+
+def encode(tokenizer, probe: TraceProbe, max_tokens: int | None = None) -> EncodedProbe:
     """Token ids, the corrupted token span and the target's first token.
 
     The target is tokenised on its own as a continuation (without special tokens), as the facts
     evaluation scores options; a leading whitespace-only token (SentencePiece's lone "▁") is
-    skipped so that the traced token carries the answer."""
+    skipped so that the traced token carries the answer. A prompt longer than `max_tokens`
+    tokens is cut from its start (`left_truncate`)."""
     ids, start, end = _token_span(tokenizer, probe.prompt, probe.span)
+    lead = _leading_special(tokenizer, ids)
+    ids, (start, end), dropped = left_truncate(ids, (start, end), max_tokens, lead)
     target_ids = tokenizer(probe.target, add_special_tokens=False)["input_ids"]
     if not target_ids:
         raise UserError(f"probe {probe.id or probe.prompt!r} has an empty target")
     if len(target_ids) > 1 and not tokenizer.decode(target_ids[:1]).strip():
         target_ids = target_ids[1:]
     tokens = tuple(tokenizer.decode([i]) for i in ids)
-    return EncodedProbe(probe, tuple(ids), (start, end), int(target_ids[0]), tokens)
+    return EncodedProbe(probe, tuple(ids), (start, end), int(target_ids[0]), tokens, dropped)
+
+
+def forget_passages(data) -> list[str]:
+    """The forget texts kuda unlearn trains on (min_chars applied, the held-out tail that KRD
+    reads left out)."""
+    from kuda_cli.unlearn.batches import split_heldout
+
+    split = OmegaConf.to_object(data.forget)
+    texts = texts_of(load_split(split, "data.forget"), split.text_field, "data.forget")
+    texts = [t.strip() for t in texts if len(t) >= data.get("min_chars", 0)]
+    return split_heldout(texts)[0]
+
+
+def probe_source(cfg) -> str:
+    """Where build_probes takes the probes from, for layers.json and the log."""
+    split = probe_split(cfg.data)
+    if split is None:
+        return "facts: the forget facts' prompts"
+    if split == "probes":
+        return (
+            f"data.probes: questions held apart ({cfg.data.probes.path or cfg.data.probes.hub_id})"
+        )
+    return "data.forget: cloze probes from the trained forget passages"
 
 
 def build_probes(cfg) -> list[TraceProbe]:
-    """Tracing probes from the data group: the forget facts' prompts (subject corrupted), WMDP
-    questions or MUSE forget QA (question corrupted)."""
+    """Tracing probes from the data group: the forget facts' prompts (subject corrupted), the
+    question rows of data.probes (question corrupted) or cloze probes from the forget corpus
+    (window corrupted), never the evaluation questions."""
     data = cfg.data
     if data.kind == "facts":
         forget = select_domains(load_facts(data.path), list(data.forget_domains), "forget")
         return from_facts(fact_probes(forget), cfg.locate.span)
-    name = PROBE_SPLIT.get(data.kind)
-    if data.kind == "corpus":
-        fields = ("question", "choices", "answer")
-        rows = load_split(OmegaConf.to_object(data[name]), f"data.{name}", fields)
-        return from_wmdp(rows, f"data.{name}")
-    if data.kind == "muse":
-        split = OmegaConf.to_object(data[name])
-        return from_qa(load_split(split, f"data.{name}", ("question", "answer")))
+    split = probe_split(data)
+    if split == "probes":
+        rows = load_split(OmegaConf.to_object(data.probes), "data.probes", ("question", "answer"))
+        return from_questions(rows, "data.probes")
+    if split == "forget":
+        passages = forget_passages(data)
+        want = max(CLOZE_POOL, cfg.locate.max_probes or 0)
+        probes = cloze_probes(passages, per_passage=max(1, math.ceil(want / max(len(passages), 1))))
+        if not probes:
+            raise UserError(
+                f"data.forget has no passage of more than {CLOZE_WORDS} words to draw tracing "
+                "probes from; pass data.probes.path=FILE (rows: question, answer)"
+            )
+        return probes
     raise UserError(f"data={data.name} (kind {data.kind}) has no probes for tracing")

@@ -15,7 +15,7 @@ from kuda_cli.errors import UserError
 from kuda_cli.locate.effects import effect_arrays
 from kuda_cli.locate.layers import TRACE_DIR, read_layers, write_layers
 from kuda_cli.locate.plots import write_trace_plots
-from kuda_cli.locate.probes import build_probes, choose, encode
+from kuda_cli.locate.probes import build_probes, choose, encode, probe_source
 from kuda_cli.locate.select import last_subject_scores, select_window
 from kuda_cli.locate.tracing import KINDS, trace_probes
 from kuda_cli.models.loading import LoadedModel, load_model
@@ -62,13 +62,26 @@ def trace_layers(
 ) -> list[int]:
     """Trace the data's probes, write run_dir/trace/, and return the selected layers."""
     locate = cfg.locate
+    source = probe_source(cfg)
     chosen = choose(build_probes(cfg), locate.max_probes, cfg.seed)
     if not chosen:
         raise UserError(f"data={cfg.data.name} gave no probes to trace")
-    encoded = [encode(loaded.tokenizer, p) for p in chosen]
+    max_tokens = locate.get("max_tokens")
+    encoded = [encode(loaded.tokenizer, p, max_tokens) for p in chosen]
+    truncated = sum(1 for e in encoded if e.truncated)
+    if truncated:
+        log.info(
+            "%d of %d probes left-truncated to locate.max_tokens=%d prompt tokens (%d tokens "
+            "dropped in all)",
+            truncated,
+            len(encoded),
+            max_tokens,
+            sum(e.truncated for e in encoded),
+        )
     log.info(
-        "tracing %d probes, %d noise samples each, %d layers (%s), %s",
+        "tracing %d probes (%s), %d noise samples each, %d layers (%s), %s",
         len(encoded),
+        source,
         locate.samples,
         loaded.num_layers,
         ", ".join(KINDS),
@@ -106,6 +119,9 @@ def trace_layers(
         "scores": [float(s) for s in curves[locate.module]],
         "select_window": locate.select_window,
         "probes": len(encoded),
+        "probe_source": source,
+        "max_tokens": max_tokens,
+        "truncated_probes": truncated,
         "samples": locate.samples,
         "precision": precision,
         "noise_std": noise_std,
@@ -124,6 +140,7 @@ def trace_layers(
                 "module": locate.module,
                 "window_score": selection.score,
                 "probes": len(encoded),
+                "truncated_probes": truncated,
                 "clean_prob": clean,
                 "corrupted_prob": corrupted,
                 "noise_std": noise_std,

@@ -11,6 +11,12 @@ and `t` is `tau` itself (`absolute`), `tau` times the largest eigenvalue (`max`)
 eigenvalue below which the smallest directions hold a fraction `tau` of the keys' energy
 (`energy`). Eigen-decompositions are cached on disk per (model, layer, retain tokens), so
 sweeps over tau reuse them.
+
+Memory, with d_ff = 14336 (a 7B Llama/Mistral): each layer's moment is one d_ff x d_ff float64
+matrix (1.6 GB) on the model's device, summed in place batch after batch (on a CPU through one
+shared product buffer, so that the sums are bit-identical to adding fresh products); the
+eigendecomposition holds about three such matrices at once (the moment, the eigenvectors, the
+solver's workspace: ~5 GB), one layer at a time, on the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -53,11 +59,16 @@ def key_moments(
     desc: str = "retain keys",
 ) -> tuple[dict[int, torch.Tensor], int]:
     """`C_l = K_l K_l^T / n` (float64) of the down_proj inputs of `layers` over every
-    non-padding token of `tokens`; the forward pass stops after the last of them."""
+    non-padding token of `tokens`; the forward pass stops after the last of them.
+
+    One float64 sum per layer, allocated once and added to in place: on CUDA by `addmm_`; on a
+    CPU through one product buffer shared by the layers (`addmm_` rounds differently from a
+    product then a sum there, and the sums stay bit-identical to `sum + keys.T @ keys`)."""
     device = next(model.parameters()).device
     names = {layer: adapter.module_name("down_proj", layer) for layer in layers}
     last = names[max(layers)]
     sums: dict[int, torch.Tensor] = {}
+    product: torch.Tensor | None = None
     count = 0
     for start in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch"):
         batch = tokens.batch(list(range(start, min(start + batch_size, len(tokens)))), device)
@@ -66,14 +77,56 @@ def key_moments(
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for layer, name in names.items():
             keys = rec[name].input[mask].double()
-            sums[layer] = sums.get(layer, 0) + keys.T @ keys
+            if layer not in sums:
+                d_ff = keys.shape[-1]
+                sums[layer] = torch.zeros(d_ff, d_ff, dtype=torch.float64, device=keys.device)
+            if keys.device.type == "cuda":
+                sums[layer].addmm_(keys.T, keys)
+            else:
+                if product is None or product.shape != sums[layer].shape:
+                    product = torch.empty_like(sums[layer])
+                sums[layer].add_(torch.matmul(keys.T, keys, out=product))
+            del keys
         count += int(mask.sum())
-    return {layer: s / count for layer, s in sums.items()}, count
+    del product
+    return {layer: s.div_(count) for layer, s in sums.items()}, count
 
 
-def spectrum_of(moment: torch.Tensor, tokens: int) -> Spectrum:
-    eigenvalues, eigenvectors = torch.linalg.eigh(moment.double())
-    return Spectrum(eigenvalues.clamp_min(0.0), eigenvectors.float(), tokens)
+def decomposition_device(
+    moment: torch.Tensor, device: str | torch.device | None = "auto"
+) -> torch.device:
+    """Where `spectrum_of` decomposes: `auto` (or None) is the moment's CUDA device, else the
+    first GPU when there is one (cuSOLVER's float64 eigh is far faster than LAPACK's on a few
+    CPU cores), else the moment's own device."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if moment.device.type == "cuda":
+        return moment.device
+    return torch.device("cuda") if torch.cuda.is_available() else moment.device
+
+
+def spectrum_of(
+    moment: torch.Tensor, tokens: int, *, device: str | torch.device | None = "auto"
+) -> Spectrum:
+    """Eigen-decomposition of a key moment, in float64, on `decomposition_device(moment,
+    device)`; the spectrum lives on the moment's device. A caller that passes its last
+    reference to the moment (`moments.pop(layer)`) frees it here, before the eigenvectors are
+    kept. Needs about three d_ff x d_ff float64 matrices on that device (14336: ~5 GB); a GPU
+    out of memory falls back to the CPU."""
+    home, target = moment.device, decomposition_device(moment, device)
+    work = moment.to(device=target, dtype=torch.float64)
+    del moment
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+    except torch.cuda.OutOfMemoryError:
+        log.warning("no GPU memory for a %d-wide eigendecomposition: on the CPU", work.shape[0])
+        work = work.cpu()
+        torch.cuda.empty_cache()
+        eigenvalues, eigenvectors = torch.linalg.eigh(work)
+    del work
+    vectors = eigenvectors.float()
+    del eigenvectors
+    return Spectrum(eigenvalues.clamp_min(0.0).to(home), vectors.to(home), tokens)
 
 
 def threshold(eigenvalues: torch.Tensor, tau: float, tau_mode: str) -> float:
@@ -134,8 +187,11 @@ def retain_spectra(
     cache_dir: Path | None,
     model_key: str,
     batch_size: int = 8,
+    eigh_device: str | torch.device | None = "auto",
 ) -> dict[int, Spectrum]:
-    """Per layer, the spectrum of the retain keys' second moment, from the cache when there."""
+    """Per layer, the spectrum of the retain keys' second moment, from the cache when there;
+    the eigendecompositions run on `eigh_device` (see spectrum_of), one layer at a time, each
+    moment freed once decomposed."""
     data_key = tokens_fingerprint(tokens)
     paths = {
         layer: _cache_path(cache_dir, model_key, layer, data_key) if cache_dir else None
@@ -146,7 +202,7 @@ def retain_spectra(
     if missing:
         moments, count = key_moments(model, adapter, missing, tokens, batch_size=batch_size)
         for layer in missing:
-            spectra[layer] = spectrum_of(moments[layer], count)
+            spectra[layer] = spectrum_of(moments.pop(layer), count, device=eigh_device)
             if paths[layer]:
                 _save(paths[layer], spectra[layer])
     else:
