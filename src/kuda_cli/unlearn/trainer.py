@@ -33,13 +33,13 @@ from kuda_cli.errors import UserError
 from kuda_cli.models.precision import autocast
 from kuda_cli.unlearn import checkpoints, lora, sharding
 from kuda_cli.unlearn.batches import TokenSet, batch_indices
+from kuda_cli.unlearn.checkpointing import LOG_FILE, Checkpointing
 from kuda_cli.unlearn.checkpoints import CHECKPOINT, STATE_FILE
 from kuda_cli.unlearn.methods import Method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT", "STATE_FILE", "Trainer", "TrainingDiverged"]
-LOG_FILE = "train_log.jsonl"
+__all__ = ["CHECKPOINT", "LOG_FILE", "STATE_FILE", "Trainer", "TrainingDiverged"]
 
 
 class TrainingDiverged(UserError):
@@ -88,7 +88,7 @@ def make_schedule(cfg, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(
         self,
         model,
@@ -179,140 +179,6 @@ class Trainer:
     def _sync_from_masters(self) -> None:
         for name, master in self.master.items():
             self.params[name].copy_(master)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _state_json(self, step: int, last_row: dict[str, Any], final: bool) -> dict:
-        return {"step": step, "steps": self.cfg.steps, "final": final, "last": last_row}
-
-    def save(self, step: int, last_row: dict[str, Any]) -> None:
-        """An intermediate checkpoint: what a resume needs, once (checkpoints.py)."""
-        if self.out_dir is None:
-            return
-        target = checkpoints.intermediate_dir(self.out_dir, step)
-        if self.sharded:
-            tmp = target.with_name(f"{target.name}.tmp")
-            if distributed.is_main():
-                tmp = checkpoints.fresh_tmp(target)
-            distributed.barrier()
-            sharding.save(
-                tmp / checkpoints.SHARDED_STATE,
-                self.model,
-                self.optimizer,
-                self.cfg.save_optimizer,
-            )
-            distributed.barrier()
-        elif distributed.is_main():  # the weights are the same on all processes
-            tmp = checkpoints.fresh_tmp(target)
-        if distributed.is_main():
-            state = {
-                "step": step,
-                "schedule": self.schedule.state_dict(),
-                "seed": self.seed,
-            }
-            if not self.sharded:
-                state["params"] = {n: t.detach().cpu() for n, t in self.optimised.items()}
-                if self.cfg.save_optimizer:
-                    state["optimizer"] = self.optimizer.state_dict()
-            torch.save(state, tmp / STATE_FILE)
-            checkpoints.write_state_json(tmp, self._state_json(step, last_row, final=False))
-            checkpoints.put_in_place(tmp, target)
-            checkpoints.prune(self.out_dir, self.cfg.keep)
-            log.info("checkpoint at step %d in %s", step, target)
-        distributed.barrier()
-
-    def save_final(self, step: int, last_row: dict[str, Any]) -> None:
-        """The final checkpoint: the Hugging Face model (merged, for LoRA), nothing else that
-        is large; the intermediate ones are removed once it is in place."""
-        if self.out_dir is None:
-            return
-        state_dict = None
-        if self.sharded:  # gathered to process 0's CPU, in the dtype the model was loaded in
-            state_dict = sharding.full_state_dict(self.model, self.compute_dtype)
-        elif self.lora:
-            state_dict = lora.merged_state_dict(self.model)
-        if distributed.is_main():
-            target = self.out_dir / CHECKPOINT
-            tmp = checkpoints.fresh_tmp(target)
-            self.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if self.lora:
-                lora.save_adapter(self.model, self.params, tmp / lora.ADAPTER_DIR)
-            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(tmp)
-            checkpoints.write_state_json(tmp, self._state_json(step, last_row, final=True))
-            checkpoints.put_in_place(tmp, target)
-            checkpoints.prune(self.out_dir, 0)
-            checkpoints.clear_leftovers(self.out_dir)
-            log.info("final checkpoint (step %d) in %s", step, target)
-        distributed.barrier()
-
-    def resume(self) -> int:
-        """Load the newest checkpoint of this run directory if there is one; the step to start
-        at (unlearn.steps when the final one is there)."""
-        directory = checkpoints.latest(self.out_dir) if self.out_dir else None
-        if directory is None:
-            if self.out_dir is not None and distributed.is_main():
-                self._truncate_log(0)  # killed before its first checkpoint: it starts over
-            return 0
-        if checkpoints.is_final(directory):
-            return self._resume_final(directory)
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
-        if state["step"] > self.cfg.steps:
-            raise UserError(
-                f"{directory} is at step {state['step']}, past unlearn.steps={self.cfg.steps}; "
-                "start a new run directory"
-            )
-        if self.sharded:
-            with_optimizer = self.cfg.save_optimizer
-            sharding.load(
-                directory / checkpoints.SHARDED_STATE, self.model, self.optimizer, with_optimizer
-            )
-        else:
-            if set(state["params"]) != set(self.params):
-                raise UserError(
-                    f"{directory} was written for other trainable parameters; start a new run "
-                    "directory (the config changed)"
-                )
-            with torch.no_grad():
-                for name, value in state["params"].items():
-                    self.optimised[name].copy_(value.to(self.device))
-            self._sync_from_masters()
-            if state.get("optimizer") is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
-            else:
-                log.warning(
-                    "%s holds no optimiser state (unlearn.save_optimizer=false): the optimiser "
-                    "starts afresh, so the result differs from an uninterrupted run",
-                    directory,
-                )
-        self.schedule.load_state_dict(state["schedule"])
-        if distributed.is_main():
-            self._truncate_log(state["step"])
-        log.info("resuming from the checkpoint at step %d", state["step"])
-        return int(state["step"])
-
-    def _resume_final(self, directory: Path) -> int:
-        """A finished run (killed while evaluating): the trained tensors from its final model;
-        a sharded run's process 0 reloads the whole model from it instead (the stage)."""
-        if not self.sharded:
-            names = list(self.params)
-            if self.lora:
-                values = lora.read_adapter(directory, names)
-            else:
-                values = checkpoints.read_model_tensors(directory, names)
-            with torch.no_grad():
-                for name, value in values.items():
-                    self.params[name].copy_(value.to(self.device))
-                    if name in self.master:
-                        self.master[name].copy_(value)
-        log.info("the run finished training: its final checkpoint %s is used", directory)
-        return self.cfg.steps
-
-    def _truncate_log(self, step: int) -> None:
-        path = self.out_dir / LOG_FILE
-        if path.exists():
-            rows = [r for r in path.read_text().splitlines() if r.strip()]
-            kept = [r for r in rows if json.loads(r)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in kept))
 
     # ------------------------------------------------------------------ the loop
     def _autocast(self):
