@@ -80,7 +80,7 @@ def help_text() -> str:
         "  make frontier DOMAINS=chemistry,capitals    GA/NPO/RMU/KUDA lr sweeps: curves",
         "  make table-wmdp DRY=1                       the commands of a paper table",
         "  accelerate launch --config_file scripts/accelerate/fsdp2.yaml -m kuda_cli.cli unlearn",
-        "    unlearn=ga 'unlearn.trainable=[all]' hydra.run.dir=DIR   FSDP2-sharded (docs/scale.md)",
+        "    unlearn=ga 'unlearn.trainable=[all]' hydra.run.dir=DIR  FSDP2-sharded (docs/scale.md)",
         "",
         "Each run writes outputs/STAGE/DATE_TIME[_NAME]/: config.yaml, meta.json, metrics.json,",
         "kuda.log. Bad input: one line on stderr, exit status 2, no run directory. A sweep run",
