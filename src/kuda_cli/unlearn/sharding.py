@@ -99,7 +99,9 @@ def full_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    return {k: v.to(dtype) for k, v in state.items()}
+    for key in list(state):  # one float32 tensor at a time replaced by its `dtype` copy
+        state[key] = state[key].to(dtype)
+    return state
 
 
 def _state(model, optimizer, with_optimizer: bool) -> dict:
