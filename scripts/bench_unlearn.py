@@ -15,6 +15,12 @@ float64 second moment) and of the eigendecomposition alone.
     python scripts/bench_unlearn.py --model embedded                       # CPU, SmolLM2-135M
     python scripts/bench_unlearn.py --shape zephyr-7b --device cuda        # 7B shapes, bf16
     python scripts/bench_unlearn.py --shape llama2-7b --device cuda
+    python scripts/bench_unlearn.py --shape zephyr-7b --plan [--gpus 4] [--batch 4 --seq 512]
+
+`--plan` measures nothing: it prints the peak GPU memory of every phase of every method as
+`kuda_cli.unlearn.memory` predicts it from the shapes alone (the model built on the meta device,
+each method's config composed from conf/unlearn/ as `kuda unlearn unlearn=NAME` would), with a
+verdict per method, in seconds on any machine.
 
 `--shape` builds a randomly initialised model with the exact shapes of the 7B model, in bf16 on
 the device (no download); the timings and memory do not depend on the weights' values. Each
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing as mp
+import queue as queue_errors
 import statistics
 import threading
 import time
@@ -171,47 +178,55 @@ class PeakRss:
 
 # ----------------------------------------------------------------------------- the variants
 def trainer_step(trainer, step: int) -> None:
-    """One step of kuda's trainer loop (unlearn/trainer.py), without its logging."""
-    trainer.optimizer.zero_grad(set_to_none=True)
-    forget, retain = trainer.batches(step)
-    with trainer._autocast():
-        loss, _ = trainer.method.loss(forget, retain)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(trainer.params.values()), 1.0)
-    if trainer.projector is not None:
-        trainer.projector.before_step()
-    trainer.optimizer.step()
-    if trainer.projector is not None:
-        trainer.projector.after_step()
+    """One step of kuda's trainer loop: `Trainer._step` (forward, backward into the float32
+    master copies, clipping, projection, optimiser step, the model rounded from the masters),
+    with the gradient collection `train` turns on around its loop; no logging, no checkpoints."""
+    trainer._collecting = True
+    try:
+        trainer._step(step, list(trainer.optimised.values()), time.perf_counter())
+    finally:
+        trainer._collecting = False
+
+
+def method_config(option: str, overrides: dict[str, Any]):
+    """The method config `kuda unlearn unlearn=OPTION` composes (conf/unlearn/OPTION.yaml over
+    its schema), with `overrides` merged in: the dataclass the trainer reads."""
+    from omegaconf import OmegaConf
+
+    from kuda_cli.compose import compose
+
+    composed = compose(["stage=unlearn", f"unlearn={option}"]).unlearn
+    return OmegaConf.to_object(OmegaConf.merge(composed, overrides))
+
+
+def rmu_option(shape: str | None) -> str:
+    """RMU's published zephyr-7b setting for the 7B shapes, the embedded model's otherwise."""
+    return "rmu_zephyr" if shape in ("zephyr-7b", "llama2-7b") else "rmu"
 
 
 def kuda_trainer(s: Settings, model, adapter, forget, retain, method: str):
-    """kuda's own method (`kuda` or `rmu`) on kuda's trainer, set up as `kuda unlearn` does."""
-    from omegaconf import OmegaConf
-
+    """kuda's own method (`kuda` or `rmu`) on kuda's trainer, set up as `kuda unlearn` does: the
+    config of conf/unlearn/kuda.yaml (rmu.yaml, or rmu_zephyr.yaml at 7B shapes) with the
+    benchmark's learning rate, batch, length, steps and layers."""
     from kuda_cli.unlearn.methods import MethodContext, get_method
-    from kuda_cli.unlearn.methods.kuda import KudaMethod
-    from kuda_cli.unlearn.methods.rmu import RmuMethod
     from kuda_cli.unlearn.trainer import Trainer, used_indices
 
-    schema = {"kuda": KudaMethod, "rmu": RmuMethod}[method]
-    extra = {"nullspace": {"samples": s.key_samples}} if method == "kuda" else {}
     precision = "bfloat16" if next(model.parameters()).dtype == torch.bfloat16 else "float32"
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(schema),
-            {
-                "method": method,
-                "lr": s.lr,
-                "batch_size": s.batch,
-                "max_length": s.seq,
-                "steps": s.warmup + s.steps,
-                "layers": s.layers,
-                "precision": precision,
-                **extra,
-            },
-        )
-    )
+    overrides: dict[str, Any] = {
+        "lr": s.lr,
+        "batch_size": s.batch,
+        "max_length": s.seq,
+        "steps": s.warmup + s.steps,
+        "layers": s.layers,
+        "precision": precision,
+    }
+    if method == "kuda":
+        option = "kuda"
+        overrides["nullspace"] = {"samples": s.key_samples}
+    else:
+        option = rmu_option(s.shape)
+        overrides["steer_layer"] = max(s.layers)
+    cfg = method_config(option, overrides)
     micro = s.warmup + s.steps
     ctx = MethodContext(
         model=model,
@@ -229,7 +244,8 @@ def kuda_trainer(s: Settings, model, adapter, forget, retain, method: str):
         model, None, get_method(method)(ctx), cfg, forget, retain, out_dir=None, progress=False
     )
     trainer.setup()
-    trainer.method.initialise(trainer.params, trainer.projector)
+    trainer.method.initialise(trainer.optimised, trainer.projector)  # as `train` starts
+    trainer._sync_from_masters()
     return lambda step: trainer_step(trainer, step)
 
 
@@ -355,14 +371,31 @@ def _child(name: str, s: Settings, queue) -> None:
         queue.put({"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()})
 
 
-def run_isolated(name: str, s: Settings) -> dict[str, Any]:
+def run_isolated(name: str, s: Settings, target=None, poll: float = 1.0) -> dict[str, Any]:
+    """`target` (default `_child`) in a fresh process; its result, or an error when the process
+    dies without one (the OOM killer, a segfault): the queue is polled while the child lives."""
     context = mp.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_child, args=(name, s, queue))
+    child = context.Process(target=target or _child, args=(name, s, queue))
     child.start()
-    result = queue.get()
-    child.join()
-    return result
+    try:
+        while True:
+            try:
+                return queue.get(timeout=poll)
+            except queue_errors.Empty:
+                if child.is_alive():
+                    continue
+            try:  # it may have put its result just before exiting
+                return queue.get(timeout=poll)
+            except queue_errors.Empty:
+                code = child.exitcode
+                signal = f" (killed by signal {-code})" if code is not None and code < 0 else ""
+                return {"error": f"child exited with code {code}{signal}"}
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 # ----------------------------------------------------------------------------- the projector
@@ -376,6 +409,110 @@ def eigh_seconds(d_ff: int, device: str, seed: int) -> float:
     torch.linalg.eigh(moment)
     sync(device)
     return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- the plan
+PLAN_METHODS = ("kuda", "rmu", "ga", "graddiff", "npo", "simnpo")
+FULL_PARAMETER = ("ga", "graddiff", "npo", "simnpo")  # trainable=[all]
+
+
+def shape_config(shape: str):
+    from transformers import LlamaConfig, MistralConfig
+
+    spec = dict(SHAPES[shape])
+    family = spec.pop("family")
+    return (LlamaConfig if family == "llama" else MistralConfig)(**spec)
+
+
+def plans(shape: str, batch: int, seq: int, gpus: int, layers: list[int]) -> list:
+    """kuda_cli.unlearn.memory's plans of every method at `shape`: KUDA and RMU on one GPU; the
+    full-parameter baselines sharded with FSDP2 over `gpus` GPUs, then on one GPU without
+    sharding, then with LoRA on one GPU. Each config is conf/unlearn/<method>.yaml's (RMU at 7B:
+    rmu_zephyr.yaml) with the batch and length given; `layers` where the method trains the
+    located ones (KUDA)."""
+    from kuda_cli.models.adapter import get_adapter
+    from kuda_cli.unlearn import memory
+
+    model = memory.meta_model(shape_config(shape))
+    adapter = get_adapter(model)
+    base = {"batch_size": batch, "max_length": seq}
+    out = []
+    for name in PLAN_METHODS:
+        option = rmu_option(shape) if name == "rmu" else name
+        cfg = method_config(option, base)
+        one = memory.Workload(batch, seq)
+        if name in FULL_PARAMETER:
+            sharded = memory.Workload(batch, seq, gpus=gpus, shard=True)
+            lora = method_config(option, {**base, "lora": {"enabled": True}})
+            settings = [(cfg, sharded), (cfg, one), (lora, one)]
+        else:
+            settings = [(cfg, one)]
+        out += [memory.plan(c, model, adapter, layers, w) for c, w in settings]
+    return out
+
+
+def print_plan(shape: str, batch: int, seq: int, gpus: int, layers: list[int]) -> None:
+    from kuda_cli.unlearn import memory
+
+    every = plans(shape, batch, seq, gpus, layers)
+    first = every[0]
+    print(
+        f"bench_unlearn --plan --shape {shape}: predicted peak GPU memory of each phase (GiB), "
+        f"batch {batch} x {seq} tokens, KUDA's layers {layers}, FSDP2 over {gpus} GPUs"
+    )
+    print(
+        f"weights {first.bf16_weights / 2 / 1e9:.2f}B parameters = {gib(first.bf16_weights)} GiB "
+        f"in bf16; 80 GB = {gib(memory.GPU_BYTES)} GiB (kuda_cli.unlearn.memory, meta device)"
+    )
+    head = "".join(f"{p[:11]:>12}" for p in memory.PHASES)
+    print(f"{'method':<9}{'setting':<20}{'trained':>9}{head}{'peak':>9}{'x bf16':>8}")
+    for p in every:
+        cells = "".join(
+            f"{'-' if p.total(ph) is None else gib(p.total(ph)):>12}" for ph in memory.PHASES
+        )
+        print(
+            f"{p.method:<9}{p.mode:<20}{p.trained / 1e6:>8.1f}M{cells}{gib(p.peak):>9}"
+            f"{p.ratio:>8.2f}"
+        )
+    print("where each peak goes (GiB):")
+    for p in every:
+        parts = sorted(p.phases[p.peak_phase].items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{k} {gib(v)}" for k, v in parts if v >= 0.005 * 2**30)
+        print(f"  {p.method:<9}{p.mode:<20}{p.peak_phase}: {shown}")
+    for name in PLAN_METHODS:
+        print(verdict(name, [p for p in every if p.method == name], gpus))
+
+
+def verdict(name: str, mine: list, gpus: int) -> str:
+    """One line: KUDA's peak against 1.3x the bf16 weights and 80 GB on one GPU; RMU's against
+    80 GB on one GPU; a full-parameter method's per GPU with FSDP2 over `gpus` GPUs (and, for
+    information, on one GPU without sharding and with LoRA)."""
+    from kuda_cli.unlearn import memory
+
+    def gb(p) -> str:
+        fits = p.peak < memory.GPU_BYTES
+        return f"{p.peak / 1e9:.1f} GB {'<' if fits else '>='} 80 GB"
+
+    main = mine[0]
+    if name == "kuda":
+        under = main.ratio <= memory.KUDA_TARGET
+        ok = main.fits()
+        return (
+            f"verdict kuda: {'yes' if ok else 'NO'}: peak {gib(main.peak)} GiB in {main.peak_phase}"
+            f" = {main.ratio:.2f}x the bf16 weights ({'<=' if under else '>'} "
+            f"{memory.KUDA_TARGET}x), {gb(main)} on one GPU"
+        )
+    if name not in FULL_PARAMETER:
+        return (
+            f"verdict {name}: {'yes' if main.fits() else 'NO'}: {gb(main)} on one GPU (peak in "
+            f"{main.peak_phase}, {main.ratio:.2f}x the bf16 weights)"
+        )
+    plain, lora = mine[1], mine[2]
+    return (
+        f"verdict {name}: {'yes' if main.fits() else 'NO'}: {gb(main)} per GPU with FSDP2 over "
+        f"{gpus} GPUs (peak in {main.peak_phase}); one GPU unsharded: {gb(plain)}; "
+        f"{lora.mode}: {gb(lora)}"
+    )
 
 
 # ----------------------------------------------------------------------------- main
@@ -399,7 +536,17 @@ def main() -> None:
     parser.add_argument("--eigh-sizes", default=None, help="d_ff sizes to time eigh at")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--plan", action="store_true", help="predict each phase's peak memory; run nothing"
+    )
+    parser.add_argument("--gpus", type=int, default=4, help="--plan: GPUs FSDP2 shards over")
     args = parser.parse_args()
+    if args.plan:
+        if args.shape is None:
+            parser.error("--plan needs --shape")
+        layers = [int(x) for x in args.layers.split(",")]
+        print_plan(args.shape, args.batch, args.seq or 512, args.gpus, layers)
+        return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is visible")
     if args.model is None and args.shape is None:

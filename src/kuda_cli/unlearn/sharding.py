@@ -78,9 +78,7 @@ def shard(model: nn.Module, adapter: Adapter) -> torch.dtype:
     layers = [adapter.module(model, "layer", i) for i in range(adapter.num_layers(model))]
     for layer in layers:
         layer.to(torch.float32)  # sharded next: the float32 shards are the master weights
-        fully_shard(
-            layer, mp_policy=policy, reshard_after_forward=options["reshard_after_forward"]
-        )
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=options["reshard_after_forward"])
     model.to(torch.float32)  # the rest (embeddings, final norm, head); the layers already are
     fully_shard(model, mp_policy=policy)
     log.info(
