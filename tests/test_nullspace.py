@@ -12,6 +12,7 @@ from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.methods.kuda import KudaMethod, NullspaceConfig
 from kuda_cli.unlearn.nullspace import (
     Spectrum,
+    UpdateProjector,
     decomposition_device,
     key_moments,
     projector,
@@ -230,3 +231,72 @@ def test_the_eigendecomposition_runs_where_asked_and_returns_home(tiny, monkeypa
     assert decomposition_device(moment, "cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert decomposition_device(moment) == torch.device("cpu")
+
+
+def test_a_streamed_projector_gives_the_direct_product():
+    """A projector kept on the host for a model on a GPU is applied in row blocks
+    (UpdateProjector.streamed): the same product as the whole matrix, both weight layouts."""
+    from kuda_cli.unlearn import nullspace
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))[0]
+    p = ((u * torch.rand(300, generator=g, dtype=torch.float64)) @ u.T).float()
+    out_in = torch.randn(40, 300, generator=g)
+    in_out = torch.randn(300, 40, generator=g)
+    old = nullspace.STREAM_ROWS
+    nullspace.STREAM_ROWS = 128  # three blocks, the last a partial one
+    try:
+        for matrix, layout in ((out_in, False), (in_out, True)):
+            direct = UpdateProjector.apply(matrix, p, layout)
+            torch.testing.assert_close(UpdateProjector.streamed(matrix, p, layout), direct)
+    finally:
+        nullspace.STREAM_ROWS = old
+
+
+def test_one_tensor_stepped_at_a_time_is_one_step_of_all():
+    """UpdateProjector.step steps each projected tensor on its own (one copy of one tensor at a
+    time) and the rest together: bit-identical to copying everything, one AdamW step,
+    projecting each change."""
+    g = torch.Generator().manual_seed(1)
+    shapes = {"a": (6, 8), "b": (5, 8), "c": (4,)}
+    start = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    grads = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    u = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
+    p = (u[:, :5] @ u[:, :5].T).contiguous()
+
+    def run(streamed_step: bool) -> dict[str, torch.Tensor]:
+        params = {n: torch.nn.Parameter(t.clone()) for n, t in start.items()}
+        opt = torch.optim.AdamW(list(params.values()), lr=0.1, weight_decay=0.01)
+        proj = UpdateProjector({n: (params[n], p, False) for n in ("a", "b")}, "update")
+        for _ in range(3):
+            for n, q in params.items():
+                q.grad = grads[n].clone()
+            if streamed_step:
+                proj.step(opt)
+            else:
+                before = {n: params[n].detach().clone() for n in ("a", "b")}
+                opt.step()
+                with torch.no_grad():
+                    for n in ("a", "b"):
+                        params[n].copy_(before[n] + (params[n] - before[n]) @ p)
+            assert all(q.grad is not None for q in params.values())  # gradients put back
+        return {n: q.detach() for n, q in params.items()}
+
+    new, old = run(True), run(False)
+    for n in shapes:
+        torch.testing.assert_close(new[n], old[n], rtol=0, atol=0)
+
+
+def test_spectra_kept_on_the_host_equal_those_of_one_pass(tiny):
+    """nullspace.device=host (a model on a GPU): one key pass per layer, its moment moved to the
+    host: the same spectra as one pass over every layer."""
+    model, tokenizer = tiny
+    adapter = get_adapter(model)
+    tokens = tokenize(tokenizer, RETAIN, 64, "retain")
+    one = retain_spectra(model, adapter, [0, 2], tokens, cache_dir=None, model_key="m")
+    host = retain_spectra(
+        model, adapter, [0, 2], tokens, cache_dir=None, model_key="m", on_host=True
+    )
+    for layer in (0, 2):
+        torch.testing.assert_close(host[layer].eigenvalues, one[layer].eigenvalues)
+        assert host[layer].eigenvalues.device.type == "cpu"

@@ -12,7 +12,7 @@ from torch import nn
 
 from kuda_cli.models.adapter import Adapter
 from kuda_cli.unlearn.batches import TokenSet
-from kuda_cli.unlearn.methods import Method, sequence_nll
+from kuda_cli.unlearn.methods import Method, sequence_logprob
 from kuda_cli.unlearn.nullspace import UpdateProjector, key_moments
 from kuda_cli.unlearn.representations import RepresentationStore, krd, record_sites
 
@@ -48,14 +48,21 @@ def gradient_conflict(
     """Cosine between the method's forget gradient and the retain NLL gradient, over all trained
     parameters and per parameter; `after` projects the forget gradient first.
 
-    Streamed: the retain gradient is kept (one copy of the trained parameters, in their dtype),
-    then the forget gradient is reduced to dot products parameter by parameter as backward
-    produces it, each freed at once; no float32 concatenation of either."""
+    Streamed: the retain gradient is summed one sequence at a time and kept (one copy of the
+    trained parameters, in their dtype), then the forget gradient is reduced to dot products
+    parameter by parameter as backward produces it, each freed at once; no float32
+    concatenation of either."""
     names = list(params)
     saved = {n: params[n].grad for n in names}
     for n in names:
         params[n].grad = None
-    sequence_nll(method.ctx.model, retain).backward(inputs=[params[n] for n in names])
+    # one retain sequence at a time, each weighted by its share of the batch's tokens: the sum
+    # is the batch's token-weighted NLL gradient, with one sequence's activations alive
+    tokens = retain["attention_mask"][:, 1:].sum()
+    for i in range(retain["input_ids"].shape[0]):
+        row = {k: v[i : i + 1] for k, v in retain.items() if isinstance(v, torch.Tensor)}
+        logp, _ = sequence_logprob(method.ctx.model, row)
+        (-logp.sum() / tokens).backward(inputs=[params[n] for n in names])
     retain_grads = {n: params[n].grad for n in names}
     for n in names:
         params[n].grad = None

@@ -39,6 +39,8 @@ from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import TokenSet
 
 log = logging.getLogger(__name__)
+STREAM_ROWS = 2048  # rows of a host-resident projector moved to the GPU at a time (14336 wide:
+# 117 MB in float32)
 
 
 @dataclass
@@ -188,10 +190,14 @@ def retain_spectra(
     model_key: str,
     batch_size: int = 8,
     eigh_device: str | torch.device | None = "auto",
+    on_host: bool = False,
 ) -> dict[int, Spectrum]:
     """Per layer, the spectrum of the retain keys' second moment, from the cache when there;
     the eigendecompositions run on `eigh_device` (see spectrum_of), one layer at a time, each
-    moment freed once decomposed."""
+    moment freed once decomposed. `on_host` (a model on a GPU, `nullspace.device=host`): one
+    key pass per layer, its moment moved to the host as soon as it is summed, so the GPU holds
+    one float64 d_ff x d_ff sum at a time and no spectrum (the projector then stays on the host
+    too, UpdateProjector streams it)."""
     data_key = tokens_fingerprint(tokens)
     paths = {
         layer: _cache_path(cache_dir, model_key, layer, data_key) if cache_dir else None
@@ -199,7 +205,14 @@ def retain_spectra(
     }
     spectra = {layer: _load(path) for layer, path in paths.items() if path and path.exists()}
     missing = [layer for layer in layers if spectra.get(layer) is None]
-    if missing:
+    if missing and on_host:
+        for layer in missing:
+            moments, count = key_moments(model, adapter, [layer], tokens, batch_size=batch_size)
+            moment = moments.pop(layer).cpu()
+            spectra[layer] = spectrum_of(moment, count, device="cpu")
+            if paths[layer]:
+                _save(paths[layer], spectra[layer])
+    elif missing:
         moments, count = key_moments(model, adapter, missing, tokens, batch_size=batch_size)
         for layer in missing:
             spectra[layer] = spectrum_of(moments.pop(layer), count, device=eigh_device)
@@ -277,28 +290,61 @@ class UpdateProjector:
         # name -> (parameter, P, weight stored as (in, out))
         self.projectors = projectors
         self.on = on
-        self._before: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def apply(matrix: torch.Tensor, p: torch.Tensor, in_out: bool) -> torch.Tensor:
-        """`matrix @ P` for (out, in) weights, `P @ matrix` for (in, out) ones (P symmetric)."""
-        p = p.to(device=matrix.device)
-        projected = p @ matrix.float() if in_out else matrix.float() @ p
-        return projected.to(matrix.dtype)
+        """`matrix @ P` for (out, in) weights, `P @ matrix` for (in, out) ones (P symmetric), in
+        float32. A P kept on another device (the host, for a model on a GPU) is streamed over in
+        blocks of STREAM_ROWS rows: the matrix's device never holds more than one block of it."""
+        if p.device == matrix.device:
+            projected = p @ matrix.float() if in_out else matrix.float() @ p
+            return projected.to(matrix.dtype)
+        return UpdateProjector.streamed(matrix, p, in_out)
+
+    @staticmethod
+    def streamed(matrix: torch.Tensor, p: torch.Tensor, in_out: bool) -> torch.Tensor:
+        """`apply` with P moved to the matrix's device STREAM_ROWS rows at a time."""
+        work = matrix.float()
+        out = torch.empty_like(work)
+        for start in range(0, p.shape[0], STREAM_ROWS):
+            rows = p[start : start + STREAM_ROWS].to(matrix.device, non_blocking=True)
+            if in_out:  # rows of P @ M
+                out[start : start + STREAM_ROWS] = rows @ work
+            else:  # columns of M @ P = M @ (rows of P)^T, P symmetric
+                out[:, start : start + STREAM_ROWS] = work @ rows.T
+            del rows
+        return out.to(matrix.dtype)
 
     @torch.no_grad()
-    def before_step(self) -> None:
-        for name, (param, p, in_out) in self.projectors.items():
-            if self.on == "grad":
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimiser step with the projection around it. `update`: each projected tensor is
+        stepped on its own (the others' gradients set aside, which every torch optimiser skips,
+        so the result is that of one step of all), its change projected, then the rest; one
+        copy of one tensor at a time instead of a copy of them all. `grad`: the gradients are
+        projected, then one step."""
+        params = {id(param) for param, _, _ in self.projectors.values()}
+        if self.on == "grad":
+            for param, p, in_out in self.projectors.values():
                 if param.grad is not None:
                     param.grad.copy_(self.apply(param.grad, p, in_out))
-            else:
-                self._before[name] = param.detach().clone()
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        if self.on != "update":
+            optimizer.step()
             return
-        for name, (param, p, in_out) in self.projectors.items():
-            before = self._before.pop(name)
-            param.copy_(before + self.apply(param - before, p, in_out))
+        everything = [q for group in optimizer.param_groups for q in group["params"]]
+        grads = {id(q): q.grad for q in everything}
+        try:
+            for param, p, in_out in self.projectors.values():
+                if grads.get(id(param)) is None:
+                    continue
+                for q in everything:
+                    q.grad = grads[id(q)] if q is param else None
+                before = param.detach().clone()
+                optimizer.step()
+                param.copy_(before + self.apply(param - before, p, in_out))
+                del before
+            for q in everything:
+                q.grad = None if id(q) in params else grads[id(q)]
+            if any(q.grad is not None for q in everything):
+                optimizer.step()
+        finally:
+            for q in everything:
+                q.grad = grads[id(q)]

@@ -281,10 +281,9 @@ class Trainer(Checkpointing):
             optimised, self.cfg.max_grad_norm or float("inf")
         )
         if self.projector is not None:
-            self.projector.before_step()
-        self.optimizer.step()
-        if self.projector is not None:
-            self.projector.after_step()
+            self.projector.step(self.optimizer)
+        else:
+            self.optimizer.step()
         self._sync_from_masters()
         lr = self.schedule.get_last_lr()[0]
         self.schedule.step()
