@@ -18,27 +18,16 @@ from pathlib import Path
 
 import torch
 
+from bench_unlearn import SHAPES as BENCH_SHAPES  # scripts/ is this script's sys.path[0]
+
 WORDS = {
     "forget": "pathogen virus toxin spore culture strain host vector gene assay protein",
     "retain": "river city music history garden market language painting mountain poem",
 }
+# the widths of bench_unlearn's shapes (zephyr-7b: the real ones); the depth is chosen here
 SHAPES = {
-    "zephyr-7b": dict(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=32768,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=512,
-        max_position_embeddings=512,
-    ),
+    name: {k: v for k, v in spec.items() if k not in ("family", "num_hidden_layers")}
+    for name, spec in BENCH_SHAPES.items()
 }
 
 
