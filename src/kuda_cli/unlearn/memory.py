@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kuda_cli.unlearn.nullspace import STREAM_ROWS
+
 GIB = 2**30
 GPU_BYTES = 80 * 10**9  # an 80 GB GPU
 KUDA_TARGET = 1.3  # KUDA's peak / bf16 weights
@@ -276,6 +278,8 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
         grad_bytes = 4.0 * n_trained if masters else sum(k * b for k, b in trained.values())
     state_bytes = 2 * grad_bytes if cfg.optimizer == "adamw" else 0.0
     ns = cfg.nullspace if isinstance(method, Kuda) and cfg.nullspace.enabled else None
+    # nullspace.device: `auto` keeps moments, spectra and projectors on the host for a GPU model
+    on_host = ns is not None and not cpu and ns.device in ("auto", "host")
 
     # ------------------------------------------------------------------ originals
     store = 0.0
@@ -306,7 +310,17 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
         n_t, f2 = len(method.trained_layers), float(d.ffn) ** 2
         projectors = n_t * f2 * 4
         build = {"projectors so far": (n_t - 1) * f2 * 4, "projector build (float64)": 24 * f2}
-        if work.spectra_cached and not cpu:  # eigenvectors on the host, projectors built there
+        if on_host:  # one key pass per layer, its moment moved to the host when summed
+            projectors = 0.0
+            samples = ns.samples if work.key_samples is None else work.key_samples
+            n_key = min(RECORD_BATCH, samples) * work.seq
+            out.phases["spectra"] = {**resident}
+            if not work.spectra_cached:
+                out.phases["spectra"]["one moment (float64)"] = f2 * 8
+                out.phases["spectra"]["keys"] = n_key * (
+                    d.ffn * (2 * e + 8) + d.per_token("nograd_layer", e)
+                )
+        elif work.spectra_cached and not cpu:  # eigenvectors on the host, projectors built there
             out.phases["spectra"] = {**resident, "projectors (float32)": projectors}
         elif work.spectra_cached:
             out.phases["spectra"] = {**resident, "eigenvectors (float32)": n_t * f2 * 4, **build}
@@ -337,8 +351,11 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
     if not shard:
         n_diag = cfg.batch_size * work.seq
         stash = float(sum(k * b for k, b in trained.values()))
-        retain_part = training(n_diag, [model_nll], stash, e * biggest)
+        # the retain gradient is summed one sequence at a time
+        retain_part = training(work.seq, [model_nll], stash, e * biggest)
         reduce = biggest * (16 + (2 * e if ns else e))  # float64 copies of both, the projection
+        if on_host:  # the projector streamed: float32 copies of the gradient, the output, a block
+            reduce += 8 * biggest + STREAM_ROWS * d.ffn * 4
         forget_part = training(n_diag, [forget_pass], 0.0, reduce)
         worst = max(
             (retain_part, {}),
@@ -355,17 +372,21 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
         train_part = {**gathered, **train_part}
         train_part["a layer's unsharded gradients"] = (e + 4) * layer_params
     states = {"AdamW states": state_bytes} if state_bytes else {}
+    projected = {n for n in trained if n.endswith("down_proj.weight")} if ns else set()
+    per_tensor = ns is not None and ns.project_on == "update"  # UpdateProjector.step
     opt_tmp = 0.0
-    if state_bytes:
-        opt_tmp = grad_bytes if not cpu else 12.0 * biggest
-    clones = 0.0
-    if ns is not None and ns.project_on == "update":
-        clones = 4.0 * sum(k for n, (k, _) in trained.items() if n.endswith("down_proj.weight"))
-    opt_part = {
-        "gradients": grad_bytes,
-        "optimiser temporaries": opt_tmp,
-        "pre-step copies": clones,
-    }
+    if state_bytes and cpu:
+        opt_tmp = 12.0 * biggest
+    elif state_bytes and per_tensor:  # each projected tensor stepped on its own, then the rest
+        rest = sum(k for n, (k, _) in trained.items() if n not in projected)
+        opt_tmp = 4.0 * max(biggest, rest)
+    elif state_bytes:
+        opt_tmp = grad_bytes
+    opt_part = {"gradients": grad_bytes, "optimiser temporaries": opt_tmp}
+    if per_tensor and projected:  # one pre-step copy, the change and its projection at a time
+        opt_part["pre-step copy and projection of one tensor"] = 12.0 * biggest + (
+            STREAM_ROWS * d.ffn * 4 if on_host else 0.0
+        )
     worst = max(train_part, opt_part, key=lambda s: sum(s.values()))
     out.phases["step"] = {**resident, **states, **worst}
 
