@@ -155,7 +155,7 @@ ablation-kuda: $(DEPS)
 
 # zephyr-7b-beta on WMDP-bio, WMDP-cyber and MMLU: the starting model, RMU, NPO, SimNPO, GA and
 # KUDA. Needs a GPU and the hub (or local copies in ARGS): checked first, one line, exit 2.
-# RMU and KUDA train three down_proj matrices: one GPU each (peak about 1.1-1.3x the bf16 weights,
+# RMU and KUDA train three down_proj matrices: one GPU each (predicted peak 1.27-1.28x the bf16 weights,
 # `python scripts/bench_unlearn.py --shape zephyr-7b --plan`). The full-parameter baselines
 # (FULL_BASELINES: every parameter trains) run sharded with FSDP2 over GPUS GPUs, one launch per
 # domain and method (a multi-process run has a fixed directory; a completed one is skipped).
