@@ -1,4 +1,5 @@
-"""KUDA's loss restricted to the subject's tokens (unlearn.tokens)."""
+"""KUDA's loss restricted to the subject's tokens or their last ones (unlearn.tokens), and its
+invented-subject target (unlearn.target=unknown)."""
 
 import pytest
 
@@ -40,10 +41,9 @@ def _site_grad(method, batch):
     return site_grad(method, batch)[1].abs().amax(-1)
 
 
-@pytest.mark.parametrize("tokens", ["subject", "auto"])
-def test_subject_loss_has_no_gradient_outside_the_subject(tiny, tokens):
+def test_subject_loss_has_no_gradient_outside_the_subject(tiny):
     model, tokenizer = tiny
-    method = _subject_method(model, tokenizer, tokens)
+    method = _subject_method(model, tokenizer, "subject")
     method.prepare()
     method.initialise(method.trainable_parameters(), None)
     batch = method.ctx.forget.batch([0, 2])
@@ -70,3 +70,89 @@ def test_subject_loss_without_subjects_is_refused(tiny):
     method.prepare()
     with pytest.raises(UserError, match="unlearn.tokens=all"):
         method.loss(forget.batch([0, 1]), None)
+
+
+def test_last_of_spans_marks_each_mention_s_last_token():
+    import torch
+
+    from kuda_cli.unlearn.methods.kuda import last_of_spans, spans_of
+
+    focus = torch.tensor([[0, 1, 1, 0, 1, 0, 1, 1, 1]])
+    assert last_of_spans(focus).tolist() == [[0, 0, 1, 0, 1, 0, 0, 0, 1]]
+    assert spans_of(focus[0].tolist()) == [(1, 3), (4, 5), (6, 9)]
+    assert spans_of([0, 0]) == []
+
+
+@pytest.mark.parametrize("tokens", ["last", "auto"])
+def test_last_token_loss_reads_only_each_subject_s_last_token(tiny, tokens):
+    from kuda_cli.unlearn.methods.kuda import last_of_spans
+
+    model, tokenizer = tiny
+    method = _subject_method(model, tokenizer, tokens)
+    method.prepare()
+    method.initialise(method.trainable_parameters(), None)
+    batch = method.ctx.forget.batch([0, 2])
+    grad = _site_grad(method, batch)
+    last = last_of_spans(batch["focus_mask"]).bool()
+    assert last.sum() < batch["focus_mask"].sum()  # a multi-token subject: fewer tokens read
+    assert grad[~last].max().item() == 0.0
+    assert grad[last].min().item() > 0.0
+
+
+def test_invented_subject_replaces_every_mention_spelled_alike(tiny):
+    from kuda_cli.unlearn.methods.kuda import with_invented_subject
+
+    _, tokenizer = tiny
+    text = "Sodium burns. Salt holds sodium."
+    tokens = tokenize(tokenizer, [text], 64, "forget", [subject_spans(text, "sodium")])
+    ids, original, replaced = with_invented_subject(
+        tokens.ids[0], tokens.focus[0], tokenizer, "kavequin"
+    )
+    assert tokenizer.decode(ids) == "Kavequin burns. Salt holds kavequin."
+    assert len(original) == len(replaced) == 2
+    for o in original:  # the last token of each mention of the subject
+        assert tokens.focus[0][o] == 1 and (
+            o + 1 == len(tokens.ids[0]) or not tokens.focus[0][o + 1]
+        )
+    assert tokenizer.decode(ids[: replaced[1] + 1]).endswith("kavequin")
+    # a text where no subject was found (every token focused) has no substitute
+    assert with_invented_subject([5, 6], [1, 1], tokenizer, "kavequin") is None
+
+
+def test_unknown_target_loss_starts_at_one_and_reaches_zero_at_the_target(tiny):
+    model, tokenizer = tiny
+    method = _subject_method(model, tokenizer, "auto")
+    method.cfg.target = "unknown"
+    method.cfg.unknown_names = 2
+    method.prepare()
+    batch = method.ctx.forget.batch([0, 1, 2, 3])
+    loss, _ = method.loss(batch, None)
+    assert abs(loss.item() - 1.0) < 1e-4  # the starting model: relative distance 1
+    # the gradient reaches the trained layer only through the mentions' last tokens
+    grad = _site_grad(method, batch)
+    from kuda_cli.unlearn.methods.kuda import last_of_spans
+
+    last = last_of_spans(batch["focus_mask"]).bool()
+    assert grad[~last].max().item() == 0.0 and grad[last].abs().max().item() > 0
+    # put the targets in place of the outputs at those tokens: the loss is 0
+    from kuda_cli.models.hooks import trace
+
+    (site,) = method.sites().values()
+
+    def swap(output):
+        output = output.clone()
+        for r, index in enumerate(batch["index"]):
+            pos, targets, _ = method.unknown[index]
+            output[r, pos] = targets[site].to(output.dtype)
+        return output
+
+    with trace(model, [], edit={site: swap}):
+        at_target, _ = method.loss(batch, None)
+    assert at_target.item() < 1e-8
+
+
+def test_unknown_target_without_subjects_is_refused(tiny):
+    model, tokenizer = tiny
+    method, _, _, _ = kuda_method(model, tokenizer, target="unknown")  # no spans given
+    with pytest.raises(UserError, match="unlearn.target=away"):
+        method.prepare()

@@ -28,6 +28,7 @@ from kuda_cli.cache import (
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, compute_metrics
 from kuda_cli.evaluate.floors import forget_removed
+from kuda_cli.evaluate.side_by_side import write_side_by_side
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR, read_layers
 from kuda_cli.models.loading import LoadedModel, load_model, resolve_cache_root
 from kuda_cli.run import Run, lookup
@@ -187,6 +188,9 @@ def main(cfg: DictConfig, run: Run) -> None:
             tasks = list(cfg.eval.wmdp.tasks) if "lm_eval" in cfg.eval.metrics else None
             run.log_metrics({"summary": summarise(before, after, tasks)})
             log.info("summary: %s", json.dumps(run.metrics["summary"]))
+            table = write_side_by_side(run.dir)
+            if table is not None:
+                print(f"\nGreedy answers before and after ({run.dir / 'answers.md'}):\n{table}\n")
 
 
 def _gpu_memory(loaded: LoadedModel, model) -> dict[str, float]:

@@ -1,8 +1,10 @@
 """KUDA's deviation objective: push the representations of forget tokens at the located layers
 away from their original values, under a relaxed null-space projection of the retain keys.
 
-Per non-padding forget token and located layer, with c the cosine between the current and the
-original representation (the MLP output, or the residual stream after the block):
+Per forget token the loss reads (`unlearn.tokens`; by default the last token of each mention of
+the subject where the data names subjects, else every non-padding token) and located layer, with
+c the cosine between the current and the original representation (the MLP output, or the
+residual stream after the block):
 
     softplus  softplus(beta * (c - margin)) / beta     (default: a smooth hinge at `margin`)
     linear    relu(c - margin)
@@ -10,6 +12,10 @@ original representation (the MLP output, or the residual stream after the block)
 
 averaged over tokens, then over layers. Originals come from the starting model, computed once
 before the first step (memory or disk), never from a second model copy.
+
+`unlearn.target=unknown` replaces the push by a pull: each mention's last token towards what
+the starting model writes there when an invented name stands in the subject's place (an entity
+it never learned), as the squared distance relative to the original's.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +56,58 @@ def masked_cosine(h: torch.Tensor, h0: torch.Tensor, mask: torch.Tensor) -> torc
     return torch.where(mask.bool(), cos, torch.zeros_like(cos))
 
 
+def last_of_spans(focus: torch.Tensor) -> torch.Tensor:
+    """1 at the last token of each run of 1s along the last dimension, 0 elsewhere."""
+    following = torch.zeros_like(focus)
+    following[..., :-1] = focus[..., 1:]
+    return focus * (1 - following)
+
+
+def spans_of(row: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of 1s in `row`."""
+    spans, start = [], None
+    for i, flag in enumerate([*row, 0]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            spans.append((start, i))
+            start = None
+    return spans
+
+
+SYLLABLES = ("ka lo mi ra ve tu no shi bel dor fen gar lin mor pel quin sar tor vas zen").split()
+
+
+def invented_name(rng: np.random.Generator) -> str:
+    """A pronounceable name that names nothing (two or three syllables)."""
+    return "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4))))
+
+
+def with_invented_subject(
+    ids: list[int], focus: list[int], tokenizer, name: str
+) -> tuple[list[int], list[int], list[int]] | None:
+    """`ids` with every subject mention (a run of focused tokens) replaced by `name`, spelled as
+    the mention is (leading space, capital), and for each mention the position of its last
+    token in `ids` and of the name's last token in the result. None where no token or every
+    token is focused (no subject was found in the text)."""
+    spans = spans_of(focus)
+    if not spans or all(focus):
+        return None
+    out, original, replaced, cursor = [], [], [], 0
+    for start, stop in spans:
+        mention = tokenizer.decode(ids[start:stop])
+        spelled = name.capitalize() if mention.strip()[:1].isupper() else name
+        if mention[:1].isspace():
+            spelled = " " + spelled
+        out += ids[cursor:start]
+        out += tokenizer(spelled, add_special_tokens=False)["input_ids"]
+        cursor = stop
+        original.append(stop - 1)
+        replaced.append(len(out) - 1)
+    out += ids[cursor:]
+    return out, original, replaced
+
+
 @dataclass
 class NullspaceConfig:
     enabled: bool = True
@@ -72,8 +131,15 @@ class KudaMethod(UnlearnConfig):
     loss_form: str = choice("softplus", "softplus", "linear", "square")
     site: str = choice("mlp_out", "mlp_out", "residual")
     # forget tokens the loss reads: `subject` (the subject's tokens, where the data names one:
-    # facts), `all` (every non-padding token), `auto` (subject when known, else all)
-    tokens: str = choice("auto", "auto", "subject", "all")
+    # facts), `last` (the last token of each subject mention: ROME's site), `all` (every
+    # non-padding token), `auto` (last when subjects are known, else all; the subject's tokens
+    # were the default until 2026-12-03: docs/unlearn.md)
+    tokens: str = choice("auto", "auto", "subject", "last", "all")
+    # what the loss does with them: `away` (push from the original: the cosine forms above),
+    # `unknown` (pull each subject mention's last token towards what the starting model writes
+    # there for invented names in the same passage: an entity it never learned; needs subjects)
+    target: str = choice("away", "away", "unknown")
+    unknown_names: int = bounded(4, ge=1)  # invented names averaged into each target
     retain_weight: float = bounded(0.0, ge=0)
     # the cosine is maximal at the original, so its gradient there is 0: a seeded perturbation of
     # the trained weights (std = init_noise x the weight's std, projected) breaks the symmetry
@@ -91,7 +157,10 @@ class Kuda(Method):
     def reads_own_site(self) -> bool:
         """Whether the loss reads another site or other tokens than the shared KRD (MLP outputs,
         subject tokens), so that KUDA reports `krd_loss_site` beside it."""
-        return self.cfg.site != "mlp_out" or self.cfg.tokens == "all"
+        heldout = self.ctx.forget_heldout
+        named = heldout is not None and heldout.focus is not None
+        last = self.cfg.tokens in ("last", "auto") and named
+        return self.cfg.site != "mlp_out" or self.cfg.tokens == "all" or last
 
     def prepare(self) -> None:
         ctx = self.ctx
@@ -99,6 +168,8 @@ class Kuda(Method):
         self.store = RepresentationStore(self.cfg.originals, directory)
         sites = list(self.sites().values())
         record_sites(ctx.model, ctx.forget, ctx.forget_used, sites, self.store)
+        if self.cfg.target == "unknown":
+            self.unknown = self.unknown_targets(sites)
         # held-out originals only where KUDA reports its own site's KRD (the KRD every method
         # reports, diagnostics.heldout_krd, records its own from the starting weights)
         self.heldout = ctx.forget_heldout if self.reads_own_site else None
@@ -113,14 +184,108 @@ class Kuda(Method):
                 desc="held-out originals",
             )
 
+    def unknown_targets(self, sites: list[str]) -> dict[int, tuple]:
+        """Per forget item: the positions of its subject mentions' last tokens, what the starting
+        model writes at each site there for `unknown_names` invented names put in the subject's
+        place (averaged), and the squared distance of the original from that target."""
+        ctx = self.ctx
+        if ctx.forget.focus is None:
+            raise UserError(
+                "unlearn.target=unknown needs data that names subjects (data=facts); "
+                "use unlearn.target=away"
+            )
+        rng = np.random.default_rng([self.ctx.seed, 7])
+        names = [invented_name(rng) for _ in range(self.cfg.unknown_names)]
+        used = sorted(set(ctx.forget_used))
+        rows, where = [], []
+        for index in used:
+            for k, name in enumerate(names):
+                swapped = with_invented_subject(
+                    ctx.forget.ids[index], ctx.forget.focus[index], ctx.tokenizer, name
+                )
+                if swapped is None:
+                    continue
+                ids, original, replaced = swapped
+                rows.append(ids)
+                where.append((index, k, original, replaced))
+        if not rows:
+            raise UserError(
+                "unlearn.target=unknown found no subject mention in the forget texts; "
+                "use unlearn.target=away"
+            )
+        swapped_set = TokenSet(rows, ctx.forget.pad_id)
+        store = RepresentationStore("memory")
+        record_sites(
+            ctx.model,
+            swapped_set,
+            list(range(len(rows))),
+            sites,
+            store,
+            desc="invented-subject targets",
+        )
+        sums: dict[int, dict[str, torch.Tensor]] = {}
+        counts: dict[int, int] = {}
+        positions: dict[int, list[int]] = {}
+        for row, (index, _, original, replaced) in enumerate(where):
+            positions[index] = original
+            counts[index] = counts.get(index, 0) + 1
+            acc = sums.setdefault(index, {})
+            for site in sites:
+                value = store.get(row, site)[replaced].float()
+                acc[site] = acc[site] + value if site in acc else value
+        out = {}
+        for index, acc in sums.items():
+            pos = torch.tensor(positions[index])
+            targets = {site: acc[site] / counts[index] for site in sites}
+            scale = {
+                site: ((self.store.get(index, site)[pos].float() - targets[site]) ** 2)
+                .sum(-1)
+                .clamp_min(1e-8)
+                for site in sites
+            }
+            out[index] = (pos, targets, scale)
+        store.close()
+        log.info("unknown targets: %d forget texts, names %s", len(out), ", ".join(names))
+        return out
+
+    def unknown_loss(self, forget: dict, rec, sites: dict[int, str], terms: dict) -> torch.Tensor:
+        """Mean over subject mentions and sites of the squared distance to the invented-subject
+        target, relative to the original's (1 at the start, 0 at the target)."""
+        total, count = None, 0
+        for layer, site in sites.items():
+            output = rec[site].output
+            layer_sum, layer_count, cos_sum = None, 0, 0.0
+            for r, index in enumerate(forget["index"]):
+                if index not in self.unknown:
+                    continue
+                pos, targets, scale = self.unknown[index]
+                pos = pos.to(output.device)
+                h = output[r, pos].float()
+                part = (
+                    ((h - targets[site].to(h.device)) ** 2).sum(-1) / scale[site].to(h.device)
+                ).sum()
+                layer_sum = part if layer_sum is None else layer_sum + part
+                layer_count += len(pos)
+                h0 = self.store.get(index, site)[pos.cpu()].float().to(h.device)
+                cos_sum += float(F.cosine_similarity(h.detach(), h0, dim=-1).sum())
+            if layer_sum is None:
+                continue
+            total = layer_sum / layer_count if total is None else total + layer_sum / layer_count
+            count += 1
+            terms[f"cos_l{layer}"] = cos_sum / layer_count
+        if total is None:
+            return torch.zeros((), device=forget["input_ids"].device, requires_grad=True)
+        return total / count
+
     def loss_mask(self, batch: dict) -> torch.Tensor:
         """The tokens the loss reads: non-padding, and the subject's where asked and known."""
         mask = batch["attention_mask"]
         if self.cfg.tokens != "all" and "focus_mask" in batch:
-            return mask * batch["focus_mask"]
-        if self.cfg.tokens == "subject":
+            focus = batch["focus_mask"]
+            return mask * (focus if self.cfg.tokens == "subject" else last_of_spans(focus))
+        if self.cfg.tokens in ("subject", "last"):
             raise UserError(
-                "unlearn.tokens=subject needs data that names subjects (data=facts); "
+                f"unlearn.tokens={self.cfg.tokens} needs data that names subjects (data=facts); "
                 "use unlearn.tokens=all"
             )
         return mask
@@ -133,6 +298,13 @@ class Kuda(Method):
             stop_after=deepest(self.ctx.model, list(sites.values())),
         ) as rec:
             self.ctx.model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"])
+        if self.cfg.target == "unknown":
+            terms: dict[str, float] = {}
+            total = self.unknown_loss(forget, rec, sites, terms)
+            terms["deviation"] = float(total.detach())
+            return with_retain_nll(
+                self.ctx.model, total, retain, self.cfg.retain_weight, terms
+            ), terms
         mask = self.loss_mask(forget)
         width = mask.shape[1]
         total = torch.zeros((), device=mask.device)
@@ -219,6 +391,8 @@ class Kuda(Method):
             desc="held-out representations",
         )
         focus = self.heldout.focus if self.cfg.tokens != "all" else None
+        if focus is not None and self.cfg.tokens != "subject":  # last / auto: mentions' last
+            focus = [last_of_spans(torch.tensor(row)).tolist() for row in focus]
         out["krd_loss_site"] = krd(now, self.heldout_store, sites, indices, focus)
         return out
 
