@@ -156,3 +156,27 @@ def test_unknown_target_without_subjects_is_refused(tiny):
     method, _, _, _ = kuda_method(model, tokenizer, target="unknown")  # no spans given
     with pytest.raises(UserError, match="unlearn.target=away"):
         method.prepare()
+
+
+def test_retain_activation_term_is_rmu_s_retain_mse_at_the_deepest_layer(tiny):
+    import torch
+
+    model, tokenizer = tiny
+    method, _, forget, retain = kuda_method(model, tokenizer, retain_act_weight=10.0)
+    assert method.needs_retain
+    method.ctx.retain_used = list(range(len(retain)))
+    method.prepare()
+    fbatch, rbatch = forget.batch([0, 1]), retain.batch([0, 1])
+    loss, terms = method.loss(fbatch, rbatch)
+    assert terms["retain_mse"] == 0.0  # the starting model matches its own originals
+    forget_only, _ = method.loss(fbatch, None)  # the diagnostics' forget term: no retain term
+    assert torch.allclose(loss, forget_only)
+    with torch.no_grad():
+        for param in method.trainable_parameters().values():
+            param.add_(0.05 * torch.randn_like(param))
+    loss, terms = method.loss(fbatch, rbatch)
+    forget_only, _ = method.loss(fbatch, None)
+    assert terms["retain_mse"] > 0
+    assert torch.allclose(loss, forget_only + 10.0 * terms["retain_mse"], rtol=1e-5)
+    method.close()
+    assert not method.retain_store._memory

@@ -34,6 +34,7 @@ from kuda_cli.errors import UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import Method, register_method, with_retain_nll
+from kuda_cli.unlearn.methods.rmu import masked_mse
 from kuda_cli.unlearn.nullspace import UpdateProjector, projector, retain_spectra
 from kuda_cli.unlearn.representations import RepresentationStore, deepest, krd, record_sites
 
@@ -141,6 +142,10 @@ class KudaMethod(UnlearnConfig):
     target: str = choice("away", "away", "unknown")
     unknown_names: int = bounded(4, ge=1)  # invented names averaged into each target
     retain_weight: float = bounded(0.0, ge=0)
+    # RMU's retain term beside the projection: weight x the mean squared difference between the
+    # block output of the deepest trained layer on retain tokens and its original (what the
+    # per-layer projection cannot see: the trained layers' changes composing); 0: none
+    retain_act_weight: float = bounded(0.0, ge=0)
     # the cosine is maximal at the original, so its gradient there is 0: a seeded perturbation of
     # the trained weights (std = init_noise x the weight's std, projected) breaks the symmetry
     init_noise: float = bounded(1e-2, ge=0)
@@ -162,12 +167,30 @@ class Kuda(Method):
         last = self.cfg.tokens in ("last", "auto") and named
         return self.cfg.site != "mlp_out" or self.cfg.tokens == "all" or last
 
+    @property
+    def needs_retain(self) -> bool:  # type: ignore[override]
+        return self.cfg.retain_weight > 0 or self.cfg.retain_act_weight > 0
+
+    @property
+    def retain_site(self) -> str:
+        return self.ctx.adapter.module_name("layer", max(self.trained_layers))
+
     def prepare(self) -> None:
         ctx = self.ctx
         directory = ctx.work_dir / "originals" if ctx.work_dir else None
         self.store = RepresentationStore(self.cfg.originals, directory)
         sites = list(self.sites().values())
         record_sites(ctx.model, ctx.forget, ctx.forget_used, sites, self.store)
+        if self.cfg.retain_act_weight > 0:
+            self.retain_store = RepresentationStore("memory")
+            record_sites(
+                ctx.model,
+                ctx.retain,
+                ctx.retain_used,
+                [self.retain_site],
+                self.retain_store,
+                desc="original retain activations",
+            )
         if self.cfg.target == "unknown":
             self.unknown = self.unknown_targets(sites)
         # held-out originals only where KUDA reports its own site's KRD (the KRD every method
@@ -291,6 +314,21 @@ class Kuda(Method):
         return mask
 
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
+        total, terms = self.forget_loss(forget)
+        if retain is not None and self.cfg.retain_act_weight > 0:
+            site = self.retain_site
+            with trace(self.ctx.model, [site], stop_after=site) as rec:
+                self.ctx.model(
+                    input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]
+                )
+            mask = retain["attention_mask"]
+            original = self.retain_store.padded(retain["index"], site, mask.shape[1], mask.device)
+            mse = masked_mse(rec[site].output, original, mask)
+            terms["retain_mse"] = float(mse.detach())
+            total = total + self.cfg.retain_act_weight * mse
+        return with_retain_nll(self.ctx.model, total, retain, self.cfg.retain_weight, terms), terms
+
+    def forget_loss(self, forget: dict) -> tuple[torch.Tensor, dict[str, float]]:
         sites = self.sites()
         with trace(
             self.ctx.model,
@@ -302,9 +340,7 @@ class Kuda(Method):
             terms: dict[str, float] = {}
             total = self.unknown_loss(forget, rec, sites, terms)
             terms["deviation"] = float(total.detach())
-            return with_retain_nll(
-                self.ctx.model, total, retain, self.cfg.retain_weight, terms
-            ), terms
+            return total, terms
         mask = self.loss_mask(forget)
         width = mask.shape[1]
         total = torch.zeros((), device=mask.device)
@@ -317,7 +353,7 @@ class Kuda(Method):
             total = total + (per_token * mask).sum() / tokens / len(sites)
             terms[f"cos_l{layer}"] = float(cos.detach().sum() / tokens)
         terms["deviation"] = float(total.detach())
-        return with_retain_nll(self.ctx.model, total, retain, self.cfg.retain_weight, terms), terms
+        return total, terms
 
     def projector(self, params: dict[str, nn.Parameter]) -> UpdateProjector | None:
         ns = self.cfg.nullspace
@@ -397,6 +433,7 @@ class Kuda(Method):
         return out
 
     def close(self) -> None:
-        for store in (getattr(self, "store", None), getattr(self, "heldout_store", None)):
+        stores = ("store", "heldout_store", "retain_store")
+        for store in (getattr(self, name, None) for name in stores):
             if store is not None:
                 store.close()
