@@ -75,7 +75,8 @@ def test_subject_loss_without_subjects_is_refused(tiny):
 def test_last_of_spans_marks_each_mention_s_last_token():
     import torch
 
-    from kuda_cli.unlearn.methods.kuda import last_of_spans, spans_of
+    from kuda_cli.unlearn.methods.kuda import last_of_spans
+    from kuda_cli.unlearn.unknown import spans_of
 
     focus = torch.tensor([[0, 1, 1, 0, 1, 0, 1, 1, 1]])
     assert last_of_spans(focus).tolist() == [[0, 0, 1, 0, 1, 0, 0, 0, 1]]
@@ -100,7 +101,7 @@ def test_last_token_loss_reads_only_each_subject_s_last_token(tiny, tokens):
 
 
 def test_invented_subject_replaces_every_mention_spelled_alike(tiny):
-    from kuda_cli.unlearn.methods.kuda import with_invented_subject
+    from kuda_cli.unlearn.unknown import with_invented_subject
 
     _, tokenizer = tiny
     text = "Sodium burns. Salt holds sodium."

@@ -56,6 +56,7 @@ def help_text() -> str:
         "             unlearn.save_every=N unlearn.keep=1 unlearn.save_optimizer=true",
         "             unlearn.lora.enabled=true (GA/GradDiff/NPO/SimNPO: LoRA adapters)",
         "             locate.max_tokens=256 (tracing: probe length cap)",
+        "             unlearn.tokens=auto|last|subject|all unlearn.target=away|unknown (KUDA)",
         "",
         "Hydra flags: -m/--multirun (sweep: key=a,b), --cfg job|hydra|all (print the composed",
         "  config), --info, --hydra-help, hydra.run.dir=DIR, -sc install=bash (tab completion).",
