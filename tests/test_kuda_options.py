@@ -181,3 +181,24 @@ def test_retain_activation_term_is_rmu_s_retain_mse_at_the_deepest_layer(tiny):
     assert torch.allclose(loss, forget_only + 10.0 * terms["retain_mse"], rtol=1e-5)
     method.close()
     assert not method.retain_store._memory
+
+
+@pytest.mark.parametrize(
+    ("option", "says"),
+    [
+        ("unlearn.target=unknown", "use unlearn.target=away"),
+        ("unlearn.tokens=last", "use unlearn.tokens=auto or all"),
+        ("unlearn.tokens=subject", "use unlearn.tokens=auto or all"),
+    ],
+)
+def test_subject_options_on_data_without_subjects_exit_2_before_any_work(
+    option, says, capsys, tmp_path, monkeypatch
+):
+    from kuda_cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["unlearn", "model=tiny-random", "data=wmdp_bio", option])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "needs data that names subjects (data=facts), not data=wmdp_bio" in err and says in err
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -28,6 +28,7 @@ def validate(cfg: DictConfig) -> None:
     _check_method(cfg.unlearn)
     _check_trainable(cfg.unlearn)
     _check_lora(cfg.unlearn)
+    _check_subjects(cfg)
     _check_steer_layer(cfg)
     _check_text_source(cfg.eval)
     _check_local_paths(cfg)
@@ -285,6 +286,24 @@ def _check_lora(unlearn: DictConfig) -> None:
         raise ConfigError(
             f"unlearn.lora.enabled=true is for the full-parameter baselines (ga, graddiff, npo, "
             f"simnpo); {unlearn.method} trains named down_proj matrices: drop unlearn.lora"
+        )
+
+
+def _check_subjects(cfg: DictConfig) -> None:
+    """KUDA's subject-token options need data that names subjects (data=facts): refused before
+    anything loads, not after tracing."""
+    unlearn = cfg.unlearn
+    if unlearn.get("method") != "kuda" or cfg.data.get("kind") == "facts":
+        return
+    if unlearn.get("target") == "unknown":
+        raise ConfigError(
+            f"unlearn.target=unknown needs data that names subjects (data=facts), not "
+            f"data={cfg.data.get('name')}; use unlearn.target=away"
+        )
+    if unlearn.get("tokens") in ("subject", "last"):
+        raise ConfigError(
+            f"unlearn.tokens={unlearn.tokens} needs data that names subjects (data=facts), not "
+            f"data={cfg.data.get('name')}; use unlearn.tokens=auto or all"
         )
 
 
