@@ -413,7 +413,9 @@ def equal_length_corpus(directory: Path) -> list[str]:
 def torchrun(args: list[str], cwd: Path, script: str = "-m kuda_cli.cli", env=None):
     runner = Path(sys.executable).with_name("torchrun")
     return subprocess.run(
-        [str(runner), "--nproc_per_node", "2", *script.split(), "unlearn", *args],
+        # --standalone: a free rendezvous port, so that two such tests at once (pytest -n) do not
+        # meet on torchrun's default 29500 and join each other's process group
+        [str(runner), "--standalone", "--nproc_per_node", "2", *script.split(), "unlearn", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
