@@ -33,7 +33,7 @@ from kuda_cli.errors import UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import Method, register_method, with_retain_nll
-from kuda_cli.unlearn.methods.rmu import masked_mse
+from kuda_cli.unlearn.methods.rmu import retain_mse_of
 from kuda_cli.unlearn.nullspace import UpdateProjector, projector, retain_spectra
 from kuda_cli.unlearn.representations import RepresentationStore, deepest, krd, record_sites
 from kuda_cli.unlearn.unknown import unknown_loss, unknown_targets
@@ -178,14 +178,7 @@ class Kuda(Method):
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         total, terms = self.forget_loss(forget)
         if retain is not None and self.cfg.retain_act_weight > 0:
-            site = self.retain_site
-            with trace(self.ctx.model, [site], stop_after=site) as rec:
-                self.ctx.model(
-                    input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]
-                )
-            mask = retain["attention_mask"]
-            original = self.retain_store.padded(retain["index"], site, mask.shape[1], mask.device)
-            mse = masked_mse(rec[site].output, original, mask)
+            mse = retain_mse_of(self.ctx.model, self.retain_site, self.retain_store, retain)
             terms["retain_mse"] = float(mse.detach())
             total = total + self.cfg.retain_act_weight * mse
         return with_retain_nll(self.ctx.model, total, retain, self.cfg.retain_weight, terms), terms

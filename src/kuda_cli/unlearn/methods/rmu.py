@@ -43,6 +43,21 @@ def masked_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tor
     return (per_token * weights).sum() / weights.sum().clamp_min(1)
 
 
+def site_output(model, site: str, batch: dict) -> torch.Tensor:
+    """The output of module `site` for a batch; the layers after it are not run."""
+    with trace(model, [site], stop_after=site) as rec:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return rec[site].output
+
+
+def retain_mse_of(model, site: str, originals, retain: dict) -> torch.Tensor:
+    """RMU's retain term: the masked MSE between `site`'s output on a retain batch and its
+    stored originals."""
+    mask = retain["attention_mask"]
+    original = originals.padded(retain["index"], site, mask.shape[1], mask.device)
+    return masked_mse(site_output(model, site, retain), original, mask)
+
+
 @dataclass
 class RmuMethod(UnlearnConfig):
     steer_layer: int | None = bounded(None, ge=0)  # null: the last trained layer
@@ -97,18 +112,14 @@ class Rmu(Method):
 
     def activations(self, batch: dict) -> torch.Tensor:
         """h at `steer_layer` for a batch; the layers after it are not run."""
-        with trace(self.ctx.model, [self.site], stop_after=self.site) as rec:
-            self.ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        return rec[self.site].output
+        return site_output(self.ctx.model, self.site, batch)
 
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         forget_mse = masked_mse(self.activations(forget), self.control, forget["attention_mask"])
         terms = {"forget_mse": float(forget_mse.detach())}
         if retain is None or not self.needs_retain:
             return forget_mse, terms
-        mask = retain["attention_mask"]
-        original = self.store.padded(retain["index"], self.site, mask.shape[1], mask.device)
-        retain_mse = masked_mse(self.activations(retain), original, mask)
+        retain_mse = retain_mse_of(self.ctx.model, self.site, self.store, retain)
         terms["retain_mse"] = float(retain_mse.detach())
         return forget_mse + self.cfg.alpha * retain_mse, terms
 
