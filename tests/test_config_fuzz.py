@@ -108,6 +108,10 @@ NUMBER_LISTS = {
     "locate.layers": ["locate=fixed", "locate.layers=[7]"],
     "unlearn.layers": ["unlearn.layers=[7]"],
     "report.frontier_range": ["report.frontier_range=[0.9,0.5]"],
+    "unlearn.auto_tune.factors": [
+        "unlearn.auto_tune.enabled=true",
+        "unlearn.auto_tune.factors=[2,1]",
+    ],
 }
 # strings from a registry, refused when unknown
 REGISTERED = {"unlearn.method": "unlearn.method=no_such_method"}

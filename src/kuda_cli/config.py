@@ -190,6 +190,20 @@ class LoraSpec:
 
 
 @dataclass
+class AutoTuneSpec:
+    """unlearn.auto_tune: short trials of unlearn.lr x `factors` before the run, scored on the
+    forget and retain passages (never the evaluation prompts); unlearn/auto_tune.py."""
+
+    enabled: bool = False
+    factors: list[float] = listed(0.33, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # ascending
+    trials: int = bounded(5, ge=1)  # at most this many trials
+    target_removed: float = bounded(0.9, gt=0, le=1)  # forget removed wanted (cloze, vs floor)
+    max_retain_removed: float = bounded(0.05, ge=0, le=1)  # stability: retain knowledge lost
+    max_ppl_ratio: float = bounded(1.05, ge=1)  # stability: retain passages' perplexity ratio
+    min_agreement: float = bounded(0.975, ge=0, le=1)  # stability: retain top-1 tokens kept
+
+
+@dataclass
 class UnlearnConfig:
     """What every method shares: the trainer's knobs."""
 
@@ -221,6 +235,7 @@ class UnlearnConfig:
     # no LoRA), else replicates the model (data parallel); `none` always replicates
     shard: str = choice("auto", "auto", "none")
     lora: LoraSpec = field(default_factory=LoraSpec)
+    auto_tune: AutoTuneSpec = field(default_factory=AutoTuneSpec)
 
 
 # ----------------------------------------------------------------------------- eval

@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kuda_cli import distributed
 from kuda_cli.data import EVAL_FOR_KIND
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.lm_eval_data import LOCAL_FILE_OPTIONS
@@ -29,6 +30,7 @@ def validate(cfg: DictConfig) -> None:
     _check_trainable(cfg.unlearn)
     _check_lora(cfg.unlearn)
     _check_subjects(cfg)
+    _check_auto_tune(cfg)
     _check_steer_layer(cfg)
     _check_text_source(cfg.eval)
     _check_local_paths(cfg)
@@ -304,6 +306,28 @@ def _check_subjects(cfg: DictConfig) -> None:
         raise ConfigError(
             f"unlearn.tokens={unlearn.tokens} needs data that names subjects (data=facts), not "
             f"data={cfg.data.get('name')}; use unlearn.tokens=auto or all"
+        )
+
+
+def _check_auto_tune(cfg: DictConfig) -> None:
+    """unlearn.auto_tune scores its trials on facts clozes, one process, the weights themselves."""
+    spec = cfg.unlearn.get("auto_tune")
+    if not spec or not spec.get("enabled"):
+        return
+    factors = list(spec.factors)
+    if not factors or factors != sorted(factors) or min(factors) <= 0:
+        raise ConfigError(
+            f"unlearn.auto_tune.factors={factors} must be positive and ascending, e.g. [0.5,1,2]"
+        )
+    if cfg.data.get("kind") != "facts":
+        raise ConfigError(
+            f"unlearn.auto_tune scores its trials on facts (data=facts), not "
+            f"data={cfg.data.get('name')}; set unlearn.lr and unlearn.auto_tune.enabled=false"
+        )
+    if cfg.unlearn.lora.enabled or distributed.world_size() > 1:
+        raise ConfigError(
+            "unlearn.auto_tune runs in one process on the weights themselves: drop "
+            "unlearn.lora.enabled and the launcher, or set unlearn.auto_tune.enabled=false"
         )
 
 

@@ -51,6 +51,8 @@ def settings(unlearn: dict[str, Any]) -> str:
             parts += [
                 f"ns.{k}={_cell(nullspace[k])}" for k in NULLSPACE_SETTINGS[1:] if k in nullspace
             ]
+    if (unlearn.get("auto_tune") or {}).get("enabled"):
+        parts.append("auto_tune")
     return " ".join(parts)
 
 
@@ -104,6 +106,9 @@ def collect_rows(run_dirs: list[Path], metric_prefix: str | None) -> list[dict[s
         before = metrics.pop("before", None)  # the starting model: a row of its own
         config = _config(run_dir)
         unlearn = config.get("unlearn") or {}
+        tuned = (metrics.get("auto_tune") or {}).get("lr")
+        if tuned is not None:  # unlearn.auto_tune: the learning rate the run chose
+            unlearn = {**unlearn, "lr": tuned}
         is_unlearn = meta.get("stage") == "unlearn"
         row = {
             "run": str(run_dir),

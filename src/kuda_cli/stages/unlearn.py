@@ -31,9 +31,9 @@ from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.evaluate.side_by_side import write_side_by_side
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR, read_layers
 from kuda_cli.models.loading import LoadedModel, load_model, resolve_cache_root
-from kuda_cli.run import Run, lookup
+from kuda_cli.run import Run, lookup, set_seed
 from kuda_cli.stages.common import load_configured_model, locate_layers
-from kuda_cli.unlearn import sharding
+from kuda_cli.unlearn import auto_tune, sharding
 from kuda_cli.unlearn.batches import tokenize, unlearn_texts
 from kuda_cli.unlearn.checkpoints import CHECKPOINT
 from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak, swapped_in
@@ -100,6 +100,13 @@ def main(cfg: DictConfig, run: Run) -> None:
         model_key=model_key,
         seed=cfg.seed,
     )
+    if ucfg.auto_tune.enabled:  # trials from the starting weights choose the learning rate
+        ucfg, tuned = auto_tune.tune(
+            ucfg, cfg.data, ctx, run.dir, auto_tune.trial_trainer(ctx, forget, retain)
+        )
+        ctx = replace(ctx, cfg=ucfg)
+        run.log_metrics({"auto_tune": tuned})
+        set_seed(cfg.seed)
     method = get_method(ucfg.method)(ctx)
     trainer = Trainer(
         model, tokenizer, method, ucfg, forget, retain, out_dir=run.dir, seed=cfg.seed
