@@ -57,6 +57,7 @@ def help_text() -> str:
         "             unlearn.lora.enabled=true (GA/GradDiff/NPO/SimNPO: LoRA adapters)",
         "             locate.max_tokens=256 (tracing: probe length cap)",
         "             unlearn.tokens=auto|last|subject|all unlearn.target=away|unknown (KUDA)",
+        "             unlearn.auto_tune.enabled=true (lr chosen by trials; facts: tune/)",
         "",
         "Hydra flags: -m/--multirun (sweep: key=a,b), --cfg job|hydra|all (print the composed",
         "  config), --info, --hydra-help, hydra.run.dir=DIR, -sc install=bash (tab completion).",
