@@ -36,7 +36,7 @@ import torch
 
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.scoring import option_scores
-from kuda_cli.unlearn.unknown import invented_name
+from kuda_cli.unlearn.unknown import invented_name, spelled_like
 
 log = logging.getLogger(__name__)
 TUNE_DIR = "tune"
@@ -65,8 +65,8 @@ def cloze_of(fact, name: str) -> Cloze | None:
     if answer is None:
         return None
     context = passage[: answer.start()]
-    spelled = name.capitalize() if subject.group(0)[:1].isupper() else name
-    floor = context[: subject.start()] + spelled + context[subject.end() :]
+    floor = context[: subject.start()] + spelled_like(subject.group(0), name)
+    floor += context[subject.end() :]
     space = " " if context[-1:].isspace() else ""
     return Cloze(context.rstrip(), floor.rstrip(), tuple(space + o for o in fact.options))
 
@@ -142,6 +142,11 @@ class Scorer:
             "forget": knowledge(model, tokenizer, self.forget, floor=True),
             "retain": knowledge(model, tokenizer, self.retain, floor=True) if self.retain else None,
         }
+        if removed(self.start["forget"], self.start["forget"], self.floor["forget"]) is None:
+            raise UserError(  # checked before any trial trains
+                "unlearn.auto_tune: the starting model knows none of the forget facts' clozes "
+                "better than an invented subject; set unlearn.lr yourself"
+            )
 
     def _now(self) -> dict:
         m, t = self.model, self.tokenizer
@@ -154,11 +159,6 @@ class Scorer:
     def score(self) -> dict:
         now, start = self._now(), self.start
         out = {"forget_removed": removed(start["forget"], now["forget"], self.floor["forget"])}
-        if out["forget_removed"] is None:
-            raise UserError(
-                "unlearn.auto_tune: the starting model knows none of the forget facts' clozes "
-                "better than an invented subject; set unlearn.lr yourself"
-            )
         if self.retain:
             out["retain_removed"] = removed(start["retain"], now["retain"], self.floor["retain"])
         if self.retain_texts:

@@ -37,6 +37,12 @@ def invented_name(rng: np.random.Generator) -> str:
     return "".join(rng.choice(SYLLABLES, size=int(rng.integers(2, 4))))
 
 
+def spelled_like(mention: str, name: str) -> str:
+    """`name` spelled as `mention` is: a capital where it has one, its leading space."""
+    spelled = name.capitalize() if mention.strip()[:1].isupper() else name
+    return " " + spelled if mention[:1].isspace() else spelled
+
+
 def with_invented_subject(
     ids: list[int], focus: list[int], tokenizer, name: str
 ) -> tuple[list[int], list[int], list[int]] | None:
@@ -49,10 +55,7 @@ def with_invented_subject(
         return None
     out, original, replaced, cursor = [], [], [], 0
     for start, stop in spans:
-        mention = tokenizer.decode(ids[start:stop])
-        spelled = name.capitalize() if mention.strip()[:1].isupper() else name
-        if mention[:1].isspace():
-            spelled = " " + spelled
+        spelled = spelled_like(tokenizer.decode(ids[start:stop]), name)
         out += ids[cursor:start]
         out += tokenizer(spelled, add_special_tokens=False)["input_ids"]
         cursor = stop
