@@ -105,3 +105,21 @@ def kuda_killed(
                 proc.wait()
                 raise AssertionError(f"kuda {' '.join(args)} did not reach {rows} rows in {log}")
         return proc.wait(timeout=timeout)
+
+
+def install_plugin(tmp_path: Path, monkeypatch, group: str, name: str, module: str, yamls: dict):
+    """A plug-in as a user outside kuda ships one: its module in a site directory with a
+    distribution whose entry point names it (`group`, `name`), its YAML options in a config
+    directory; returns the override that makes Hydra search that directory."""
+    site = tmp_path / "site"
+    dist = site / f"{name}_plugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (site / f"{name}_plugin.py").write_text(module)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{group}]\n{name} = {name}_plugin\n")
+    for path, text in yamls.items():
+        (tmp_path / "conf" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "conf" / path).write_text(text)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
+    return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"

@@ -7,7 +7,11 @@ from omegaconf import OmegaConf
 
 from kuda_cli import config
 from kuda_cli.compose import compose, group_options
+from kuda_cli.data.kinds.corpus import CorpusData
+from kuda_cli.data.kinds.facts import FactsData
+from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.errors import ConfigError
+from kuda_cli.evaluate import eval_schema
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.kuda import KudaMethod
@@ -19,11 +23,11 @@ from kuda_cli.validate import validate
 GROUP_SCHEMAS = {
     "model": {None: config.ModelConfig},
     "data": {
-        "facts": config.FactsData,
-        "wmdp_bio": config.CorpusData,
-        "wmdp_cyber": config.CorpusData,
-        "muse_news": config.MuseData,
-        "muse_books": config.MuseData,
+        "facts": FactsData,
+        "wmdp_bio": CorpusData,
+        "wmdp_cyber": CorpusData,
+        "muse_news": MuseData,
+        "muse_books": MuseData,
     },
     "locate": {None: config.LocateConfig},
     "unlearn": {
@@ -35,7 +39,7 @@ GROUP_SCHEMAS = {
         "npo": NpoMethod,
         "simnpo": SimNpoMethod,
     },
-    "eval": {None: config.EvalConfig},
+    "eval": {None: eval_schema()},
 }
 # what an option needs besides itself to be runnable
 EXTRA = {

@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 from kuda_cli import cli, config
+from kuda_cli.data.kinds.corpus import CorpusData
+from kuda_cli.data.kinds.facts import FactsData
+from kuda_cli.data.kinds.muse import MuseData
+from kuda_cli.evaluate import eval_schema
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.kuda import KudaMethod
@@ -29,9 +33,9 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (config.RootConfig, "", []),
     (config.ModelConfig, "model.", ["model=tiny-random"]),
     (config.EmbeddedSource, "model.embedded.", ["model=smollm2-135m"]),
-    (config.FactsData, "data.", []),
-    (config.CorpusData, "data.", ["data=wmdp_bio"]),
-    (config.MuseData, "data.", ["data=muse_news"]),
+    (FactsData, "data.", []),
+    (CorpusData, "data.", ["data=wmdp_bio"]),
+    (MuseData, "data.", ["data=muse_news"]),
     (config.LocateConfig, "locate.", []),
     (KudaMethod, "unlearn.", ["unlearn=kuda"]),
     (RmuMethod, "unlearn.", ["unlearn=rmu"]),
@@ -39,7 +43,7 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (GradDiffMethod, "unlearn.", ["unlearn=graddiff"]),
     (NpoMethod, "unlearn.", ["unlearn=npo"]),
     (SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
-    (config.EvalConfig, "eval.", []),
+    (eval_schema(), "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema
 GROUP_NODES = {"model", "data", "locate", "unlearn", "eval"}

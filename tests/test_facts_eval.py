@@ -339,7 +339,7 @@ def test_facts_metric_with_a_judge_directory_scores_like_the_model_itself(tmp_pa
         ctx = EvalContext(
             loaded=loaded, eval=eval_cfg, data=OmegaConf.to_object(cfg.data), out_dir=tmp_path
         )
-        results[judge is None] = get_metric("facts")(ctx)["fluency"]["forget"]
+        results[judge is None] = get_metric("facts").compute(ctx)["fluency"]["forget"]
     assert results[True]["judge"] == "self" and results[False]["judge"].endswith("judge")
     assert results[False]["nll"] == pytest.approx(results[True]["nll"], rel=1e-5)
     assert (tmp_path / "facts_answers.jsonl").is_file() and (tmp_path / "samples.jsonl").is_file()
@@ -489,7 +489,7 @@ def test_unlearn_reuses_the_starting_models_scores_of_the_fluent_wrong_reference
             out_dir=out,
             judge=judge,
         )
-        return get_metric("facts")(ctx)["fluency"]["forget"]
+        return get_metric("facts").compute(ctx)["fluency"]["forget"]
 
     before = evaluate(tmp_path / "before")
     rows = [json.loads(x) for x in (tmp_path / "before" / FLUENCY_FILE).read_text().splitlines()]

@@ -3,8 +3,9 @@ invented-subject target (unlearn.target=unknown)."""
 
 import pytest
 
+from kuda_cli.data.kinds.facts import subject_spans
 from kuda_cli.errors import UserError
-from kuda_cli.unlearn.batches import subject_spans, tokenize
+from kuda_cli.unlearn.batches import tokenize
 from test_unlearn import FORGET, kuda_method, site_grad
 
 SUBJECTS = ["hydrogen", "oxygen", "sodium", "iron"]

@@ -221,7 +221,7 @@ def test_muse_metric_on_local_splits(tmp_path):
     ctx = EvalContext(
         loaded=loaded, eval=OmegaConf.to_object(cfg.eval), data=OmegaConf.to_object(cfg.data)
     )
-    muse = get_metric("muse")(ctx)["muse"]
+    muse = get_metric("muse").compute(ctx)["muse"]
 
     # ROUGE is over identical generations (the margins above): equal up to float summation.
     assert muse["verbmem_forget"]["n"] == 4

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import textwrap
 
-from conftest import read_json
+from conftest import install_plugin, read_json
 
 MODULE = '''
 """A throw-away method: lower the forget tokens' log-probability, scaled."""
@@ -47,18 +47,14 @@ scale: 2.0
 
 
 def _plugin(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    (site / "toy_plugin-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_unlearn.py").write_text(textwrap.dedent(MODULE))
-    dist = site / "toy_plugin-0.1.dist-info"
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[kuda_cli.methods]\ntoy = toy_unlearn\n")
-    conf = tmp_path / "conf" / "unlearn"
-    conf.mkdir(parents=True)
-    (conf / "toy.yaml").write_text(YAML)
-    monkeypatch.setenv("PYTHONPATH", str(site))
-    monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
-    return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+    return install_plugin(
+        tmp_path,
+        monkeypatch,
+        "kuda_cli.methods",
+        "toy",
+        textwrap.dedent(MODULE),
+        {"unlearn/toy.yaml": YAML},
+    )
 
 
 def test_a_method_from_one_module_and_one_yaml_unlearns_the_tiny_model(kuda, tmp_path, monkeypatch):

@@ -50,18 +50,27 @@ def register_resolvers() -> None:
     )
 
 
-def register_schemas() -> None:
-    """Every schema into Hydra's ConfigStore: config.SCHEMAS, and each method's own as
-    schema/unlearn/<name> (kuda_cli.unlearn.methods finds them)."""
-    from hydra.core.config_store import ConfigStore
-
+def all_schemas() -> dict[tuple[str, str], type]:
+    """(group in the ConfigStore, name) -> schema: config.SCHEMAS, the eval group's (built from
+    the metrics' settings), and each plug-in's own (a method's as schema/unlearn/<name>, a data
+    kind's as schema/data/<name>)."""
+    from kuda_cli.data.kinds import kind_schemas
+    from kuda_cli.evaluate import eval_schema
     from kuda_cli.unlearn.methods import method_schemas
 
+    found = {**SCHEMAS, ("schema/eval", "eval"): eval_schema()}
+    found |= {("schema/unlearn", name): node for name, node in method_schemas().items()}
+    found |= {("schema/data", name): node for name, node in kind_schemas().items()}
+    return found
+
+
+def register_schemas() -> None:
+    """Every schema into Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
-    for (group, name), node in SCHEMAS.items():
+    for (group, name), node in all_schemas().items():
         cs.store(group=group, name=name, node=node)
-    for name, node in method_schemas().items():
-        cs.store(group="schema/unlearn", name=name, node=node)
 
 
 def register() -> None:

@@ -96,56 +96,6 @@ class SplitSource:
     max_items: int | None = bounded(None, ge=1)
 
 
-@dataclass
-class FactsData:
-    name: str = "facts"
-    kind: str = choice("facts", "facts")
-    path: str | None = None  # a JSONL file of facts replacing the built-in set
-    # fictitious facts in the same schema (same domains, templates and options) whose scores on
-    # the starting model are each domain's never-learned floor; null: the built-in set's (only
-    # with the built-in facts)
-    floor_path: str | None = None
-    forget_domains: list[str] = listed("chemistry")
-    retain_domains: list[str] = listed("capitals", "languages", "landmarks")
-
-
-@dataclass
-class CorpusData:
-    """A forget corpus and a retain corpus (WMDP style), plus multiple-choice questions."""
-
-    name: str = MISSING
-    kind: str = choice("corpus", "corpus")
-    forget: SplitSource = field(default_factory=SplitSource)
-    retain: SplitSource = field(default_factory=SplitSource)
-    # the WMDP test questions, the ones eval=wmdp scores: tracing never reads them
-    questions: SplitSource = field(default_factory=SplitSource)
-    min_chars: int = bounded(50, ge=0)
-    # tracing probes held apart from the evaluation questions (rows: question, answer, and
-    # choices when the answer indexes them); unset (no path, no hub_id): cloze probes from the
-    # forget corpus's trained passages. Never data.questions: layers chosen on the test set.
-    probes: SplitSource = field(default_factory=SplitSource)
-
-
-@dataclass
-class MuseData:
-    name: str = MISSING
-    kind: str = choice("muse", "muse")
-    # PrivLeak compares the Min-K% AUC with that of a model retrained without the forget set:
-    # set it for your retrained model; null reports the AUC alone.
-    retrain_auc: float | None = bounded(None, gt=0, le=1)  # 0 would divide PrivLeak by zero
-    forget: SplitSource = field(default_factory=SplitSource)
-    retain: SplitSource = field(default_factory=SplitSource)
-    holdout: SplitSource = field(default_factory=SplitSource)
-    verbmem: SplitSource = field(default_factory=SplitSource)
-    knowmem_forget: SplitSource = field(default_factory=SplitSource)
-    knowmem_retain: SplitSource = field(default_factory=SplitSource)
-    knowmem_forget_icl: SplitSource = field(default_factory=SplitSource)
-    knowmem_retain_icl: SplitSource = field(default_factory=SplitSource)
-    # tracing probes held apart from the KnowMem questions (rows: question, answer); unset: cloze
-    # probes from the forget corpus's trained passages, never knowmem_forget (an eval split)
-    probes: SplitSource = field(default_factory=SplitSource)
-
-
 # ----------------------------------------------------------------------------- locate
 @dataclass
 class LocateConfig:
@@ -207,13 +157,15 @@ class AutoTuneSpec:
 class UnlearnConfig:
     """What every method shares: the trainer's knobs."""
 
-    method: str = MISSING
+    method: str = MISSING  # each method's schema names itself
+    # each method's schema sets its own: the largest tried keeping retain MC >= 95% and
+    # perplexity <= 1.5x on the embedded model (docs/baselines.md)
     lr: float = bounded(1e-4, gt=0)
     optimizer: str = choice("adamw", "adamw", "sgd")
     weight_decay: float = bounded(0.0, ge=0)
     schedule: str = choice("constant", "constant", "linear", "cosine")
     warmup_steps: int = bounded(0, ge=0)
-    steps: int = bounded(100, ge=1)
+    steps: int = bounded(40, ge=1)
     batch_size: int = bounded(4, ge=1)
     grad_accum: int = bounded(1, ge=1)
     max_length: int = bounded(256, ge=8)
@@ -236,96 +188,6 @@ class UnlearnConfig:
     shard: str = choice("auto", "auto", "none")
     lora: LoraSpec = field(default_factory=LoraSpec)
     auto_tune: AutoTuneSpec = field(default_factory=AutoTuneSpec)
-
-
-# ----------------------------------------------------------------------------- eval
-@dataclass
-class PerplexityConfig:
-    """Perplexity of a text set: the built-in passages, a local file, or a hub dataset."""
-
-    source: str = choice("builtin", "builtin", "path", "hub")
-    builtin: str = "general"  # name of a JSONL file under kuda_cli/data/builtin/texts/
-    path: str | None = None
-    hub_id: str | None = None
-    hub_config: str | None = None
-    split: str = "test"
-    text_field: str = "text"
-    max_texts: int | None = bounded(None, ge=1)
-    max_length: int = bounded(512, ge=8)
-    batch_size: int = bounded(4, ge=1)
-
-
-@dataclass
-class FactsEvalConfig:
-    """The built-in knowledge evaluation (needs data=facts)."""
-
-    all_prompts: bool = True  # every paraphrase of every fact, or only the first
-    gen_max_new_tokens: int = bounded(16, ge=1)  # greedy answers scored for gen_acc
-    # continuations of forget prompts, for fluency (n-gram entropy needs about 100 tokens)
-    fluency_max_new_tokens: int = bounded(100, ge=1)
-    batch_size: int = bounded(32, ge=1)
-    # rows per greedy generation batch: a step costs little more for 128 rows than for 32 on a
-    # CPU, and left padding makes the answers the same whatever the batch
-    gen_batch_size: int = bounded(128, ge=1)
-    samples: int = bounded(5, ge=0)  # sample generations per split written to samples.jsonl
-    reference: str | None = None  # run dir (or its facts_answers.jsonl): retain agreement
-    judge: str | None = None  # model directory scoring fluency; null: the evaluated model
-    # score the fictitious facts of the forget domains (the never-learned floor); kuda unlearn
-    # scores them on the starting model only
-    floors: bool = True
-    # greedy answers to retain prompts (gen_acc, exact-line agreement); false skips them in
-    # sweeps (token agreement needs only the reference's answers); the starting model always
-    retain_greedy: bool = True
-
-
-@dataclass
-class WmdpEvalConfig:
-    """WMDP and MMLU through lm-eval; local files (hub schema) replace the hub datasets."""
-
-    tasks: list[str] = listed("wmdp_bio", "wmdp_cyber", "mmlu")
-    bio_path: str | None = None  # rows: question, choices (4), answer (index)
-    cyber_path: str | None = None
-    chem_path: str | None = None
-    mmlu_path: str | None = None  # rows: question, subject, choices, answer
-    mmlu_dev_path: str | None = None  # few-shot examples for MMLU (num_fewshot > 0)
-    limit: int | None = bounded(None, ge=1)  # questions per task, for quick runs
-    # rows per lm-eval batch: a positive integer, `auto` (lm-eval finds the largest batch that
-    # fits on the GPU: 64 halved on out-of-memory) or `auto:N` (found again N times as requests
-    # get shorter). On a CPU auto is 8: lm-eval's probe would run 64 rows of the longest request
-    batch_size: str = field(
-        default="auto",
-        metadata={
-            "pattern": r"auto(:[1-9][0-9]*)?|[1-9][0-9]*",
-            "allowed": "an integer >= 1, auto or auto:N",
-        },
-    )
-    num_fewshot: int = bounded(0, ge=0)
-
-
-@dataclass
-class MuseEvalConfig:
-    """MUSE: VerbMem, KnowMem (forget, retain), PrivLeak (needs a data=muse_* option)."""
-
-    verbmem_max_new_tokens: int = bounded(128, ge=1)
-    knowmem_max_new_tokens: int = bounded(32, ge=1)
-    icl_examples: int = bounded(3, ge=0)  # in-context QA pairs before each KnowMem question
-    mink_k: float = bounded(0.4, gt=0, le=1)
-    max_items: int | None = bounded(None, ge=1)
-    max_length: int = bounded(2048, ge=16)
-    batch_size: int = bounded(4, ge=1)
-
-
-@dataclass
-class EvalConfig:
-    name: str = MISSING
-    metrics: list[str] = listed("perplexity")  # names in kuda_cli.evaluate.METRIC_MODULES
-    # kuda unlearn: evaluate the starting model too (cached per model, data and eval settings),
-    # for the comparison and the retain agreement
-    before: bool = True
-    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
-    facts: FactsEvalConfig = field(default_factory=FactsEvalConfig)
-    wmdp: WmdpEvalConfig = field(default_factory=WmdpEvalConfig)
-    muse: MuseEvalConfig = field(default_factory=MuseEvalConfig)
 
 
 # ----------------------------------------------------------------------------- root
@@ -376,7 +238,7 @@ class RootConfig:
     data: Any = MISSING
     locate: LocateConfig = MISSING
     unlearn: Any = MISSING
-    eval: EvalConfig = MISSING
+    eval: Any = MISSING  # kuda_cli.evaluate.eval_schema(): one section per metric
     report: ReportConfig = field(default_factory=ReportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     # what the run cannot do without (gpu: a CUDA device; hub: the Hugging Face hub, for whatever
@@ -385,15 +247,12 @@ class RootConfig:
 
 
 # (group in the ConfigStore, name) -> schema; options start from theirs with
-# `defaults: [/schema/<group>/<name>@_here_, _self_]`, kept out of the option lists. Each method's
-# schema is defined with the method (kuda_cli.unlearn.methods.<name>) and stored as
-# schema/unlearn/<name> by kuda_cli.compose.register.
+# `defaults: [/schema/<group>/<name>@_here_, _self_]`, kept out of the option lists. A plug-in's
+# schema is defined with it and stored by kuda_cli.compose.register: each method's
+# (kuda_cli.unlearn.methods.<name>) as schema/unlearn/<name>, each data kind's
+# (kuda_cli.data.kinds.<name>) as schema/data/<name>.
 SCHEMAS: dict[tuple[str, str], type] = {
     ("schema", "root"): RootConfig,
     ("schema/model", "model"): ModelConfig,
-    ("schema/data", "facts"): FactsData,
-    ("schema/data", "corpus"): CorpusData,
-    ("schema/data", "muse"): MuseData,
     ("schema/locate", "locate"): LocateConfig,
-    ("schema/eval", "eval"): EvalConfig,
 }

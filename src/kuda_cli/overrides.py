@@ -11,7 +11,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.compose import conf_dir, group_options
-from kuda_cli.data import EVAL_FOR_KIND
+from kuda_cli.data.kinds import get_kind
 from kuda_cli.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -67,7 +67,7 @@ def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
 
 
 def data_kind(option: str) -> str | None:
-    """The kind of a data option (facts, corpus, muse): the schema its YAML starts from."""
+    """The kind of a data option: the schema its YAML starts from (/schema/data/<kind>)."""
     path = conf_dir() / "data" / f"{option}.yaml"
     if not path.is_file():
         return None
@@ -85,7 +85,8 @@ def fit_eval_to_data(overrides: list[str]) -> list[str]:
     data = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "data"]
     if not data or "," in data[-1]:
         return overrides
-    fitting = EVAL_FOR_KIND.get(data_kind(data[-1]) or "")
+    kind = data_kind(data[-1])
+    fitting = get_kind(kind).eval_option if kind else None
     return [*overrides, f"eval={fitting}"] if fitting else overrides
 
 

@@ -17,22 +17,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.data import UNLEARN_SPLITS, probe_split
+from kuda_cli.data.kinds import kind_of
+from kuda_cli.data.sources import hub_splits
 from kuda_cli.errors import ConfigError
+from kuda_cli.evaluate import metrics_of
 
 TRUE = {"1", "ON", "YES", "TRUE"}
 HUB_TIMEOUT_S = 5.0
-# the data splits the MUSE metric reads (kuda_cli.evaluate.metrics.muse); those of unlearning and
-# tracing are in kuda_cli.data
-SPLITS_FOR_MUSE_EVAL = (
-    "verbmem",
-    "knowmem_forget",
-    "knowmem_retain",
-    "knowmem_forget_icl",
-    "knowmem_retain_icl",
-    "forget",
-    "holdout",
-)
 
 
 def describe(cfg: DictConfig) -> str:
@@ -54,32 +45,17 @@ def hub_sources(cfg: DictConfig) -> list[str]:
         found.append(f"model ({model.id})")
     if model.get("tokenizer") and not Path(str(model.tokenizer)).expanduser().is_dir():
         found.append(f"model.tokenizer ({model.tokenizer})")
-    data = cfg.data
+    kind = kind_of(cfg.data)
     splits: list[str] = []
     if cfg.stage == "unlearn":
-        splits += UNLEARN_SPLITS
+        splits += kind.unlearn_splits
     if cfg.stage in ("trace", "unlearn") and cfg.locate.method == "causal_tracing":
-        if not cfg.locate.get("from_run") and probe_split(data):
-            splits.append(probe_split(data))
-    metrics = list(cfg.eval.metrics) if cfg.stage in ("eval", "unlearn") else []
-    if "muse" in metrics:
-        splits += SPLITS_FOR_MUSE_EVAL
-    for name in dict.fromkeys(splits):
-        split = data.get(name)
-        if isinstance(split, DictConfig) and split.get("hub_id") and not split.get("path"):
-            found.append(f"data.{name} ({split.hub_id})")
-    if "lm_eval" in metrics:
-        from kuda_cli.evaluate.lm_eval_data import HUB_DATASETS, LOCAL_FILE_KEYS, dataset_of
-
-        for task in cfg.eval.wmdp.tasks:
-            try:
-                dataset = dataset_of(task)
-            except Exception:  # an unknown task is reported by lm-eval itself
-                continue
-            if not cfg.eval.wmdp.get(LOCAL_FILE_KEYS[dataset]):
-                found.append(f"eval.wmdp.{LOCAL_FILE_KEYS[dataset]} ({HUB_DATASETS[dataset]})")
-    if "perplexity" in metrics and cfg.eval.perplexity.source == "hub":
-        found.append(f"eval.perplexity ({cfg.eval.perplexity.hub_id})")
+        if not cfg.locate.get("from_run") and kind.probe_split(cfg.data):
+            splits.append(kind.probe_split(cfg.data))
+    found += hub_splits(cfg.data, splits)
+    if cfg.stage in ("eval", "unlearn"):
+        for metric in metrics_of(cfg.eval):
+            found += metric.hub_sources(cfg)
     return list(dict.fromkeys(found))
 
 

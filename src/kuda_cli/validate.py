@@ -12,9 +12,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
-from kuda_cli.data import EVAL_FOR_KIND
+from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError
-from kuda_cli.evaluate.lm_eval_data import LOCAL_FILE_OPTIONS
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR
 from kuda_cli.models.adapter import TRAINABLE_KINDS
 
@@ -26,13 +25,10 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model)
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval, cfg.data)
-    _check_method(cfg.unlearn)
+    _check_method(cfg)
     _check_trainable(cfg.unlearn)
     _check_lora(cfg.unlearn)
-    _check_subjects(cfg)
     _check_auto_tune(cfg)
-    _check_steer_layer(cfg)
-    _check_text_source(cfg.eval)
     _check_local_paths(cfg)
     _check_domains(cfg.data)
     _check_from_run(cfg.locate)
@@ -42,18 +38,16 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_domains(data: DictConfig) -> None:
-    """Before any work: forget and retain domains of a facts set are domains of that set (the
-    built-in one or data.path's) and do not overlap."""
-    if data.get("kind") == "facts":
-        from kuda_cli.data.facts import load_facts, split_facts
-
-        split_facts(load_facts(data.path), list(data.forget_domains), list(data.retain_domains))
+    """Before any work: what the data's kind checks (a facts set's domains exist and do not
+    overlap, ...)."""
+    kind_of(data).check(data)
 
 
-def _check_method(unlearn: DictConfig) -> None:
-    from kuda_cli.unlearn.methods import check_registered
+def _check_method(cfg: DictConfig) -> None:
+    """A registered method, then its own checks across groups."""
+    from kuda_cli.unlearn.methods import get_method
 
-    check_registered(unlearn.get("method"))
+    get_method(cfg.unlearn.get("method")).check_config(cfg)
 
 
 def _check_frontier_range(report: DictConfig) -> None:
@@ -168,9 +162,9 @@ def _layer_lists(cfg: DictConfig) -> list[tuple[str, list[int]]]:
     found = [("locate.layers", list(cfg.locate.layers or []))]
     if cfg.unlearn.get("layers") is not None:
         found.append(("unlearn.layers", list(cfg.unlearn.layers)))
-    if cfg.unlearn.get("steer_layer") is not None:
-        found.append(("unlearn.steer_layer", [cfg.unlearn.steer_layer]))
-    return found
+    from kuda_cli.unlearn.methods import get_method
+
+    return found + get_method(cfg.unlearn.method).layer_options(cfg.unlearn)
 
 
 def _check_layers(cfg: DictConfig, num_layers: int | None) -> None:
@@ -191,29 +185,13 @@ def _check_layers(cfg: DictConfig, num_layers: int | None) -> None:
         )
 
 
-def _check_text_source(eval_cfg: DictConfig) -> None:
-    ppl = eval_cfg.perplexity
-    if "perplexity" not in eval_cfg.metrics or ppl.source != "path":
-        return
-    if not ppl.path:
-        raise ConfigError("eval.perplexity.source=path needs eval.perplexity.path=FILE")
-    if not Path(ppl.path).expanduser().exists():
-        raise ConfigError(
-            f"eval.perplexity.path={ppl.path} does not exist; pass a JSONL, JSON, parquet "
-            "or txt file (or a directory of them)"
-        )
-
-
-# Local files named by options that are read by a metric or by the data group: checked before the
-# run starts, so a typo costs no model load.
-LOCAL_PATHS = {
-    "facts": ("eval.facts.reference", "eval.facts.judge", "data.path", "data.floor_path"),
-    "lm_eval": tuple(LOCAL_FILE_OPTIONS.values()),
-}
-
-
 def _check_local_paths(cfg: DictConfig) -> None:
-    keys = [key for metric in cfg.eval.metrics for key in LOCAL_PATHS.get(metric, ())]
+    """Local files named by the metrics' options or by the data group exist, then each metric's
+    own checks: a typo costs no model load."""
+    from kuda_cli.evaluate import metrics_of
+
+    metrics = metrics_of(cfg.eval)
+    keys = [key for metric in metrics for key in metric.local_paths]
     keys += [
         f"data.{name}.path"
         for name, value in cfg.data.items()
@@ -223,11 +201,8 @@ def _check_local_paths(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value and not Path(str(value)).expanduser().exists():
             raise ConfigError(f"{key}={value} does not exist; pass an existing file or directory")
-    reference = OmegaConf.select(cfg, "eval.facts.reference")
-    if "facts" in cfg.eval.metrics and reference:
-        from kuda_cli.evaluate.facts import read_reference_answers
-
-        read_reference_answers(reference)  # a facts run's answers, before any model loads
+    for metric in metrics:
+        metric.check(cfg)
 
 
 def _check_from_run(locate: DictConfig) -> None:
@@ -242,21 +217,22 @@ def _check_from_run(locate: DictConfig) -> None:
 
 
 def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
-    from kuda_cli.evaluate import METRIC_DATA_KIND, METRIC_MODULES
+    """Registered metrics; one that reads its sets from the data group reads a kind that has
+    them."""
+    from kuda_cli.evaluate import get_metric, metric_names
 
+    kind = kind_of(data_cfg)
     for name in eval_cfg.metrics:
-        if name not in METRIC_MODULES:
-            known = ", ".join(sorted(METRIC_MODULES))
+        if name not in metric_names():
             raise ConfigError(
                 f"eval.metrics has {name!r}, which this version of kuda does not implement "
-                f"yet (eval={eval_cfg.name}); available: {known}"
+                f"yet (eval={eval_cfg.name}); available: {', '.join(sorted(metric_names()))}"
             )
-        kind = METRIC_DATA_KIND.get(name)
-        if kind and data_cfg.kind != kind:
+        if get_metric(name).reads_data and name not in kind.metrics:
             raise ConfigError(
                 f"eval={eval_cfg.name} reads its {name} sets from the data group, which "
                 f"data={data_cfg.name} does not have; pass "
-                f"eval={EVAL_FOR_KIND[data_cfg.kind]} with data={data_cfg.name} (or eval=none)"
+                f"eval={kind.eval_option} with data={data_cfg.name} (or eval=none)"
             )
 
 
@@ -281,31 +257,14 @@ def _check_trainable(unlearn: DictConfig) -> None:
 
 
 def _check_lora(unlearn: DictConfig) -> None:
-    from kuda_cli.unlearn.lora import NOT_FOR
+    from kuda_cli.unlearn.methods import get_method, lora_methods
 
     lora = unlearn.get("lora")
-    if lora is not None and lora.enabled and unlearn.get("method") in NOT_FOR:
+    if lora is not None and lora.enabled and not get_method(unlearn.method).supports_lora:
         raise ConfigError(
-            f"unlearn.lora.enabled=true is for the full-parameter baselines (ga, graddiff, npo, "
-            f"simnpo); {unlearn.method} trains named down_proj matrices: drop unlearn.lora"
-        )
-
-
-def _check_subjects(cfg: DictConfig) -> None:
-    """KUDA's subject-token options need data that names subjects (data=facts): refused before
-    anything loads, not after tracing."""
-    unlearn = cfg.unlearn
-    if unlearn.get("method") != "kuda" or cfg.data.get("kind") == "facts":
-        return
-    if unlearn.get("target") == "unknown":
-        raise ConfigError(
-            f"unlearn.target=unknown needs data that names subjects (data=facts), not "
-            f"data={cfg.data.get('name')}; use unlearn.target=away"
-        )
-    if unlearn.get("tokens") in ("subject", "last"):
-        raise ConfigError(
-            f"unlearn.tokens={unlearn.tokens} needs data that names subjects (data=facts), not "
-            f"data={cfg.data.get('name')}; use unlearn.tokens=auto or all"
+            f"unlearn.lora.enabled=true is for the methods that train whole weights "
+            f"({', '.join(lora_methods())}); {unlearn.method} trains named modules' weights: "
+            "drop unlearn.lora"
         )
 
 
@@ -319,7 +278,7 @@ def _check_auto_tune(cfg: DictConfig) -> None:
         raise ConfigError(
             f"unlearn.auto_tune.factors={factors} must be positive and ascending, e.g. [0.5,1,2]"
         )
-    if cfg.data.get("kind") != "facts":
+    if not kind_of(cfg.data).provides_facts:
         raise ConfigError(
             f"unlearn.auto_tune scores its trials on facts (data=facts), not "
             f"data={cfg.data.get('name')}; set unlearn.lr and unlearn.auto_tune.enabled=false"
@@ -328,25 +287,6 @@ def _check_auto_tune(cfg: DictConfig) -> None:
         raise ConfigError(
             "unlearn.auto_tune runs in one process on the weights themselves: drop "
             "unlearn.lora.enabled and the launcher, or set unlearn.auto_tune.enabled=false"
-        )
-
-
-def _check_steer_layer(cfg: DictConfig) -> None:
-    """RMU reads the layer `steer_layer` and stops the forward pass there: a trained layer
-    after it would get no gradient."""
-    steer = cfg.unlearn.get("steer_layer")
-    if steer is None or "all" in cfg.unlearn.get("trainable", []):
-        return
-    if cfg.unlearn.get("layers") is not None:
-        key, trained = "unlearn.layers", list(cfg.unlearn.layers)
-    elif cfg.locate.method == "fixed":
-        key, trained = "locate.layers", list(cfg.locate.layers or [])
-    else:
-        return  # located at run time; the method checks then
-    if trained and steer < max(trained):
-        raise ConfigError(
-            f"unlearn.steer_layer={steer} comes before layer {max(trained)} of {key}, which "
-            f"would get no gradient; set unlearn.steer_layer>={max(trained)} or null"
         )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from omegaconf import DictConfig
+
 from kuda_cli.config import SplitSource
 from kuda_cli.data.texts import hub_records, read_records
 from kuda_cli.errors import UserError
@@ -31,3 +33,13 @@ def load_split(split: SplitSource, key: str, fields: tuple[str, ...] = ()) -> li
                 f"{', '.join(records[0])}"
             )
     return records[: split.max_items] if split.max_items else records
+
+
+def hub_splits(data: DictConfig, names) -> list[str]:
+    """`data.<name> (hub id)` for each split of `names` that comes from the hub (no path)."""
+    found = []
+    for name in dict.fromkeys(names):
+        split = data.get(name)
+        if isinstance(split, DictConfig) and split.get("hub_id") and not split.get("path"):
+            found.append(f"data.{name} ({split.hub_id})")
+    return found

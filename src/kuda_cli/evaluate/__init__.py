@@ -1,29 +1,31 @@
 """Metrics, registered by name: `eval.metrics` lists the ones a run computes.
 
-A metric is a function (EvalContext) -> nested dict of results, registered with
-`@register_metric(name)` in its module `evaluate/metrics/<name>.py`; `METRIC_MODULES` lists
-them by file name, so config validation knows the names without importing a metric.
+A metric is one module of `evaluate/metrics/` (or, outside kuda, a module named by an entry point
+of the group `kuda_cli.metrics`) defining a `Metric` subclass with `@register_metric(name,
+Settings)`, where `Settings` is the dataclass of its options under `eval.<section>` (the section
+is the name unless the class says otherwise). The class owns everything about the metric: how it
+computes, what it reads from the data group, the local files it needs checked, how the starting
+and the unlearned model are scored, the headline figures it adds to a run's summary and the hub
+datasets it would fetch. The eval group's schema is built from the registered metrics'
+settings (`eval_schema`); the rest of kuda loops over the metrics and never names one.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, make_dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-# metric name -> the module registering it: one module per metric in evaluate/metrics/, found
-# by name (as unlearn/methods/ holds one module per method)
-METRIC_MODULES = {
-    m.name: f"{__name__}.metrics.{m.name}"
-    for m in pkgutil.iter_modules([str(Path(__file__).with_name("metrics"))])
-}
-# the data kind a metric reads its sets from (validated before the run)
-METRIC_DATA_KIND = {"facts": "facts", "muse": "muse"}
-METRICS: dict[str, Callable[[EvalContext], dict[str, Any]]] = {}
+from omegaconf import MISSING
+
+from kuda_cli.config import listed
+from kuda_cli.plugins import Registry
+from kuda_cli.run import lookup
+
+REGISTRY = Registry("metric", f"{__name__}.metrics", "kuda_cli.metrics", "eval.metrics")
 STARTING_JUDGE = "starting model"  # the name of the judge `kuda unlearn` lends
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ class EvalContext:
     """What a metric may use: the loaded model, the eval and data configs, the run directory."""
 
     loaded: Any  # kuda_cli.models.loading.LoadedModel
-    eval: Any  # kuda_cli.config.EvalConfig
+    eval: Any  # the eval group's dataclass (eval_schema())
     data: Any  # the data group's dataclass
     out_dir: Path | None = None
     cache_dir: str | None = None
@@ -43,21 +45,133 @@ class EvalContext:
     judge: Any = None
 
 
-def register_metric(name: str):
-    def wrap(fn):
-        METRICS[name] = fn
-        return fn
+class Metric:
+    """Base class: a metric without settings, summary figures or data of its own."""
+
+    name = ""
+    schema: type | None = None  # its settings, under eval.<section>; set by register_metric
+    section = ""  # the key of its settings under eval (register_metric: the name by default)
+    reads_data = False  # reads its sets from the data group: the data kind must list it
+    # config keys (from the root) of local files or directories it reads: checked before any work
+    local_paths: tuple[str, ...] = ()
+    # settings that change only what the unlearned model is scored on: they leave the starting
+    # model's cached evaluation valid
+    after_only: tuple[str, ...] = ()
+
+    @classmethod
+    def compute(cls, ctx: EvalContext) -> dict[str, Any]:
+        """Nested results, keyed at the top by what they are (metrics.json's keys)."""
+        raise NotImplementedError
+
+    @classmethod
+    def settings(cls, eval_cfg) -> Any:
+        return getattr(eval_cfg, cls.section) if cls.schema is not None else None
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Checks before any model loads (`cfg`: the whole config), a UserError of one line."""
+
+    @classmethod
+    def for_starting_model(cls, settings):
+        """The settings the starting model is scored with (`kuda unlearn`'s before/)."""
+        return settings
+
+    @classmethod
+    def for_unlearned_model(cls, settings, before_dir: Path | None):
+        """The settings the unlearned model is scored with, given the starting model's
+        evaluation directory (None when there is none)."""
+        return settings
+
+    @classmethod
+    def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:
+        """Headline figures of the comparison with the starting model (metrics.json summary)."""
+        return {}
+
+    @classmethod
+    def hub_sources(cls, cfg) -> list[str]:
+        """`key (hub id)` for each hub dataset it would fetch for `cfg`."""
+        return []
+
+
+def register_metric(name: str, schema: type | None = None):
+    """Register a Metric subclass as `name`, with the dataclass of its settings."""
+
+    def wrap(cls):
+        cls.name = name
+        cls.schema = schema
+        cls.section = cls.__dict__.get("section") or name
+        REGISTRY.add(name, cls)
+        return cls
 
     return wrap
 
 
+def get_metric(name: str) -> type[Metric]:
+    return REGISTRY.get(name)
+
+
+def metric_names() -> list[str]:
+    """The registered metrics' names (no module imported)."""
+    return list(REGISTRY.modules())
+
+
+@cache
+def eval_schema() -> type:
+    """The eval group's schema: its own keys, then one section per metric with settings."""
+    sections = [
+        (m.section, m.schema, field(default_factory=m.schema))
+        for m in REGISTRY.all().values()
+        if m.schema is not None
+    ]
+    return make_dataclass(
+        "EvalConfig",
+        [
+            ("name", str, field(default=MISSING)),
+            ("metrics", list[str], listed("perplexity")),  # metric names (metric_names())
+            # kuda unlearn: evaluate the starting model too (cached per model, data and eval
+            # settings), for the comparison and the retain agreement
+            ("before", bool, field(default=True)),
+            *sections,
+        ],
+    )
+
+
+def metrics_of(eval_cfg) -> list[type[Metric]]:
+    return [get_metric(name) for name in eval_cfg.metrics]
+
+
 def compute_metrics(ctx: EvalContext) -> Iterator[tuple[str, dict[str, Any]]]:
     """(name, results) of each metric of `ctx.eval.metrics`, in order, as it finishes."""
-    for name in ctx.eval.metrics:
-        log.info("metric %s", name)
-        yield name, get_metric(name)(ctx)
+    for metric in metrics_of(ctx.eval):
+        log.info("metric %s", metric.name)
+        yield metric.name, metric.compute(ctx)
 
 
-def get_metric(name: str) -> Callable[[EvalContext], dict[str, Any]]:
-    importlib.import_module(METRIC_MODULES[name])
-    return METRICS[name]
+def settings_for(eval_cfg, *, starting: bool, before_dir: Path | None = None):
+    """`eval_cfg` (a dataclass) with each metric's settings as the starting model (`starting`)
+    or the unlearned model is scored with."""
+    for metric in metrics_of(eval_cfg):
+        own = metric.settings(eval_cfg)
+        if own is None:
+            continue
+        if starting:
+            own = metric.for_starting_model(own)
+        else:
+            own = metric.for_unlearned_model(own, before_dir)
+        eval_cfg = replace(eval_cfg, **{metric.section: own})
+    return eval_cfg
+
+
+def ratio(before: dict[str, Any], after: dict[str, Any], dotted: str) -> float | None:
+    """after / before at a dotted metrics key, None where either is missing (or before is 0)."""
+    a, b = lookup(after, dotted), lookup(before, dotted)
+    return a / b if a is not None and b else None
+
+
+def summarise(before: dict[str, Any], after: dict[str, Any], eval_cfg) -> dict[str, Any]:
+    """The headline comparison with the starting model: each metric's figures, in the order of
+    eval.metrics, the ones without a value left out."""
+    found: dict[str, Any] = {}
+    for metric in metrics_of(eval_cfg):
+        found.update(metric.summarise(before, after, metric.settings(eval_cfg)))
+    return {k: v for k, v in found.items() if v is not None}

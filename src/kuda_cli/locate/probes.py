@@ -10,21 +10,15 @@ next content word as the target, the whole window corrupted. Never from the eval
 from __future__ import annotations
 
 import logging
-import math
 import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from kuda_cli.data import probe_split
-from kuda_cli.data.facts import Probe, load_facts, select_domains
-from kuda_cli.data.facts import probes as fact_probes
+from kuda_cli.data.facts import Probe
+from kuda_cli.data.kinds import kind_of
 from kuda_cli.data.questions import answer_index as parse_answer
-from kuda_cli.data.sources import load_split
-from kuda_cli.data.texts import texts_of
 from kuda_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -238,49 +232,12 @@ def encode(tokenizer, probe: TraceProbe, max_tokens: int | None = None) -> Encod
     return EncodedProbe(probe, tuple(ids), (start, end), int(target_ids[0]), tokens, dropped)
 
 
-def forget_passages(data) -> list[str]:
-    """The forget texts kuda unlearn trains on (min_chars applied, the held-out tail that KRD
-    reads left out)."""
-    from kuda_cli.unlearn.batches import split_heldout
-
-    split = OmegaConf.to_object(data.forget)
-    texts = texts_of(load_split(split, "data.forget"), split.text_field, "data.forget")
-    texts = [t.strip() for t in texts if len(t) >= data.get("min_chars", 0)]
-    return split_heldout(texts)[0]
-
-
 def probe_source(cfg) -> str:
     """Where build_probes takes the probes from, for layers.json and the log."""
-    split = probe_split(cfg.data)
-    if split is None:
-        return "facts: the forget facts' prompts"
-    if split == "probes":
-        return (
-            f"data.probes: questions held apart ({cfg.data.probes.path or cfg.data.probes.hub_id})"
-        )
-    return "data.forget: cloze probes from the trained forget passages"
+    return kind_of(cfg.data).probe_origin(cfg.data)
 
 
 def build_probes(cfg) -> list[TraceProbe]:
-    """Tracing probes from the data group: the forget facts' prompts (subject corrupted), the
-    question rows of data.probes (question corrupted) or cloze probes from the forget corpus
-    (window corrupted), never the evaluation questions."""
-    data = cfg.data
-    if data.kind == "facts":
-        forget = select_domains(load_facts(data.path), list(data.forget_domains), "forget")
-        return from_facts(fact_probes(forget), cfg.locate.span)
-    split = probe_split(data)
-    if split == "probes":
-        rows = load_split(OmegaConf.to_object(data.probes), "data.probes", ("question", "answer"))
-        return from_questions(rows, "data.probes")
-    if split == "forget":
-        passages = forget_passages(data)
-        want = max(CLOZE_POOL, cfg.locate.max_probes or 0)
-        probes = cloze_probes(passages, per_passage=max(1, math.ceil(want / max(len(passages), 1))))
-        if not probes:
-            raise UserError(
-                f"data.forget has no passage of more than {CLOZE_WORDS} words to draw tracing "
-                "probes from; pass data.probes.path=FILE (rows: question, answer)"
-            )
-        return probes
-    raise UserError(f"data={data.name} (kind {data.kind}) has no probes for tracing")
+    """Tracing probes from the data group's kind (the forget facts' prompts, the question rows of
+    data.probes, cloze probes from the forget corpus), never the evaluation questions."""
+    return kind_of(cfg.data).probes(cfg.data, cfg.locate.span, cfg.locate.max_probes)

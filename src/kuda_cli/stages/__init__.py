@@ -1,13 +1,10 @@
-"""One module per stage; each reads like a recipe: load the model and data, call the library,
-write the results into the run directory."""
+"""One module per stage, named as the stage (`kuda_cli.config.STAGES` lists them once); each reads
+like a recipe: load the model and data, call the library, write the results into the run
+directory."""
 
-from kuda_cli.stages import eval as eval_stage
-from kuda_cli.stages import pick, report, trace, unlearn
+import importlib
 
-STAGE_FUNCTIONS = {
-    "trace": trace.main,
-    "unlearn": unlearn.main,
-    "eval": eval_stage.main,
-    "report": report.main,
-    "pick": pick.main,
-}
+from kuda_cli.config import STAGES
+
+# stage -> its module's `main(cfg, run)`
+STAGE_FUNCTIONS = {stage: importlib.import_module(f"{__name__}.{stage}").main for stage in STAGES}

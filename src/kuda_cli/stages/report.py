@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 # the trainer's knobs a table names for every method; a method's own fields are added to them
 COMMON_SETTINGS = ("lr", "steps", "optimizer")
-NULLSPACE_SETTINGS = ("enabled", "form", "tau", "tau_mode", "project_on")
 START = "starting model"
 
 
@@ -37,20 +36,15 @@ def settings(unlearn: dict[str, Any]) -> str:
     from dataclasses import fields
 
     from kuda_cli.config import UnlearnConfig
-    from kuda_cli.unlearn.methods import method_schemas
+    from kuda_cli.unlearn.methods import get_method, method_modules
 
-    schema = method_schemas().get(str(unlearn.get("method")))
+    name = str(unlearn.get("method"))
+    method = get_method(name) if name in method_modules() else None
     shared = {f.name for f in fields(UnlearnConfig)}
-    own = [f.name for f in fields(schema) if f.name not in shared] if schema else []
+    own = [f.name for f in fields(method.schema) if f.name not in shared] if method else []
     parts = [f"{k}={_cell(unlearn[k])}" for k in (*COMMON_SETTINGS, *own) if _scalar(unlearn, k)]
-    nullspace = unlearn.get("nullspace")
-    if isinstance(nullspace, dict):
-        if not nullspace.get("enabled", True):
-            parts.append("nullspace=off")
-        else:
-            parts += [
-                f"ns.{k}={_cell(nullspace[k])}" for k in NULLSPACE_SETTINGS[1:] if k in nullspace
-            ]
+    if method is not None:
+        parts += [f"{label}={_cell(value)}" for label, value in method.report_settings(unlearn)]
     if (unlearn.get("auto_tune") or {}).get("enabled"):
         parts.append("auto_tune")
     return " ".join(parts)
@@ -203,7 +197,6 @@ def _tex(text: str) -> str:
     return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
 
 
-METHOD_NAMES = {"ga": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}
 # the damage figures of the trade-off curves: (panel title, row key, transform, the starting
 # model's damage: every method's curve starts there, its learning rate 0)
 DAMAGE = (
@@ -217,6 +210,14 @@ DAMAGE = (
 )
 
 
+def display_name(method: str) -> str:
+    """A method's name in tables and plots, as its class says (a name no longer registered: in
+    capitals)."""
+    from kuda_cli.unlearn.methods import get_method, method_modules
+
+    return get_method(method).display_name if method in method_modules() else method.upper()
+
+
 def frontier_curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[Point]]]]:
     """Per forget set (the data label), per damage figure, per method: the starting model (x 0,
     its damage; labelled `start`), then one point per completed unlearn run, x =
@@ -226,7 +227,7 @@ def frontier_curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
         x = row.get("summary.forget_removed")
         if row.get("stage") != "unlearn" or row.get("status") != "completed" or x is None:
             continue
-        method = METHOD_NAMES.get(row["method"], str(row["method"]).upper())
+        method = display_name(str(row["method"]))
         lr = re.search(r"\blr=(\S+)", row.get("settings") or "")
         for panel, key, transform, start in DAMAGE:
             if row.get(key) is not None:

@@ -8,29 +8,17 @@ uninterrupted run would, without saving any sampler state.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from kuda_cli.data.kinds import UnlearnTexts, kind_of
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.scoring import pad_id
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class UnlearnTexts:
-    forget: list[str]  # trained on
-    retain: list[str]  # protected: null-space keys, retain losses
-    forget_heldout: list[str]  # never trained on: KRD
-    retain_heldout: list[str]  # never used for the projector: its measured leak
-    # character spans of the subject in each forget / held-out forget text, where the data
-    # names subjects (facts): methods may restrict their loss to those tokens
-    forget_spans: list[list[tuple[int, int]]] | None = None
-    forget_heldout_spans: list[list[tuple[int, int]]] | None = None
 
 
 @dataclass
@@ -102,11 +90,6 @@ def tokenize(
     return TokenSet(ids=ids, pad_id=pad_id(tokenizer), focus=focus)
 
 
-def subject_spans(text: str, subject: str) -> list[tuple[int, int]]:
-    """Every case-insensitive occurrence of `subject` in `text`."""
-    return [(m.start(), m.end()) for m in re.finditer(re.escape(subject), text, re.IGNORECASE)]
-
-
 @lru_cache(maxsize=8)
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -121,43 +104,6 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> list[i
     return out
 
 
-def split_heldout(texts: list[str], fraction: float = 0.05, cap: int = 64) -> tuple[list, list]:
-    """(kept, held out): the last `fraction` of the texts (at least 1, at most `cap`) held out."""
-    if len(texts) < 2:
-        return texts, texts
-    n = min(cap, max(1, int(len(texts) * fraction)))
-    return texts[:-n], texts[-n:]
-
-
 def unlearn_texts(data_cfg) -> UnlearnTexts:
-    """Forget/retain texts for the data group (facts, corpus or muse)."""
-    kind = data_cfg.kind
-    if kind == "facts":
-        from kuda_cli.data.facts import load_facts, split_facts
-
-        forget, retain = split_facts(
-            load_facts(data_cfg.path), list(data_cfg.forget_domains), list(data_cfg.retain_domains)
-        )
-        # train on the passages; the evaluation prompts stay unseen and measure generalisation
-        return UnlearnTexts(
-            forget=[f.passage for f in forget],
-            retain=[f.passage for f in retain],
-            forget_heldout=[f.prompt(0) for f in forget],
-            retain_heldout=[f.prompt(0) for f in retain],
-            forget_spans=[subject_spans(f.passage, f.subject) for f in forget],
-            forget_heldout_spans=[[f.subject_span(0)] for f in forget],
-        )
-    from kuda_cli.data.sources import load_split
-    from kuda_cli.data.texts import texts_of
-
-    def texts(key: str) -> list[str]:
-        split = getattr(data_cfg, key)
-        found = texts_of(load_split(split, f"data.{key}"), split.text_field, f"data.{key}")
-        found = [t for t in found if len(t) >= getattr(data_cfg, "min_chars", 0)]
-        if not found:
-            raise UserError(f"data.{key} has no usable texts; check data.{key}.text_field")
-        return found
-
-    forget, forget_heldout = split_heldout(texts("forget"))
-    retain, retain_heldout = split_heldout(texts("retain"))
-    return UnlearnTexts(forget, retain, forget_heldout, retain_heldout)
+    """Forget/retain texts for the data group, as its kind gives them."""
+    return kind_of(data_cfg).unlearn_texts(data_cfg)

@@ -1,5 +1,6 @@
-"""`unlearn.lora.enabled=true`: the full-parameter baselines (GA, GradDiff, NPO, SimNPO) train
-low-rank adapters (peft LoRA) instead of the weights, the way 7-8B models fit one 40-80 GB GPU.
+"""`unlearn.lora.enabled=true`: the methods whose class says `supports_lora` (those that train
+whole weights: GA, GradDiff, NPO, SimNPO) train low-rank adapters (peft LoRA) instead of the
+weights, the way 7-8B models fit one 40-80 GB GPU.
 
 The adapters are injected into the model in place (`peft.inject_adapter_in_model`), so every
 method calls the same model object; they start as the identity (B = 0), so the starting model is
@@ -21,7 +22,6 @@ from kuda_cli.errors import UserError
 
 ADAPTER_DIR = "adapter"
 ADAPTER_NAME = "default"
-NOT_FOR = ("kuda", "rmu")  # their losses and projector read the weights of named modules
 
 
 def attach(model: nn.Module, cfg, layers: list[int] | None) -> dict[str, nn.Parameter]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kuda_cli.config import ModelConfig
+from kuda_cli.config import ModelConfig, bounded
 from kuda_cli.data.facts import load_facts, probes, split_facts, subject_subsets
-from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, register_metric
+from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, Metric, ratio, register_metric
 from kuda_cli.evaluate.facts import (
     ANSWERS_FILE,
     FLUENCY_FILE,
@@ -23,8 +24,9 @@ from kuda_cli.evaluate.facts import (
     read_reference_fluency,
     rotate_within_domain,
 )
-from kuda_cli.evaluate.floors import builtin_floor_path, chance, surface_floor
+from kuda_cli.evaluate.floors import builtin_floor_path, chance, forget_removed, surface_floor
 from kuda_cli.evaluate.scoring import greedy_continuations
+from kuda_cli.run import lookup
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,66 @@ def _fluent_wrong(cfg, chosen, answers, judge_name):
     return rotate_within_domain(chosen, [r["answer"] for r in rows]), "reference", scores
 
 
-@register_metric("facts")
-def facts_metric(ctx: EvalContext) -> dict[str, Any]:
+@dataclass
+class FactsEvalConfig:
+    """The built-in knowledge evaluation (needs data=facts)."""
+
+    all_prompts: bool = True  # every paraphrase of every fact, or only the first
+    gen_max_new_tokens: int = bounded(16, ge=1)  # greedy answers scored for gen_acc
+    # continuations of forget prompts, for fluency (n-gram entropy needs about 100 tokens)
+    fluency_max_new_tokens: int = bounded(100, ge=1)
+    batch_size: int = bounded(32, ge=1)
+    # rows per greedy generation batch: a step costs little more for 128 rows than for 32 on a
+    # CPU, and left padding makes the answers the same whatever the batch
+    gen_batch_size: int = bounded(128, ge=1)
+    samples: int = bounded(5, ge=0)  # sample generations per split written to samples.jsonl
+    reference: str | None = None  # run dir (or its facts_answers.jsonl): retain agreement
+    judge: str | None = None  # model directory scoring fluency; null: the evaluated model
+    # score the fictitious facts of the forget domains (the never-learned floor); kuda unlearn
+    # scores them on the starting model only
+    floors: bool = True
+    # greedy answers to retain prompts (gen_acc, exact-line agreement); false skips them in
+    # sweeps (token agreement needs only the reference's answers); the starting model always
+    retain_greedy: bool = True
+
+
+@register_metric("facts", FactsEvalConfig)
+class Facts(Metric):
+    reads_data = True
+    local_paths = ("eval.facts.reference", "eval.facts.judge", "data.path", "data.floor_path")
+    # the starting model is scored on all of them whatever they say
+    after_only = ("floors", "retain_greedy")
+
+    @classmethod
+    def compute(cls, ctx: EvalContext) -> dict[str, Any]:
+        return facts_results(ctx)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.eval.facts.reference:  # a facts run's answers, before any model loads
+            read_reference_answers(cfg.eval.facts.reference)
+
+    @classmethod
+    def for_starting_model(cls, settings):
+        """Every figure a comparison needs: the floors, the retain answers (the reference)."""
+        return replace(settings, floors=True, retain_greedy=True)
+
+    @classmethod
+    def for_unlearned_model(cls, settings, before_dir: Path | None):
+        """Without the floors (they belong to the starting model), against the starting model's
+        answers unless eval.facts.reference names others."""
+        settings = replace(settings, floors=False)
+        answers = before_dir / ANSWERS_FILE if before_dir is not None else None
+        if answers is not None and answers.exists() and not settings.reference:
+            settings = replace(settings, reference=str(answers))
+        return settings
+
+    @classmethod
+    def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:
+        return summary_of(before, after)
+
+
+def facts_results(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.eval.facts
     model, tokenizer = ctx.loaded.model, ctx.loaded.tokenizer
     forget, retain = split_facts(
@@ -192,3 +252,51 @@ def facts_metric(ctx: EvalContext) -> dict[str, Any]:
         ]
         write_jsonl(ctx.out_dir / "samples.jsonl", samples)
     return {"facts": metrics, "fluency": {"forget": flu}}
+
+
+def summary_of(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Forgetting against the never-learned floor, locality on other subjects, specificity on
+    the forgotten subjects, and fluency."""
+    floor_mc, floor_gen = (
+        lookup(before, "facts.floor.mc_acc"),
+        lookup(before, "facts.floor.gen_acc"),
+    )
+    removed_mc = forget_removed(
+        lookup(before, "facts.forget.mc_acc"), lookup(after, "facts.forget.mc_acc"), floor_mc
+    )
+    removed_gen = forget_removed(
+        lookup(before, "facts.forget.gen_acc"), lookup(after, "facts.forget.gen_acc"), floor_gen
+    )
+    removed = [r for r in (removed_mc, removed_gen) if r is not None]
+    found = {
+        "forget_mc": lookup(after, "facts.forget.mc_acc"),
+        "forget_mc_before": lookup(before, "facts.forget.mc_acc"),
+        "forget_gen": lookup(after, "facts.forget.gen_acc"),
+        "forget_gen_before": lookup(before, "facts.forget.gen_acc"),
+        "floor_mc": floor_mc,
+        "floor_gen": floor_gen,
+        "chance": lookup(before, "facts.floor.chance"),
+        "surface_floor": lookup(before, "facts.floor.surface"),
+        "forget_removed_mc": removed_mc,
+        "forget_removed_gen": removed_gen,
+        "forget_removed": sum(removed) / len(removed) if len(removed) == 2 else None,
+        "retain_mc": lookup(after, "facts.retain.mc_acc"),
+        "retain_mc_before": lookup(before, "facts.retain.mc_acc"),
+        "retain_mc_ratio": ratio(before, after, "facts.retain.mc_acc"),
+        "retain_agreement": lookup(after, "facts.retain.agreement"),
+        "retain_token_agreement": lookup(after, "facts.retain.token_agreement"),
+    }
+    for subset in ("other", "same"):
+        path = f"facts.retain.{subset}_subjects"
+        found[f"retain_{subset}_mc"] = lookup(after, f"{path}.mc_acc")
+        found[f"retain_{subset}_mc_before"] = lookup(before, f"{path}.mc_acc")
+        found[f"retain_{subset}_gen"] = lookup(after, f"{path}.gen_acc")
+        found[f"retain_{subset}_token_agreement"] = lookup(after, f"{path}.token_agreement")
+    return {
+        **found,
+        "fluency_nll_ratio": ratio(before, after, "fluency.forget.nll"),
+        "fluency_nll_vs_fluent_wrong": lookup(after, "fluency.forget.nll_vs_fluent_wrong"),
+        "fluency_entropy_ratio": ratio(before, after, "fluency.forget.entropy"),
+        "fluency_repetition": lookup(after, "fluency.forget.repetition"),
+        "fluency_repetition_before": lookup(before, "fluency.forget.repetition"),
+    }

@@ -3,19 +3,71 @@ MUSE's in-context examples), and PrivLeak from the Min-K% AUC of forget vs holdo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from kuda_cli.data.sources import load_split
-from kuda_cli.evaluate import EvalContext, register_metric
+from kuda_cli.config import bounded
+from kuda_cli.data.sources import hub_splits, load_split
+from kuda_cli.evaluate import EvalContext, Metric, register_metric
 from kuda_cli.evaluate.muse import knowmem, mia_min_k, privleak, verbmem
+from kuda_cli.run import lookup
 
 
 def _cap(records: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
     return records[:n] if n else records
 
 
-@register_metric("muse")
-def muse_metric(ctx: EvalContext) -> dict[str, Any]:
+@dataclass
+class MuseEvalConfig:
+    """MUSE: VerbMem, KnowMem (forget, retain), PrivLeak (needs a data=muse_* option)."""
+
+    verbmem_max_new_tokens: int = bounded(128, ge=1)
+    knowmem_max_new_tokens: int = bounded(32, ge=1)
+    icl_examples: int = bounded(3, ge=0)  # in-context QA pairs before each KnowMem question
+    mink_k: float = bounded(0.4, gt=0, le=1)
+    max_items: int | None = bounded(None, ge=1)
+    max_length: int = bounded(2048, ge=16)
+    batch_size: int = bounded(4, ge=1)
+
+
+# the data splits it reads
+SPLITS = (
+    "verbmem",
+    "knowmem_forget",
+    "knowmem_retain",
+    "knowmem_forget_icl",
+    "knowmem_retain_icl",
+    "forget",
+    "holdout",
+)
+
+
+@register_metric("muse", MuseEvalConfig)
+class Muse(Metric):
+    reads_data = True
+
+    @classmethod
+    def compute(cls, ctx: EvalContext) -> dict[str, Any]:
+        return {"muse": muse_results(ctx)}
+
+    @classmethod
+    def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:
+        found = {}
+        for name, value in (after.get("muse") or {}).items():
+            key = "auc" if name == "privleak" else "rougeL_f1"
+            if isinstance(value, dict) and key in value:
+                found[f"{name}_{key}"] = value[key]
+                found[f"{name}_{key}_before"] = lookup(before, f"muse.{name}.{key}")
+            if name == "privleak" and isinstance(value, dict):
+                found["privleak"] = value.get("privleak")
+        return found
+
+    @classmethod
+    def hub_sources(cls, cfg) -> list[str]:
+        return hub_splits(cfg.data, SPLITS)
+
+
+def muse_results(ctx: EvalContext) -> dict[str, Any]:
     cfg, data = ctx.eval.muse, ctx.data
     model, tokenizer = ctx.loaded.model, ctx.loaded.tokenizer
     verb = _cap(load_split(data.verbmem, "data.verbmem", ("prompt", "gt")), cfg.max_items)
@@ -70,4 +122,4 @@ def muse_metric(ctx: EvalContext) -> dict[str, Any]:
     }
     for value in results.values():
         value.pop("per_item", None)
-    return {"muse": results}
+    return results

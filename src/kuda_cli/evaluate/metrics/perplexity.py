@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from kuda_cli.config import bounded, choice
 from kuda_cli.data.texts import load_texts
-from kuda_cli.evaluate import EvalContext, register_metric
+from kuda_cli.errors import ConfigError
+from kuda_cli.evaluate import EvalContext, Metric, ratio, register_metric
 from kuda_cli.evaluate.scoring import token_logprobs
 
 
@@ -34,9 +38,53 @@ def perplexity(
     }
 
 
-@register_metric("perplexity")
-def perplexity_metric(ctx: EvalContext) -> dict[str, Any]:
-    ppl, loaded = ctx.eval.perplexity, ctx.loaded
+@dataclass
+class PerplexityConfig:
+    """Perplexity of a text set: the built-in passages, a local file, or a hub dataset."""
+
+    source: str = choice("builtin", "builtin", "path", "hub")
+    builtin: str = "general"  # name of a JSONL file under kuda_cli/data/builtin/texts/
+    path: str | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "test"
+    text_field: str = "text"
+    max_texts: int | None = bounded(None, ge=1)
+    max_length: int = bounded(512, ge=8)
+    batch_size: int = bounded(4, ge=1)
+
+
+@register_metric("perplexity", PerplexityConfig)
+class Perplexity(Metric):
+    @classmethod
+    def compute(cls, ctx: EvalContext) -> dict[str, Any]:
+        return {"perplexity": text_perplexity(ctx.eval.perplexity, ctx.loaded)}
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        ppl = cfg.eval.perplexity
+        if ppl.source != "path":
+            return
+        if not ppl.path:
+            raise ConfigError("eval.perplexity.source=path needs eval.perplexity.path=FILE")
+        if not Path(ppl.path).expanduser().exists():
+            raise ConfigError(
+                f"eval.perplexity.path={ppl.path} does not exist; pass a JSONL, JSON, parquet "
+                "or txt file (or a directory of them)"
+            )
+
+    @classmethod
+    def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:
+        return {"perplexity_ratio": ratio(before, after, "perplexity.perplexity")}
+
+    @classmethod
+    def hub_sources(cls, cfg) -> list[str]:
+        ppl = cfg.eval.perplexity
+        return [f"eval.perplexity ({ppl.hub_id})"] if ppl.source == "hub" else []
+
+
+def text_perplexity(ppl: PerplexityConfig, loaded) -> dict[str, Any]:
+    """The perplexity of the text set `ppl` names, and where it came from."""
     texts = load_texts(
         source=ppl.source,
         builtin=ppl.builtin,
@@ -51,4 +99,4 @@ def perplexity_metric(ctx: EvalContext) -> dict[str, Any]:
         loaded.model, loaded.tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size
     )
     source = {"builtin": f"builtin:{ppl.builtin}", "path": ppl.path, "hub": ppl.hub_id}[ppl.source]
-    return {"perplexity": {**result, "source": source}}
+    return {**result, "source": source}

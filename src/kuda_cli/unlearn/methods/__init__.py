@@ -2,46 +2,39 @@
 
 A method is one module: its config schema (a dataclass extending `kuda_cli.config.UnlearnConfig`)
 and a class with `@register_method(name, Schema)`, plus one YAML in conf/unlearn/ starting from
-`/schema/unlearn/<name>`. The modules of this package are found by name (no import needed to list
-them); a method outside kuda is a module named by an entry point of the group `kuda_cli.methods`
-(`name = "package.module"`) of any installed distribution. The method says which parameters train,
-precomputes what it compares against (original representations, reference log-probabilities)
-in `prepare`, and returns its loss and the loss terms to log for a forget batch (and a retain
-batch when `needs_retain` is set). The trainer does everything else.
+`/schema/unlearn/<name>`, found as `kuda_cli.plugins` finds every plug-in (a method outside kuda:
+an entry point of the group `kuda_cli.methods`, `name = "package.module"`). The class owns
+everything about the method: its display name, its checks across config groups, whether LoRA can
+train it, the settings `kuda report` shows, the memory planner's terms. The method says which
+parameters train, precomputes what it compares against (original representations, reference
+log-probabilities) in `prepare`, and returns its loss and the loss terms to log for a forget
+batch (and a retain batch when `needs_retain` is set). The trainer does everything else.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kuda_cli.errors import UserError
 from kuda_cli.models.adapter import Adapter
+from kuda_cli.plugins import Registry
 from kuda_cli.unlearn.batches import TokenSet
 
-ENTRY_POINTS = "kuda_cli.methods"  # name -> module of a method defined outside kuda
-METHODS: dict[str, type[Method]] = {}
+REGISTRY = Registry("method", __name__, "kuda_cli.methods", "unlearn.method")
 
 
 def method_modules() -> dict[str, str]:
-    """Method name -> its module: this package's modules, then the entry points' (found again on
-    every call, so a plugin installed in a running process is seen)."""
-    found = {m.name: f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__)}
-    for entry in metadata.entry_points(group=ENTRY_POINTS):
-        found.setdefault(entry.name, entry.module)
-    return found
+    """Method name -> its module: this package's modules, then the entry points'."""
+    return REGISTRY.modules()
 
 
 def method_schemas() -> dict[str, type]:
     """Method name -> its config schema (imports every method module)."""
-    return {name: get_method(name).schema for name in method_modules()}
+    return {name: method.schema for name, method in REGISTRY.all().items()}
 
 
 @dataclass
@@ -67,6 +60,27 @@ class Method:
 
     name = ""
     schema: type = object  # set by register_method
+    display_name = ""  # in tables and plots; register_method: the name in capitals by default
+    # whether unlearn.lora (adapters instead of the weights) can train it: not when the loss or
+    # the projector reads the weights of named modules
+    supports_lora = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Checks across config groups before any work (`cfg`: the whole composed config), each
+        a ConfigError of one line; the schema's own field checks have run already."""
+
+    @classmethod
+    def layer_options(cls, unlearn) -> list[tuple[str, list[int]]]:
+        """(key, layers) of the layer indices this method's options name, checked against the
+        model's depth with locate.layers and unlearn.layers."""
+        return []
+
+    @classmethod
+    def report_settings(cls, unlearn: dict[str, Any]) -> list[tuple[str, Any]]:
+        """(label, value) pairs `kuda report` adds to a run's settings cell after the scalar
+        fields of the method's schema (nested options, e.g. KUDA's null space)."""
+        return []
 
     def __init__(self, ctx: MethodContext):
         self.ctx = ctx
@@ -130,7 +144,8 @@ def register_method(name: str, schema: type):
     def wrap(cls):
         cls.name = name
         cls.schema = schema
-        METHODS[name] = cls
+        cls.display_name = cls.__dict__.get("display_name") or name.upper()
+        REGISTRY.add(name, cls)
         return cls
 
     return wrap
@@ -138,21 +153,16 @@ def register_method(name: str, schema: type):
 
 def check_registered(name: str) -> None:
     """One line naming the registered methods when `name` is not one of them."""
-    modules = method_modules()
-    if name not in modules:
-        raise UserError(
-            f"unlearn.method={name} is not a registered method; choose one of: "
-            f"{', '.join(modules)} (unlearn=NAME picks its config)"
-        )
+    REGISTRY.check(name, " (unlearn=NAME picks its config)")
 
 
 def get_method(name: str) -> type[Method]:
-    check_registered(name)
-    if name not in METHODS:
-        importlib.import_module(method_modules()[name])
-    if name not in METHODS:
-        raise UserError(f"module {method_modules()[name]} registers no method {name!r}")
-    return METHODS[name]
+    return REGISTRY.get(name, " (unlearn=NAME picks its config)")
+
+
+def lora_methods() -> list[str]:
+    """The registered methods that unlearn.lora can train."""
+    return [name for name, method in REGISTRY.all().items() if method.supports_lora]
 
 
 def sequence_nll(model, batch: dict) -> torch.Tensor:

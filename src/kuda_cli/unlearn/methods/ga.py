@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kuda_cli.config import UnlearnConfig, listed
+from kuda_cli.config import UnlearnConfig, bounded, listed
 from kuda_cli.unlearn.methods import Method, register_method, sequence_logprob
 
 
@@ -19,6 +19,8 @@ def ga_loss(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GaMethod(UnlearnConfig):
+    method: str = "ga"
+    lr: float = bounded(1e-5, gt=0)
     trainable: list[str] = listed("all")
 
 

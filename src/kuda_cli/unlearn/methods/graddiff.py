@@ -14,6 +14,8 @@ from kuda_cli.unlearn.methods.ga import ga_loss
 
 @dataclass
 class GradDiffMethod(UnlearnConfig):
+    method: str = "graddiff"
+    lr: float = bounded(1e-5, gt=0)
     trainable: list[str] = listed("all")
     forget_weight: float = bounded(1.0, ge=0)
     retain_weight: float = bounded(1.0, ge=0)
@@ -21,6 +23,8 @@ class GradDiffMethod(UnlearnConfig):
 
 @register_method("graddiff", GradDiffMethod)
 class GradDiff(Method):
+    display_name = "GradDiff"
+
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         logp, lengths = sequence_logprob(self.ctx.model, forget)
         forget_term = ga_loss(logp, lengths)

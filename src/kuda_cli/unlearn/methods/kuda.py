@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kuda_cli.config import UnlearnConfig, bounded, choice
-from kuda_cli.errors import UserError
+from kuda_cli.data.kinds import get_kind
+from kuda_cli.errors import ConfigError, UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import Method, register_method, with_retain_nll
@@ -68,8 +69,10 @@ def last_of_spans(focus: torch.Tensor) -> torch.Tensor:
 class NullspaceConfig:
     enabled: bool = True
     form: str = choice("relaxed", "relaxed", "hard")
-    tau: float = bounded(1e-2, gt=0)
-    tau_mode: str = choice("energy", "energy", "max", "p99", "absolute")
+    tau: float = bounded(4e-3, gt=0)
+    # tau x the retain keys' eigenvalue at the 99th percentile: robust to the massive-activation
+    # directions of some layers (docs/unlearn.md)
+    tau_mode: str = choice("p99", "energy", "max", "p99", "absolute")
     project_on: str = choice("update", "update", "grad")
     samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
     # where the d_ff x d_ff key moments, spectra and projectors live: `host` (one key pass per
@@ -82,7 +85,12 @@ class NullspaceConfig:
 
 @dataclass
 class KudaMethod(UnlearnConfig):
-    beta: float = bounded(5.0, gt=0)
+    """Settings the paper does not state are our defaults, chosen on the embedded model
+    (docs/unlearn.md)."""
+
+    method: str = "kuda"
+    lr: float = bounded(3e-3, gt=0)
+    beta: float = bounded(10.0, gt=0)
     margin: float = bounded(0.0, ge=-1, le=1)
     loss_form: str = choice("softplus", "softplus", "linear", "square")
     site: str = choice("mlp_out", "mlp_out", "residual")
@@ -109,6 +117,36 @@ class KudaMethod(UnlearnConfig):
 
 @register_method("kuda", KudaMethod)
 class Kuda(Method):
+    supports_lora = False  # its loss and projector read named down_proj modules
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """The subject-token options need data that names subjects: refused before anything
+        loads, not after tracing."""
+        unlearn, data = cfg.unlearn, cfg.data
+        if get_kind(data.get("kind")).names_subjects:
+            return
+        if unlearn.get("target") == "unknown":
+            raise ConfigError(
+                f"unlearn.target=unknown needs data that names subjects (data=facts), not "
+                f"data={data.get('name')}; use unlearn.target=away"
+            )
+        if unlearn.get("tokens") in ("subject", "last"):
+            raise ConfigError(
+                f"unlearn.tokens={unlearn.tokens} needs data that names subjects (data=facts), "
+                f"not data={data.get('name')}; use unlearn.tokens=auto or all"
+            )
+
+    @classmethod
+    def report_settings(cls, unlearn: dict[str, Any]) -> list[tuple[str, Any]]:
+        nullspace = unlearn.get("nullspace")
+        if not isinstance(nullspace, dict):
+            return []
+        if not nullspace.get("enabled", True):
+            return [("nullspace", "off")]
+        shown = ("form", "tau", "tau_mode", "project_on")
+        return [(f"ns.{k}", nullspace[k]) for k in shown if k in nullspace]
+
     def sites(self) -> dict[int, str]:
         kind = "mlp" if self.cfg.site == "mlp_out" else "layer"
         return {layer: self.ctx.adapter.module_name(kind, layer) for layer in self.trained_layers}

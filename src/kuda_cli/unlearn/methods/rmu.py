@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kuda_cli.config import UnlearnConfig, bounded
-from kuda_cli.errors import UserError
+from kuda_cli.errors import ConfigError, UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.models.precision import autocast
 from kuda_cli.unlearn.methods import Method, register_method
@@ -60,13 +60,45 @@ def retain_mse_of(model, site: str, originals, retain: dict) -> torch.Tensor:
 
 @dataclass
 class RmuMethod(UnlearnConfig):
+    """Sized for the embedded SmolLM2-135M on data=facts: its residual-stream norms are about 100
+    at layers 3-5, so c is far larger than zephyr's 6.5 (docs/baselines.md); unlearn=rmu_zephyr
+    is the published zephyr-7b setting."""
+
+    method: str = "rmu"
+    lr: float = bounded(1e-3, gt=0)
     steer_layer: int | None = bounded(None, ge=0)  # null: the last trained layer
-    c: float = bounded(6.5, gt=0)
-    alpha: float = bounded(1200.0, ge=0)
+    c: float = bounded(300.0, gt=0)
+    alpha: float = bounded(100.0, ge=0)
 
 
 @register_method("rmu", RmuMethod)
 class Rmu(Method):
+    supports_lora = False  # its loss reads named down_proj modules' outputs
+
+    @classmethod
+    def layer_options(cls, unlearn) -> list[tuple[str, list[int]]]:
+        steer = unlearn.get("steer_layer")
+        return [] if steer is None else [("unlearn.steer_layer", [steer])]
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """RMU reads the layer `steer_layer` and stops the forward pass there: a trained layer
+        after it would get no gradient."""
+        steer = cfg.unlearn.get("steer_layer")
+        if steer is None or "all" in cfg.unlearn.get("trainable", []):
+            return
+        if cfg.unlearn.get("layers") is not None:
+            key, trained = "unlearn.layers", list(cfg.unlearn.layers)
+        elif cfg.locate.method == "fixed":
+            key, trained = "locate.layers", list(cfg.locate.layers or [])
+        else:
+            return  # located at run time; the method checks then
+        if trained and steer < max(trained):
+            raise ConfigError(
+                f"unlearn.steer_layer={steer} comes before layer {max(trained)} of {key}, which "
+                f"would get no gradient; set unlearn.steer_layer>={max(trained)} or null"
+            )
+
     @property
     def needs_retain(self) -> bool:  # type: ignore[override]
         return self.cfg.alpha > 0

@@ -28,6 +28,7 @@ def simnpo_loss(
 
 @dataclass
 class SimNpoMethod(UnlearnConfig):
+    method: str = "simnpo"
     trainable: list[str] = listed("all")
     beta: float = bounded(2.5, gt=0)
     gamma: float = bounded(0.0, ge=0)  # margin (the authors' code: delta = gamma / beta)
@@ -36,6 +37,8 @@ class SimNpoMethod(UnlearnConfig):
 
 @register_method("simnpo", SimNpoMethod)
 class SimNpo(Method):
+    display_name = "SimNPO"
+
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         logp, lengths = sequence_logprob(self.ctx.model, forget)
         forget_term = simnpo_loss(logp, lengths, self.cfg.beta, self.cfg.gamma)
