@@ -141,8 +141,8 @@ class LoraSpec:
 
 @dataclass
 class AutoTuneSpec:
-    """unlearn.auto_tune: short trials of unlearn.lr x `factors` before the run, scored on the
-    forget and retain passages (never the evaluation prompts); unlearn/auto_tune.py."""
+    """unlearn.auto_tune: trials of unlearn.lr x `factors` before the run, scored on the forget and
+    retain passages, never the eval prompts; unlearn/auto_tune.py, judged by unlearn/tuning.py."""
 
     enabled: bool = False
     factors: list[float] = listed(0.33, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # ascending
@@ -206,9 +206,9 @@ class ReportConfig:
 
 @dataclass
 class TuneConfig:
-    """Two-stage tuning. `kuda pick` reads the runs of a sweep and chooses the one with the
-    largest `objective` whose `utility` stays within `tolerance` of the starting model's; a
-    later sweep starts from its choice with `tune.choice=FILE`."""
+    """Two-stage tuning. `kuda pick` reads the runs of a sweep and chooses the one with the largest
+    `objective` whose `utility` stays within `tolerance` of the starting model's; a later sweep
+    starts from its choice with `tune.choice=FILE`. Stable as auto_tune's: unlearn/tuning.py."""
 
     runs: list[str] = field(default_factory=list)  # kuda pick: run directories or globs
     objective: str = "diagnostics.krd.mean"  # dotted metrics.json key: the change to maximise

@@ -4,6 +4,7 @@ choose the one with the largest change (`tune.objective`, or the smallest with
 `tune.direction=min`). The choice goes to `choice.yaml`: the chosen run's values of `tune.carry`,
 which `tune.choice=FILE` turns into overrides of the next sweep. Failed and unfinished runs are
 ignored with a warning; when no run qualifies the stage stops with one line (exit status 2).
+What stable and strongest mean is unlearn/tuning.py's, shared with unlearn.auto_tune.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,77 +20,50 @@ from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.errors import UserError
 from kuda_cli.run import Run, find_runs, lookup, read_meta
+from kuda_cli.unlearn import tuning
+from kuda_cli.unlearn.tuning import Candidate
 
 log = logging.getLogger(__name__)
 CHOICE_FILE = "choice.yaml"
 CANDIDATES_FILE = "candidates.csv"
 
 
-@dataclass
-class Candidate:
-    run: Path
-    objective: float
-    utility: float
-    baseline: float
-    settings: dict[str, Any]
-
-    @property
-    def ratio(self) -> float:
-        return self.utility / self.baseline if self.baseline else float("inf")
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
-def read_candidates(run_dirs: list[Path], tune) -> tuple[list[Candidate], list[str]]:
-    """A candidate per completed run that reports the objective, the utility and its baseline,
-    and sets every key of `tune.carry`; a warning for each other run."""
-    found, ignored = [], []
-    for run_dir in run_dirs:
-        meta = read_meta(run_dir) or {}
-        if meta.get("status") != "completed":
-            ignored.append(f"{run_dir} (status {meta.get('status', 'unknown')})")
-            continue
-        try:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-            config = OmegaConf.load(run_dir / "config.yaml")
-        except (OSError, ValueError, yaml.YAMLError) as err:
-            ignored.append(f"{run_dir} (unreadable metrics.json or config.yaml: {err})")
-            continue
-        objective = _number(lookup(metrics, tune.objective))
-        utility = _number(lookup(metrics, tune.utility))
-        baseline = (
-            tune.baseline
-            if tune.baseline is not None
-            else _number(lookup(metrics, f"before.{tune.utility}"))
-        )
-        missing = [
-            key
-            for key, value in (
-                (tune.objective, objective),
-                (tune.utility, utility),
-                (f"before.{tune.utility} (or tune.baseline)", baseline),
-            )
-            if value is None
-        ]
-        settings = {key: OmegaConf.select(config, key, default=None) for key in tune.carry}
-        missing += [f"config {k}" for k, v in settings.items() if v is None]
-        if missing:
-            ignored.append(f"{run_dir} (no {', '.join(missing)})")
-            continue
-        settings = {
-            k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
-            for k, v in settings.items()
-        }
-        found.append(Candidate(run_dir, objective, utility, float(baseline), settings))
-    return found, ignored
+def read_candidate(run_dir: Path, tune) -> Candidate | str:
+    """The run's candidate: a completed run that reports the objective, the utility and its
+    baseline, and sets every key of `tune.carry`; else why it is ignored."""
+    meta = read_meta(run_dir) or {}
+    if meta.get("status") != "completed":
+        return f"{run_dir} (status {meta.get('status', 'unknown')})"
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        config = OmegaConf.load(run_dir / "config.yaml")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        return f"{run_dir} (unreadable metrics.json or config.yaml: {err})"
+    objective = tuning.figure(lookup(metrics, tune.objective))
+    utility = tuning.figure(lookup(metrics, tune.utility))
+    before = f"before.{tune.utility}"
+    baseline = (
+        tune.baseline if tune.baseline is not None else tuning.figure(lookup(metrics, before))
+    )
+    settings = {key: OmegaConf.select(config, key, default=None) for key in tune.carry}
+    figures = (
+        (tune.objective, objective),
+        (tune.utility, utility),
+        (f"{before} (or tune.baseline)", baseline),
+    )
+    missing = [key for key, value in figures if value is None]
+    missing += [f"config {k}" for k, v in settings.items() if v is None]
+    if missing:
+        return f"{run_dir} (no {', '.join(missing)})"
+    settings = {
+        k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in settings.items()
+    }
+    return Candidate(objective, utility, float(baseline), settings=settings, source=run_dir)
 
 
-def qualifies(candidate: Candidate, tolerance: float) -> bool:
-    return candidate.utility >= (1.0 - tolerance) * candidate.baseline
+def limits(tune) -> tuning.Limits:
+    """Stable, for kuda pick: the utility within `tune.tolerance` of its baseline."""
+    return tuning.Limits(tolerance=tune.tolerance)
 
 
 def choose(candidates: list[Candidate], tune) -> Candidate:
@@ -101,17 +74,16 @@ def choose(candidates: list[Candidate], tune) -> Candidate:
             f"no completed run under tune.runs={list(tune.runs)} reports {tune.objective} and "
             f"{tune.utility}; check the sweep's directory and the metric keys"
         )
-    sign = 1.0 if tune.direction == "max" else -1.0
-    good = [c for c in candidates if qualifies(c, tune.tolerance)]
-    if not good:
+    chosen, how = tuning.choose(candidates, limits(tune), direction=tune.direction)
+    if how == tuning.NONE_STABLE:
         best = max(candidates, key=lambda c: c.ratio)
         raise UserError(
             f"none of the {len(candidates)} runs keeps {tune.utility} within "
             f"{tune.tolerance:.0%} of the starting model's (best: {best.utility:.4g} of "
-            f"{best.baseline:.4g}, run {best.run}); sweep gentler settings (a lower lr, a larger "
-            "tau) or raise tune.tolerance"
+            f"{best.baseline:.4g}, run {best.source}); sweep gentler settings (a lower lr, a "
+            "larger tau) or raise tune.tolerance"
         )
-    return max(enumerate(good), key=lambda ic: (sign * ic[1].objective, ic[1].utility, -ic[0]))[1]
+    return chosen
 
 
 def write_candidates(candidates: list[Candidate], tune, path: Path) -> None:
@@ -120,27 +92,16 @@ def write_candidates(candidates: list[Candidate], tune, path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["run", *keys, tune.objective, tune.utility, "baseline", "qualifies"])
         for c in candidates:
-            writer.writerow(
-                [
-                    str(c.run),
-                    *(c.settings[k] for k in keys),
-                    c.objective,
-                    c.utility,
-                    c.baseline,
-                    qualifies(c, tune.tolerance),
-                ]
-            )
+            row = [c.source, *(c.settings[k] for k in keys), c.forgetting, c.utility, c.baseline]
+            writer.writerow([*row, tuning.stable(c, limits(tune))])
 
 
 def choice_record(chosen: Candidate, tune, candidates: list[Candidate]) -> dict[str, Any]:
+    objective = {"key": tune.objective, "direction": tune.direction, "value": chosen.forgetting}
     return {
         "overrides": dict(chosen.settings),
-        "run": str(chosen.run.resolve()),
-        "objective": {
-            "key": tune.objective,
-            "direction": tune.direction,
-            "value": chosen.objective,
-        },
+        "run": str(chosen.source.resolve()),
+        "objective": objective,
         "utility": {
             "key": tune.utility,
             "value": chosen.utility,
@@ -149,7 +110,7 @@ def choice_record(chosen: Candidate, tune, candidates: list[Candidate]) -> dict[
             "tolerance": tune.tolerance,
         },
         "candidates": len(candidates),
-        "qualified": sum(qualifies(c, tune.tolerance) for c in candidates),
+        "qualified": sum(tuning.stable(c, limits(tune)) for c in candidates),
     }
 
 
@@ -162,7 +123,9 @@ def main(cfg: DictConfig, run: Run) -> None:
             f"tune.runs={list(tune.runs)} matches no run directory (none holds meta.json); "
             "pass the sweep's directory, e.g. tune.runs=[outputs/unlearn/multirun/DATE_TIME]"
         )
-    candidates, ignored = read_candidates(run_dirs, tune)
+    read = [read_candidate(d, tune) for d in run_dirs]
+    candidates = [c for c in read if isinstance(c, Candidate)]
+    ignored = [why for why in read if isinstance(why, str)]
     for why in ignored:
         log.warning("kuda pick: ignoring %s", why)
     if candidates:
@@ -178,17 +141,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     run.log_metrics({"pick": {**record, "ignored": len(ignored)}})
     shown = " ".join(f"{k}={v}" for k, v in chosen.settings.items())
     log.info(
-        "kuda pick: %s (%s=%.4g, %s=%.4g of %.4g) from %s; %d of %d runs qualify, %d ignored; "
-        "choice in %s",
-        shown,
-        tune.objective,
-        chosen.objective,
-        tune.utility,
-        chosen.utility,
-        chosen.baseline,
-        chosen.run,
-        record["qualified"],
-        len(candidates),
-        len(ignored),
-        run.dir / CHOICE_FILE,
+        f"kuda pick: {shown} ({tune.objective}={chosen.forgetting:.4g}, {tune.utility}="
+        f"{chosen.utility:.4g} of {chosen.baseline:.4g}) from {chosen.source}; "
+        f"{record['qualified']} of {len(candidates)} runs qualify, {len(ignored)} ignored; "
+        f"choice in {run.dir / CHOICE_FILE}"
     )

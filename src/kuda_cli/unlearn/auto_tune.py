@@ -13,12 +13,13 @@ on, never on the evaluation prompts:
 - stability: the same figure on the retain facts (knowledge lost), and the perplexity ratio of
   the retain passages.
 
-The choice: a trial is stable when retain removed <= `max_retain_removed` and the perplexity
-ratio <= `max_ppl_ratio`; the smallest stable factor whose forget removed reaches
-`target_removed`, else the stable trial that removed most, else the least damaging trial
-(warned). Factors are searched by bisection (forgetting and damage grow with the learning
-rate), `trials` at most. Each finished trial is one line of `tune/trials.jsonl`; a resumed run
-reads them back and repeats none; the choice is `tune/choice.json`.
+The choice, in unlearn/tuning.py's terms (shared with kuda pick): a trial is stable when retain
+removed <= `max_retain_removed`, the perplexity ratio <= `max_ppl_ratio` and the agreement >=
+`min_agreement`; the smallest stable factor whose forget removed reaches `target_removed`, else
+the stable trial that removed most, else the least damaging trial (warned). Factors are searched
+by bisection (forgetting and damage grow with the learning rate), `trials` at most. Each finished
+trial is one line of `tune/trials.jsonl`; a resumed run reads them back and repeats none; the
+choice is `tune/choice.json`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.scoring import option_scores
+from kuda_cli.unlearn import tuning
 from kuda_cli.unlearn.unknown import invented_name, spelled_like
 
 log = logging.getLogger(__name__)
@@ -168,12 +170,28 @@ class Scorer:
         return {k: round(v, 6) for k, v in out.items() if v is not None}
 
 
-def stable(row: dict, spec) -> bool:
-    return (
-        row.get("retain_removed", 0.0) <= spec.max_retain_removed
-        and row.get("retain_ppl_ratio", 1.0) <= spec.max_ppl_ratio
-        and row.get("retain_agreement", 1.0) >= spec.min_agreement
+# a trial's row keys that are costs, named as tuning.Candidate's fields
+COSTS = ("retain_removed", "retain_ppl_ratio", "retain_agreement")
+WHY = {  # how the choice was made, as tune/choice.json says it
+    tuning.TARGET: "the smallest stable learning rate reaching the target",
+    tuning.STRONGEST: "no stable trial reached the target: the stable one that removed most",
+    tuning.NONE_STABLE: "no trial was stable: the least damaging one",
+}
+
+
+def limits(spec) -> tuning.Limits:
+    """Stable, for auto_tune: the retain set's knowledge, perplexity and top-1 tokens kept."""
+    return tuning.Limits(
+        max_retain_removed=spec.max_retain_removed,
+        max_ppl_ratio=spec.max_ppl_ratio,
+        min_agreement=spec.min_agreement,
     )
+
+
+def candidate(row: dict, index: int | None = None) -> tuning.Candidate:
+    """A trial's row as a tuning candidate: forget removed is its forgetting."""
+    costs = {key: row[key] for key in COSTS if key in row}
+    return tuning.Candidate(row["forget_removed"], **costs, source=index)
 
 
 def search(spec, run_trial) -> tuple[int, dict[int, dict], str]:
@@ -182,11 +200,12 @@ def search(spec, run_trial) -> tuple[int, dict[int, dict], str]:
     factor (the stability boundary), then, below it, for the smallest one reaching the target
     (the forgetting strength), within `spec.trials` trials."""
     rows: dict[int, dict] = {}
+    bounds = limits(spec)
 
-    def trial(i: int) -> dict:
+    def trial(i: int) -> tuning.Candidate:
         if i not in rows:
             rows[i] = run_trial(i)
-        return rows[i]
+        return candidate(rows[i], i)
 
     def budget() -> bool:
         return len(rows) < spec.trials
@@ -194,28 +213,23 @@ def search(spec, run_trial) -> tuple[int, dict[int, dict], str]:
     lo, hi = 0, len(spec.factors) - 1  # stage 1: the largest stable index lies in [lo, hi]
     while lo < hi and budget():
         mid = (lo + hi + 1) // 2
-        if stable(trial(mid), spec):
+        if tuning.stable(trial(mid), bounds):
             lo = mid
         else:
             hi = mid - 1
     if lo not in rows and budget():
         trial(lo)
-    good = [i for i, r in rows.items() if r["stable"]]
+    good = [i for i in rows if tuning.stable(trial(i), bounds)]
     lo, hi = 0, max(good, default=-1)  # stage 2: the smallest index reaching the target
     while lo < hi and budget():
         mid = (lo + hi) // 2
-        if trial(mid)["forget_removed"] >= spec.target_removed:
+        if tuning.reaches(trial(mid), spec.target_removed):
             hi = mid
         else:
             lo = mid + 1
-    good = [i for i, r in rows.items() if r["stable"]]
-    if good:
-        hit = [i for i in good if rows[i]["forget_removed"] >= spec.target_removed]
-        if hit:
-            return min(hit), rows, "the smallest stable learning rate reaching the target"
-        best = max(good, key=lambda i: (rows[i]["forget_removed"], -i))
-        return best, rows, "no stable trial reached the target: the stable one that removed most"
-    return min(rows), rows, "no trial was stable: the least damaging one"
+    tried = [trial(i) for i in sorted(rows)]  # gentlest first
+    chosen, how = tuning.choose(tried, bounds, target=spec.target_removed)
+    return chosen.source, rows, WHY[how]
 
 
 def tune(ucfg, data_cfg, ctx, run_dir: Path | None, train_trial) -> tuple[object, dict]:
@@ -246,7 +260,7 @@ def tune(ucfg, data_cfg, ctx, run_dir: Path | None, train_trial) -> tuple[object
             with torch.no_grad():
                 for param, start in saved:
                     param.copy_(start)
-        row["stable"] = stable(row, spec)
+        row["stable"] = tuning.stable(candidate(row), limits(spec))
         row["seconds"] = round(time.perf_counter() - started, 3)
         log.info("auto_tune trial: %s", json.dumps(row))
         if path is not None:
