@@ -236,12 +236,10 @@ def tune(ucfg, data_cfg, ctx, run_dir: Path | None, train_trial) -> tuple[object
     """(the config with the chosen lr, what to record in metrics.json). `train_trial(cfg)`
     trains a method from the starting weights with `cfg` and leaves the model trained; the
     trained tensors are put back after each trial's score."""
-    from kuda_cli.data.facts import load_facts, split_facts
+    from kuda_cli.data.kinds import kind_of
 
     spec = ucfg.auto_tune
-    forget_facts, retain_facts = split_facts(
-        load_facts(data_cfg.path), list(data_cfg.forget_domains), list(data_cfg.retain_domains)
-    )
+    forget_facts, retain_facts = kind_of(data_cfg).fact_sets(data_cfg)
     scorer = Scorer(ctx.model, ctx.tokenizer, forget_facts, retain_facts, ctx.seed)
     done = read_trials(run_dir)
     path = run_dir / TUNE_DIR / TRIALS_FILE if run_dir else None
