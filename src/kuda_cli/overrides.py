@@ -66,14 +66,27 @@ def rewrite_model_shortcut(overrides: list[str]) -> list[str]:
     return out
 
 
-def data_kind(option: str) -> str | None:
+def search_dirs(overrides: list[str]) -> list[Path]:
+    """kuda's conf/ and the `file://` directories a `hydra.searchpath=[...]` override adds
+    (where a plug-in's options live)."""
+    dirs = [conf_dir()]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == "hydra.searchpath":
+            entries = [e.strip().strip("'\"") for e in value.strip("[]").split(",")]
+            dirs += [Path(e.removeprefix("file://")) for e in entries if e.startswith("file://")]
+    return dirs
+
+
+def data_kind(option: str, dirs: list[Path] | None = None) -> str | None:
     """The kind of a data option: the schema its YAML starts from (/schema/data/<kind>)."""
-    path = conf_dir() / "data" / f"{option}.yaml"
-    if not path.is_file():
-        return None
-    for entry in yaml.safe_load(path.read_text()).get("defaults", []):
-        if isinstance(entry, str) and entry.startswith("/schema/data/"):
-            return entry.removeprefix("/schema/data/").split("@")[0]
+    for directory in dirs or [conf_dir()]:
+        path = directory / "data" / f"{option}.yaml"
+        if path.is_file():
+            for entry in yaml.safe_load(path.read_text()).get("defaults", []):
+                if isinstance(entry, str) and entry.startswith("/schema/data/"):
+                    return entry.removeprefix("/schema/data/").split("@")[0]
+            return None
     return None
 
 
@@ -85,7 +98,7 @@ def fit_eval_to_data(overrides: list[str]) -> list[str]:
     data = [o.partition("=")[2] for o in overrides if o.partition("=")[0] == "data"]
     if not data or "," in data[-1]:
         return overrides
-    kind = data_kind(data[-1])
+    kind = data_kind(data[-1], search_dirs(overrides))
     fitting = get_kind(kind).eval_option if kind else None
     return [*overrides, f"eval={fitting}"] if fitting else overrides
 
