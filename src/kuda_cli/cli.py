@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from kuda_cli.compose import GROUPS, conf_dir, default_options, group_options, register
 from kuda_cli.config import STAGES
 from kuda_cli.errors import UserError
+from kuda_cli.hydra_private import args_parser
 from kuda_cli.overrides import apply_choice, fit_eval_to_data, rewrite_model_shortcut
 from kuda_cli.planning import plan, sweep_summary
 
@@ -184,11 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from hydra._internal.utils import get_args_parser
-
     # intermixed: flags may come between overrides (`kuda unlearn a=1 -m b=2,3`), as in Hydra's
     # examples; plain parse_known_args would take `b=2,3` for an unknown flag
-    args, unknown = get_args_parser().parse_known_intermixed_args(rest)
+    args, unknown = args_parser().parse_known_intermixed_args(rest)
     if unknown:
         print(f"kuda: unknown flag {unknown[0]}; see kuda --help", file=sys.stderr)
         return 2
