@@ -97,10 +97,9 @@ def help_text() -> str:
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
-    from kuda_cli import requires
+    from kuda_cli.checks import require_once, validate_once
     from kuda_cli.run import Run, completed_with
     from kuda_cli.stages import STAGE_FUNCTIONS
-    from kuda_cli.validate import validate
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
@@ -112,8 +111,10 @@ def hydra_entry(cfg: DictConfig) -> None:
         return
     run = Run(out_dir, cfg)
     try:
-        validate(cfg)
-        requires.check(cfg)  # on a cluster node this is where the GPU is checked
+        # what planning checked in this process is not checked again; a job on a SLURM node,
+        # a process of its own, checks everything there, the GPU included
+        validate_once(cfg)
+        require_once(cfg)
         run = Run.start(out_dir, cfg, list(hydra_cfg.overrides.task))
         log.info("kuda %s: run directory %s", cfg.stage, out_dir)
         STAGE_FUNCTIONS[cfg.stage](cfg, run)
