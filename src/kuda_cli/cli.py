@@ -4,7 +4,8 @@ Before Hydra creates anything, the command composes the config of every job it i
 (each combination of a multirun sweep) and validates it, so a bad key, option, type or value ends
 with one line on stderr, exit status 2, and no run directory. The run directory is resolved here
 (`kuda_cli.planning`) and passed to Hydra explicitly: the directory that was checked is the one
-that is written.
+that is written. A job checks only what planning did not check in its process
+(`kuda_cli.checks`): on a SLURM node, everything, the GPU included.
 """
 
 from __future__ import annotations

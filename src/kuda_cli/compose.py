@@ -1,5 +1,5 @@
-"""Composing kuda's config: the conf/ tree, the schemas and resolvers Hydra needs, and errors
-explained in one line.
+"""Composing kuda's config: the conf/ tree, the schemas and resolvers Hydra needs, Hydra's config
+loader over them, and errors explained in one line.
 
 Nothing registers on import: `register()` (called by `compose` and by the command's entry) puts
 the structured-config schemas into Hydra's ConfigStore and the resolvers into OmegaConf, once.
