@@ -4,7 +4,8 @@ Before Hydra creates anything, the command composes the config of every job it i
 (each combination of a multirun sweep) and validates it, so a bad key, option, type or value ends
 with one line on stderr, exit status 2, and no run directory. The run directory is resolved here
 (`kuda_cli.planning`) and passed to Hydra explicitly: the directory that was checked is the one
-that is written.
+that is written. A job checks only what planning did not check in its process
+(`kuda_cli.checks`): on a SLURM node, everything, the GPU included.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from kuda_cli.compose import GROUPS, conf_dir, default_options, group_options, register
 from kuda_cli.config import STAGES
 from kuda_cli.errors import UserError
+from kuda_cli.hydra_private import args_parser
 from kuda_cli.overrides import apply_choice, fit_eval_to_data, rewrite_model_shortcut
 from kuda_cli.planning import plan, sweep_summary
 
@@ -96,10 +98,9 @@ def help_text() -> str:
 
 @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
 def hydra_entry(cfg: DictConfig) -> None:
-    from kuda_cli import requires
+    from kuda_cli.checks import require_once, validate_once
     from kuda_cli.run import Run, completed_with
     from kuda_cli.stages import STAGE_FUNCTIONS
-    from kuda_cli.validate import validate
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
@@ -111,8 +112,10 @@ def hydra_entry(cfg: DictConfig) -> None:
         return
     run = Run(out_dir, cfg)
     try:
-        validate(cfg)
-        requires.check(cfg)  # on a cluster node this is where the GPU is checked
+        # what planning checked in this process is not checked again; a job on a SLURM node,
+        # a process of its own, checks everything there, the GPU included
+        validate_once(cfg)
+        require_once(cfg)
         run = Run.start(out_dir, cfg, list(hydra_cfg.overrides.task))
         log.info("kuda %s: run directory %s", cfg.stage, out_dir)
         STAGE_FUNCTIONS[cfg.stage](cfg, run)
@@ -184,11 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from hydra._internal.utils import get_args_parser
-
     # intermixed: flags may come between overrides (`kuda unlearn a=1 -m b=2,3`), as in Hydra's
     # examples; plain parse_known_args would take `b=2,3` for an unknown flag
-    args, unknown = get_args_parser().parse_known_intermixed_args(rest)
+    args, unknown = args_parser().parse_known_intermixed_args(rest)
     if unknown:
         print(f"kuda: unknown flag {unknown[0]}; see kuda --help", file=sys.stderr)
         return 2

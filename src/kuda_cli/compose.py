@@ -1,5 +1,5 @@
-"""Composing kuda's config: the conf/ tree, the schemas and resolvers Hydra needs, and errors
-explained in one line.
+"""Composing kuda's config: the conf/ tree, the schemas and resolvers Hydra needs, Hydra's config
+loader over them, and errors explained in one line.
 
 Nothing registers on import: `register()` (called by `compose` and by the command's entry) puts
 the structured-config schemas into Hydra's ConfigStore and the resolvers into OmegaConf, once.
@@ -9,7 +9,10 @@ Scripts compose a config with `compose(overrides)` and nothing else.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +20,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from kuda_cli.config import SCHEMAS, STAGES
 from kuda_cli.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from hydra.core.config_loader import ConfigLoader
 
 GROUPS = ("model", "data", "locate", "unlearn", "eval", "experiment")
 
@@ -133,12 +139,29 @@ def explain_composition_error(err: Exception) -> str:
     return " ".join(line.strip() for line in text if line.strip())[:300] or type(err).__name__
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
+@contextmanager
+def _initialized() -> Iterator[None]:
+    """Hydra initialized over conf/, as `@hydra.main` initializes it, for the block's length."""
     from hydra import initialize_config_dir
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="kuda"):
+        yield
+
+
+@contextmanager
+def config_loader() -> Iterator[ConfigLoader]:
+    """Hydra's loader of the config tree: what a `glob(...)` sweep lists a group's options with."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    with _initialized():
+        yield GlobalHydra.instance().config_loader()
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hydra_compose
+
+    with _initialized():
         try:
             return hydra_compose("config", overrides=overrides, return_hydra_config=True)
         except UserError:

@@ -3,16 +3,21 @@ the evaluation that fits the data, a tuning choice file, and a sweep expanded in
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.compose import conf_dir, group_options
+from kuda_cli.compose import conf_dir, config_loader, explain_composition_error, group_options
 from kuda_cli.data.kinds import get_kind
 from kuda_cli.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -104,16 +109,39 @@ def fit_eval_to_data(overrides: list[str]) -> list[str]:
 
 
 def job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override list of every job Hydra will launch (sweeps expanded like the basic
-    sweeper does)."""
+    """The override list of every job Hydra will launch, in the order its basic sweeper launches
+    them: one value a key (a repeated key keeps its first place and its last value), the
+    cartesian product of the sweeps (`a,b`, `choice(...)`, `range(...)`, `glob(...)`), the last
+    key varying fastest."""
     if not multirun:
         return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-    return [job for batch in batches for job in batch]
+    values: dict[str, list[str]] = {}
+    with config_loader() as loader:  # glob(...) lists the group's options
+        try:
+            for override in OverridesParser.create(loader).parse_overrides(overrides):
+                key = override.get_key_element()
+                values[key] = [f"{key}={value}" for value in _values(override)]
+        except HydraException as err:  # a parse error names the override and what is wrong
+            raise ConfigError(explain_composition_error(err)) from err
+    return [list(job) for job in itertools.product(*values.values())]
+
+
+def _values(override: Override) -> list[str]:
+    """The values one override takes across a sweep, as override syntax."""
+    if not override.is_sweep_override():
+        return [override.get_value_element_as_str()]
+    if not override.is_discrete_sweep():
+        raise ConfigError(
+            f"{override.input_line}: Hydra's basic sweeper enumerates lists, choice(), range() "
+            "and glob(), not interval(); list the values to run"
+        )
+    values = list(override.sweep_string_iterator())
+    if not values:  # an empty range() or a glob() that matches no option: no job would run
+        raise ConfigError(f"{override.input_line} sweeps over no value; check the range or glob")
+    return values
 
 
 def sweeper_params(cfg: DictConfig) -> list[str]:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from kuda_cli import distributed
+from kuda_cli.checks import forget_checked, require_once, validate_once
 from kuda_cli.compose import compose, explain_omegaconf
 from kuda_cli.config import STAGES
 from kuda_cli.errors import ConfigError
@@ -44,9 +45,7 @@ def preflight(stage: str, overrides: list[str], multirun: bool) -> list[str]:
 def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = False) -> Plan:
     """`preflight`, plus what a sweep needs to skip its completed jobs and report at the end.
     `printing` (--cfg): the config is printed and nothing runs; requirements are not checked."""
-    from kuda_cli import requires
     from kuda_cli.run import config_hashes
-    from kuda_cli.validate import validate
 
     if any(o.partition("=")[0].lstrip("+~") == "stage" for o in overrides):
         raise ConfigError(
@@ -54,6 +53,7 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
             f"first word: kuda {'|'.join(STAGES)} ..."
         )
     overrides = [*overrides, f"stage={stage}"]
+    forget_checked()
     jobs = job_override_lists(overrides, multirun)
     params = sweeper_params(compose(jobs[0]))
     if params and not multirun and not printing:
@@ -66,16 +66,16 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
     for job in jobs:
         cfg = compose(job)
         try:
-            validate(cfg)
+            validate_once(cfg)
         except OmegaConfBaseException as err:  # an interpolation that cannot resolve
             raise ConfigError(explain_omegaconf(err)) from err
         cfgs.append(cfg)
     first = cfgs[0]
     if not printing:
         launcher = str(OmegaConf.select(first, "hydra.launcher._target_", default="") or "")
-        on_cluster = multirun and "Slurm" in launcher  # the GPU is checked in the job
+        on_cluster = multirun and "Slurm" in launcher  # the GPU is checked in the job, there
         for cfg in cfgs:
-            requires.check(cfg, gpu=not on_cluster)
+            require_once(cfg, gpu=not on_cluster)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")), None)
     target = Path(chosen or OmegaConf.select(first, key))
