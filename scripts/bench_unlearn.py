@@ -18,9 +18,9 @@ float64 second moment) and of the eigendecomposition alone.
     python scripts/bench_unlearn.py --shape zephyr-7b --plan [--gpus 4] [--batch 4 --seq 512]
 
 `--plan` measures nothing: it prints the peak GPU memory of every phase of every method as
-`kuda_cli.unlearn.memory` predicts it from the shapes alone (the model built on the meta device,
-each method's config composed from conf/unlearn/ as `kuda unlearn unlearn=NAME` would), with a
-verdict per method, in seconds on any machine.
+`kuda_cli.unlearn.memory_plan` predicts it from the shapes alone (the model built on the meta
+device, each method's config composed from conf/unlearn/ as `kuda unlearn unlearn=NAME` would),
+with a verdict per method, in seconds on any machine.
 
 `--shape` builds a randomly initialised model with the exact shapes of the 7B model, in bf16 on
 the device (no download); the timings and memory do not depend on the weights' values. Each
@@ -425,7 +425,7 @@ def shape_config(shape: str):
 
 
 def plans(shape: str, batch: int, seq: int, gpus: int, layers: list[int]) -> list:
-    """kuda_cli.unlearn.memory's plans of every method at `shape`: KUDA and RMU on one GPU; the
+    """kuda_cli.unlearn.memory_plan's plans of every method at `shape`: KUDA and RMU on one GPU; the
     full-parameter baselines sharded with FSDP2 over `gpus` GPUs, then on one GPU without
     sharding, then with LoRA on one GPU. Each config is conf/unlearn/<method>.yaml's (RMU at 7B:
     rmu_zephyr.yaml) with the batch and length given; `layers` where the method trains the
@@ -462,7 +462,8 @@ def print_plan(shape: str, batch: int, seq: int, gpus: int, layers: list[int]) -
     )
     print(
         f"weights {first.bf16_weights / 2 / 1e9:.2f}B parameters = {gib(first.bf16_weights)} GiB "
-        f"in bf16; 80 GB = {gib(memory_plan.GPU_BYTES)} GiB (kuda_cli.unlearn.memory, meta device)"
+        f"in bf16; 80 GB = {gib(memory_plan.GPU_BYTES)} GiB "
+        "(kuda_cli.unlearn.memory_plan, meta device)"
     )
     head = "".join(f"{p[:11]:>12}" for p in memory_plan.PHASES)
     print(f"{'method':<9}{'setting':<20}{'trained':>9}{head}{'peak':>9}{'x bf16':>8}")

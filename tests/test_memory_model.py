@@ -1,4 +1,4 @@
-"""The memory model (`kuda_cli.unlearn.memory`) against the real code on the CPU, and
+"""The memory model (`kuda_cli.unlearn.memory_plan`) against the real code on the CPU, and
 scripts/bench_unlearn.py's `--plan` and its guard against a child process that dies.
 
 Each scenario runs in a fresh process (`bench_unlearn.run_isolated`): the model is built, then
@@ -7,7 +7,7 @@ float32 masters), the gradient-conflict diagnostic as `kuda unlearn` calls it, a
 steps with an intermediate and a final checkpoint. Memory is what torch's CPU allocator holds, from
 the profiler's memory events (torch 2.13 has no CPU allocator statistics; RSS would add glibc's
 retained pages and the interpreter): tensors only, as `torch.cuda.max_memory_allocated` counts
-them on a GPU. Each phase's peak must be within 20% of `memory.plan`'s prediction for the CPU.
+them on a GPU. Each phase's peak must be within 20% of `memory_plan.plan`'s prediction for the CPU.
 
 Models, in bf16 (the 7B runs' dtype, which takes the master-weights path; this CPU has bf16
 matrix units): the 7B widths (hidden 4096, d_ff 14336, 32/8 heads, vocab 32000) with two layers
