@@ -496,12 +496,12 @@ def verdict(name: str, mine: list, gpus: int) -> str:
 
     main = mine[0]
     if name == "kuda":
-        under = main.ratio <= memory_plan.KUDA_TARGET
+        under = main.ratio <= main.target
         ok = main.fits()
         return (
             f"verdict kuda: {'yes' if ok else 'NO'}: peak {gib(main.peak)} GiB in {main.peak_phase}"
             f" = {main.ratio:.2f}x the bf16 weights ({'<=' if under else '>'} "
-            f"{memory_plan.KUDA_TARGET}x), {gb(main)} on one GPU"
+            f"{main.target}x), {gb(main)} on one GPU"
         )
     if name not in FULL_PARAMETER:
         return (

@@ -44,7 +44,6 @@ from kuda_cli.unlearn.nullspace import STREAM_ROWS
 
 GIB = 2**30
 GPU_BYTES = 80 * 10**9  # an 80 GB GPU
-KUDA_TARGET = 1.3  # KUDA's peak / bf16 weights
 PHASES = ("load", "originals", "spectra", "diagnostics", "step", "save")
 RECORD_BATCH = 8  # sequences per forward in record_sites and key_moments
 
@@ -59,8 +58,6 @@ PER_TOKEN = {
     "forward_tmp": (0, 20),  # float32 temporaries of the norms and the losses
     "backward_tmp": (4, 6),  # gradient buffers inside a layer's backward
     "backward_fp32": (0, 16),  # ... and of a float32 loss on hidden states
-    "kuda_site": (0, 8),  # KUDA's cosine, per site: float32 copies of h and h0
-    "rmu_mse": (0, 4),  # RMU's MSE: the float32 difference
 }
 # x vocab: the log-softmax kept for backward, the forward's and backward's temporaries at the
 # logits (their float copy, the gradient), and a no-grad forward's peak there (reference log-p)
@@ -87,6 +84,10 @@ class Dims:
         ffn, hidden = PER_TOKEN[key]
         return (ffn * self.ffn + hidden * self.hidden) * e / 2
 
+    def per_site(self, site_bytes: int, e: int) -> float:
+        """Per token: what a loss keeps at one hidden-state site (`Method.LossReach`)."""
+        return site_bytes * self.hidden * e / 2
+
     def per_vocab(self, key: str, e: int) -> float:
         return PER_TOKEN_VOCAB[key] * self.vocab * e / 2
 
@@ -111,6 +112,7 @@ class Plan:
     weights: int  # bytes as loaded
     bf16_weights: int  # parameters x 2
     trained: int  # trained elements
+    target: float | None = None  # the method's `memory_target`: the most its peak / bf16 weights
     phases: dict[str, dict[str, float] | None] = field(default_factory=dict)  # None: not run
 
     def total(self, phase: str) -> float | None:
@@ -130,8 +132,8 @@ class Plan:
         return self.peak / self.bf16_weights
 
     def fits(self) -> bool:
-        """Under 80 GB per GPU, and for KUDA at most 1.3x the bf16 weights."""
-        return self.peak < GPU_BYTES and (self.method != "kuda" or self.ratio <= KUDA_TARGET)
+        """Under 80 GB per GPU, and at most the method's target x the bf16 weights if it has one."""
+        return self.peak < GPU_BYTES and (self.target is None or self.ratio <= self.target)
 
 
 def meta_model(config, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -168,25 +170,10 @@ def _layer_of(name: str, adapter) -> int | None:
     return int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else None
 
 
-def _loss_shape(method, d: Dims) -> tuple[int, bool, str | None, int]:
-    """(the last layer the forget loss runs, whether it reaches the logits, its per-site cost
-    key, the number of sites)."""
-    from kuda_cli.unlearn.methods.kuda import Kuda
-    from kuda_cli.unlearn.methods.rmu import Rmu
-
-    if isinstance(method, Rmu):
-        return method.steer_layer, False, "rmu_mse", 1
-    if isinstance(method, Kuda):
-        return max(method.trained_layers), False, "kuda_site", len(method.trained_layers)
-    return d.layers - 1, True, None, 0
-
-
 def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> Plan:
     """Every phase's predicted peak for `cfg` (a method's config dataclass) on `model` (meta or
     real: only shapes are read), training `layers` where the method trains located ones."""
-    from kuda_cli.unlearn.methods.kuda import Kuda
-    from kuda_cli.unlearn.methods.npo import Npo
-    from kuda_cli.unlearn.methods.rmu import Rmu
+    from kuda_cli.unlearn.methods import Method
 
     method = method_for(cfg, model, adapter, layers)
     d = Dims.of(model.config)
@@ -212,7 +199,7 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
     mode = f"FSDP2 x{gpus}" if shard else f"{gpus} GPU" + ("s" if gpus > 1 else "")
     if cfg.lora.enabled:
         mode = f"LoRA r={cfg.lora.r}, {mode}"
-    out = Plan(cfg.method, mode, weights, n_params * 2, n_trained)
+    out = Plan(cfg.method, mode, weights, n_params * 2, n_trained, target=method.memory_target)
 
     # the layers autograd runs through, and what each keeps
     by_layer: dict[int | None, list[str]] = {}
@@ -230,23 +217,24 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
             return d.per_token("down_input", e)
         return d.per_token("frozen_layer", e) + (d.per_token("down_input", e) if names else 0)
 
-    def one_pass(last: int, logits: bool, site: str | None, n_sites: int) -> dict[str, float]:
-        """Per token: what a training forward to layer `last` keeps, and its temporaries."""
-        keep = sum(kept(i) for i in range(first, last + 1))
+    def one_pass(reach: Method.LossReach) -> dict[str, float]:
+        """Per token: what a training forward to layer `reach.last_layer` keeps, and its
+        temporaries."""
+        keep = sum(kept(i) for i in range(first, reach.last_layer + 1))
         fwd, bwd = d.per_token("forward_tmp", e), d.per_token("backward_tmp", e)
-        if site:
-            keep += n_sites * d.per_token(site, e)
+        if reach.sites:
+            keep += reach.sites * d.per_site(reach.site_bytes, e)
             bwd = max(bwd, d.per_token("backward_fp32", e))
-        if logits:
+        if reach.logits:
             keep += d.per_vocab("log_softmax", e)
             fwd = max(fwd, d.per_vocab("forward_tmp", e))
             bwd = max(bwd, d.per_vocab("backward_tmp", e))
         return {"kept": keep, "fwd": fwd, "bwd": bwd}
 
-    last, logits, site, n_sites = _loss_shape(method, d)
-    forget_pass = one_pass(last, logits, site, n_sites)
-    model_nll = one_pass(d.layers - 1, True, None, 0)  # sequence_nll: every layer, the logits
-    retain_pass = forget_pass if isinstance(method, Rmu) else model_nll
+    forget_pass = one_pass(method.forget_reach(d.layers))
+    retain_pass = one_pass(method.retain_reach(d.layers))
+    # the gradient-conflict diagnostic's retain NLL: every layer, the logits
+    model_nll = one_pass(Method.LossReach(d.layers - 1, logits=True))
 
     def training(n_tok: int, passes: list[dict], grads: float, grad_tmp: float) -> dict:
         """The worst moment of forward + backward: the forward's end, the backward's start, or
@@ -277,16 +265,16 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
         masters = 4.0 * n_trained if cfg.master_weights and e < 4 else 0.0
         grad_bytes = 4.0 * n_trained if masters else sum(k * b for k, b in trained.values())
     state_bytes = 2 * grad_bytes if cfg.optimizer == "adamw" else 0.0
-    ns = cfg.nullspace if isinstance(method, Kuda) and cfg.nullspace.enabled else None
+    ns = method.nullspace_settings
     # nullspace.device: `auto` keeps moments, spectra and projectors on the host for a GPU model
     on_host = ns is not None and not cpu and ns.device in ("auto", "host")
 
     # ------------------------------------------------------------------ originals
     store = 0.0
-    if isinstance(method, Kuda) or (isinstance(method, Rmu) and method.needs_retain):
+    if method.recorded_sites:
         items = RECORD_BATCH if work.stored_items is None else work.stored_items
         n_rec = min(RECORD_BATCH, max(items, 1)) * work.seq
-        sites = n_sites * d.hidden * e
+        sites = method.recorded_sites * d.hidden * e
         store = items * work.seq * sites  # on the host
         parts = {**resident, "no-grad forward": n_rec * d.per_token("nograd_layer", e)}
         # on the CPU the stored rows are views of the recorded batch
@@ -294,7 +282,7 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
             store if cpu else n_rec * sites
         )
         out.phases["originals"] = parts
-    elif isinstance(method, Npo):
+    elif method.precomputes_reference:
         n_ref = cfg.batch_size * work.seq
         worst = max(d.per_token("nograd_layer", e), d.per_vocab("nograd", e))
         out.phases["originals"] = {**resident, **gathered, "no-grad forward": n_ref * worst}
