@@ -34,8 +34,10 @@ allocates.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -173,54 +175,173 @@ def _layer_of(name: str, adapter) -> int | None:
 def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> Plan:
     """Every phase's predicted peak for `cfg` (a method's config dataclass) on `model` (meta or
     real: only shapes are read), training `layers` where the method trains located ones."""
-    from kuda_cli.unlearn.methods import Method
+    run = _Run.of(cfg, model, adapter, layers, work)
+    target = run.method.memory_target
+    out = Plan(cfg.method, run.mode, run.weights, run.n_params * 2, run.n_trained, target=target)
+    out.phases["load"] = _load(run)
+    held = _Held.of(run)
+    out.phases["originals"] = _originals(run, held)
+    if run.cpu and run.stored:
+        held.resident["stored originals (host)"] = run.stored
+    out.phases["spectra"] = _spectra(run, held)
+    if held.masters:
+        held.resident["float32 masters"] = held.masters
+    if run.projectors:
+        held.resident["projectors (float32)"] = run.projectors
+    # the diagnostic is skipped on sharded parameters
+    out.phases["diagnostics"] = None if run.shard else _diagnostics(run, held)
+    out.phases["step"] = _step(run, held)
+    out.phases["save"] = _save(run, held)
+    return out
 
-    method = method_for(cfg, model, adapter, layers)
-    d = Dims.of(model.config)
-    params = list(model.parameters())
-    e = params[0].element_size()
-    n_params = sum(p.numel() for p in params)
-    weights = sum(p.numel() * p.element_size() for p in params)
-    full = "all" in cfg.trainable
-    shard = work.shard
-    if shard is None:
-        shard = cfg.shard == "fsdp" or (cfg.shard == "auto" and work.gpus > 1 and full)
-    if cfg.lora.enabled:
-        sizes = lora_shapes(model, adapter, cfg, None if full else method.trained_layers)
-        weights += sum(sizes.values()) * e
-        trained = {n: (k, e) for n, k in sizes.items()}
-    else:
-        chosen = method.trainable_parameters()
-        trained = {n: (p.numel(), p.element_size()) for n, p in chosen.items()}
-    n_trained = sum(k for k, _ in trained.values())
-    biggest = max(k for k, _ in trained.values())
-    cpu, gpus = work.device == "cpu", work.gpus
-    tokens = math.ceil(work.batch / gpus) * work.seq
-    mode = f"FSDP2 x{gpus}" if shard else f"{gpus} GPU" + ("s" if gpus > 1 else "")
-    if cfg.lora.enabled:
-        mode = f"LoRA r={cfg.lora.r}, {mode}"
-    out = Plan(cfg.method, mode, weights, n_params * 2, n_trained, target=method.memory_target)
 
-    # the layers autograd runs through, and what each keeps
-    by_layer: dict[int | None, list[str]] = {}
-    for name in trained:
-        by_layer.setdefault(_layer_of(name, adapter), []).append(name)
-    first = 0 if None in by_layer else min(by_layer)
+@dataclass
+class _Run:
+    """What every phase of one plan reads: the config, the method, the shapes, the trained
+    tensors, the workload; and the per-token cost of the training forwards."""
 
-    def kept(i: int) -> float:
-        names = by_layer.get(i, [])
-        down = adapter.module_name("down_proj", i) + "."
+    cfg: Any
+    method: Any
+    adapter: Any
+    work: Workload
+    d: Dims
+    e: int  # bytes per element of the weights
+    n_params: int
+    layer_params: int  # parameters of one decoder layer
+    largest_param: int  # elements of the largest parameter
+    weights: int  # bytes as loaded (LoRA: with the adapters)
+    trained: dict[str, tuple[int, int]]  # name -> (elements, bytes per element)
+    shard: bool  # FSDP2
+
+    @classmethod
+    def of(cls, cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> _Run:
+        method = method_for(cfg, model, adapter, layers)
+        params = list(model.parameters())
+        e = params[0].element_size()
+        weights = sum(p.numel() * p.element_size() for p in params)
+        full = "all" in cfg.trainable
+        if cfg.lora.enabled:
+            sizes = lora_shapes(model, adapter, cfg, None if full else method.trained_layers)
+            weights += sum(sizes.values()) * e
+            trained = {n: (k, e) for n, k in sizes.items()}
+        else:
+            chosen = method.trainable_parameters()
+            trained = {n: (p.numel(), p.element_size()) for n, p in chosen.items()}
+        shard = work.shard
+        if shard is None:
+            shard = cfg.shard == "fsdp" or (cfg.shard == "auto" and work.gpus > 1 and full)
+        layer = adapter.module(model, "layer", 0)
+        return cls(
+            cfg,
+            method,
+            adapter,
+            work,
+            Dims.of(model.config),
+            e,
+            n_params=sum(p.numel() for p in params),
+            layer_params=sum(p.numel() for p in layer.parameters()),
+            largest_param=max(p.numel() for p in params),
+            weights=weights,
+            trained=trained,
+            shard=shard,
+        )
+
+    @property
+    def mode(self) -> str:
+        """ "1 GPU", "FSDP2 x4", "LoRA r=16, 1 GPU"."""
+        gpus = self.work.gpus
+        mode = f"FSDP2 x{gpus}" if self.shard else f"{gpus} GPU" + ("s" if gpus > 1 else "")
+        return f"LoRA r={self.cfg.lora.r}, {mode}" if self.cfg.lora.enabled else mode
+
+    @property
+    def cpu(self) -> bool:
+        return self.work.device == "cpu"
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per step on one process."""
+        return math.ceil(self.work.batch / self.work.gpus) * self.work.seq
+
+    @property
+    def n_trained(self) -> int:
+        return sum(k for k, _ in self.trained.values())
+
+    @property
+    def biggest(self) -> int:
+        """Elements of the largest trained tensor."""
+        return max(k for k, _ in self.trained.values())
+
+    @property
+    def nullspace(self) -> Any:
+        """The method's null-space settings when it projects its update, else None."""
+        return self.method.nullspace_settings
+
+    @property
+    def on_host(self) -> bool:
+        """nullspace.device: `auto` keeps moments, spectra and projectors on the host for a GPU
+        model."""
+        ns = self.nullspace
+        return ns is not None and not self.cpu and ns.device in ("auto", "host")
+
+    @property
+    def recorded_items(self) -> int:
+        return RECORD_BATCH if self.work.stored_items is None else self.work.stored_items
+
+    @property
+    def recorded_row(self) -> int:
+        """Bytes per token of the sites whose originals `prepare` records."""
+        return self.method.recorded_sites * self.d.hidden * self.e
+
+    @property
+    def stored(self) -> float:
+        """Bytes of the originals `prepare` stores (on the host)."""
+        if not self.method.recorded_sites:
+            return 0.0
+        return self.recorded_items * self.work.seq * self.recorded_row
+
+    @property
+    def projectors(self) -> float:
+        """Bytes of the float32 projectors kept on the device during training."""
+        if self.nullspace is None or self.on_host:
+            return 0.0
+        return len(self.method.trained_layers) * float(self.d.ffn) ** 2 * 4
+
+    @property
+    def key_tokens(self) -> int:
+        """Tokens per forward of the null-space key pass."""
+        ns = self.nullspace
+        samples = ns.samples if self.work.key_samples is None else self.work.key_samples
+        return min(RECORD_BATCH, samples) * self.work.seq
+
+    @functools.cached_property
+    def by_layer(self) -> dict[int | None, list[str]]:
+        """The trained tensors by decoder layer (None: outside the layers)."""
+        out: dict[int | None, list[str]] = {}
+        for name in self.trained:
+            out.setdefault(_layer_of(name, self.adapter), []).append(name)
+        return out
+
+    @property
+    def first(self) -> int:
+        """The first layer autograd runs through."""
+        return 0 if None in self.by_layer else min(self.by_layer)
+
+    def kept(self, i: int) -> float:
+        """Per token: what autograd keeps of decoder layer `i` in a training forward."""
+        d, e, names = self.d, self.e, self.by_layer.get(i, [])
+        down = self.adapter.module_name("down_proj", i) + "."
         only_down = bool(names) and all(n.startswith(down) for n in names)
-        if full or (names and not only_down):
+        if "all" in self.cfg.trainable or (names and not only_down):
             return d.per_token("trained_layer", e)
-        if i == first:
+        if i == self.first:
             return d.per_token("down_input", e)
         return d.per_token("frozen_layer", e) + (d.per_token("down_input", e) if names else 0)
 
-    def one_pass(reach: Method.LossReach) -> dict[str, float]:
+    def one_pass(self, reach) -> dict[str, float]:
         """Per token: what a training forward to layer `reach.last_layer` keeps, and its
-        temporaries."""
-        keep = sum(kept(i) for i in range(first, reach.last_layer + 1))
+        temporaries (`reach`: a `Method.LossReach`)."""
+        d, e = self.d, self.e
+        keep = sum(self.kept(i) for i in range(self.first, reach.last_layer + 1))
         fwd, bwd = d.per_token("forward_tmp", e), d.per_token("backward_tmp", e)
         if reach.sites:
             keep += reach.sites * d.per_site(reach.site_bytes, e)
@@ -231,14 +352,25 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
             bwd = max(bwd, d.per_vocab("backward_tmp", e))
         return {"kept": keep, "fwd": fwd, "bwd": bwd}
 
-    forget_pass = one_pass(method.forget_reach(d.layers))
-    retain_pass = one_pass(method.retain_reach(d.layers))
-    # the gradient-conflict diagnostic's retain NLL: every layer, the logits
-    model_nll = one_pass(Method.LossReach(d.layers - 1, logits=True))
+    @functools.cached_property
+    def forget_pass(self) -> dict[str, float]:
+        return self.one_pass(self.method.forget_reach(self.d.layers))
 
-    def training(n_tok: int, passes: list[dict], grads: float, grad_tmp: float) -> dict:
+    @functools.cached_property
+    def retain_pass(self) -> dict[str, float]:
+        return self.one_pass(self.method.retain_reach(self.d.layers))
+
+    @functools.cached_property
+    def nll_pass(self) -> dict[str, float]:
+        """The gradient-conflict diagnostic's retain NLL: every layer, the logits."""
+        from kuda_cli.unlearn.methods import Method
+
+        return self.one_pass(Method.LossReach(self.d.layers - 1, logits=True))
+
+    def training(self, n_tok: int, passes: list[dict], grads: float, grad_tmp: float) -> dict:
         """The worst moment of forward + backward: the forward's end, the backward's start, or
         its end (all gradients, the activations gone)."""
+        e, biggest = self.e, self.biggest
         act = n_tok * sum(p["kept"] for p in passes)
         fwd = act + n_tok * max(p["fwd"] for p in passes)
         bwd = act + max(n_tok * max(p["bwd"] for p in passes), grad_tmp)
@@ -251,135 +383,162 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
             }
         return {"activations": act, "temporaries": worst - act}
 
-    # ------------------------------------------------------------------ load
-    layer_params = sum(p.numel() for p in adapter.module(model, "layer", 0).parameters())
-    root_params = n_params - d.layers * layer_params
-    out.phases["load"] = {"weights": weights}
-    if shard:
-        out.phases["load"]["one layer in float32 while sharding"] = 2 * layer_params
-        resident = {"float32 parameter shards": 4 * n_params / gpus}
-        gathered = {"all-gathered root and two layers": e * (root_params + 2 * layer_params)}
-        masters, grad_bytes = 0.0, 4 * n_params / gpus
-    else:
-        resident, gathered = {"weights": weights}, {}
-        masters = 4.0 * n_trained if cfg.master_weights and e < 4 else 0.0
-        grad_bytes = 4.0 * n_trained if masters else sum(k * b for k, b in trained.values())
-    state_bytes = 2 * grad_bytes if cfg.optimizer == "adamw" else 0.0
-    ns = method.nullspace_settings
-    # nullspace.device: `auto` keeps moments, spectra and projectors on the host for a GPU model
-    on_host = ns is not None and not cpu and ns.device in ("auto", "host")
 
-    # ------------------------------------------------------------------ originals
-    store = 0.0
-    if method.recorded_sites:
-        items = RECORD_BATCH if work.stored_items is None else work.stored_items
-        n_rec = min(RECORD_BATCH, max(items, 1)) * work.seq
-        sites = method.recorded_sites * d.hidden * e
-        store = items * work.seq * sites  # on the host
-        parts = {**resident, "no-grad forward": n_rec * d.per_token("nograd_layer", e)}
-        # on the CPU the stored rows are views of the recorded batch
-        parts["stored originals (host)" if cpu else "recorded sites"] = (
-            store if cpu else n_rec * sites
-        )
-        out.phases["originals"] = parts
-    elif method.precomputes_reference:
-        n_ref = cfg.batch_size * work.seq
-        worst = max(d.per_token("nograd_layer", e), d.per_vocab("nograd", e))
-        out.phases["originals"] = {**resident, **gathered, "no-grad forward": n_ref * worst}
-    else:
-        out.phases["originals"] = dict(resident)
-    if cpu and store:
-        resident["stored originals (host)"] = store
+@dataclass
+class _Held:
+    """What the device holds from phase to phase (`resident`, grown as the phases add to it),
+    and the sizes of the training state."""
 
-    # ------------------------------------------------------------------ spectra
-    projectors = 0.0
-    out.phases["spectra"] = None
-    if ns is not None:
-        n_t, f2 = len(method.trained_layers), float(d.ffn) ** 2
-        projectors = n_t * f2 * 4
-        build = {"projectors so far": (n_t - 1) * f2 * 4, "projector build (float64)": 24 * f2}
-        if on_host:  # one key pass per layer, its moment moved to the host when summed
-            projectors = 0.0
-            samples = ns.samples if work.key_samples is None else work.key_samples
-            n_key = min(RECORD_BATCH, samples) * work.seq
-            out.phases["spectra"] = {**resident}
-            if not work.spectra_cached:
-                out.phases["spectra"]["one moment (float64)"] = f2 * 8
-                out.phases["spectra"]["keys"] = n_key * (
-                    d.ffn * (2 * e + 8) + d.per_token("nograd_layer", e)
-                )
-        elif work.spectra_cached and not cpu:  # eigenvectors on the host, projectors built there
-            out.phases["spectra"] = {**resident, "projectors (float32)": projectors}
-        elif work.spectra_cached:
-            out.phases["spectra"] = {**resident, "eigenvectors (float32)": n_t * f2 * 4, **build}
+    resident: dict[str, float]
+    gathered: dict[str, float]  # FSDP2: the parameters all-gathered for a forward
+    masters: float  # float32 master copies
+    grads: float
+    states: float  # AdamW's
+
+    @classmethod
+    def of(cls, run: _Run) -> _Held:
+        if run.shard:
+            gpus, layer = run.work.gpus, run.layer_params
+            root = run.n_params - run.d.layers * layer
+            resident = {"float32 parameter shards": 4 * run.n_params / gpus}
+            gathered = {"all-gathered root and two layers": run.e * (root + 2 * layer)}
+            masters, grads = 0.0, 4 * run.n_params / gpus
         else:
-            samples = ns.samples if work.key_samples is None else work.key_samples
-            n_key = min(RECORD_BATCH, samples) * work.seq
-            keys = {  # summed in place (a CPU adds each product through one shared buffer)
-                "moments (float64)": n_t * f2 * 8,
-                "keys": n_key * (d.ffn * (n_t * e + e + 8) + d.per_token("nograd_layer", e)),
-                "product buffer (CPU)": f2 * 8 if cpu else 0.0,
-            }
-            # the first layer's eigh is the worst: each moment is freed once decomposed, and a
-            # float32 copy of the eigenvectors (half its size) is all that stays
-            eigh = {
-                "moments (float64)": n_t * f2 * 8,
-                "eigh: eigenvectors + workspace (float64)": (3 * f2 + 6 * d.ffn + 1) * 8,
-            }
-            build = {"eigenvectors (float32)": n_t * f2 * 4, **build}
-            stages = [keys, eigh, build]
-            out.phases["spectra"] = {**resident, **max(stages, key=lambda s: sum(s.values()))}
-    if masters:
-        resident["float32 masters"] = masters
-    if projectors:
-        resident["projectors (float32)"] = projectors
+            resident, gathered = {"weights": run.weights}, {}
+            masters = 4.0 * run.n_trained if run.cfg.master_weights and run.e < 4 else 0.0
+            grads = 4.0 * run.n_trained if masters else sum(k * b for k, b in run.trained.values())
+        states = 2 * grads if run.cfg.optimizer == "adamw" else 0.0
+        return cls(resident, gathered, masters, grads, states)
 
-    # ------------------------------------------------------------------ diagnostics
-    out.phases["diagnostics"] = None  # skipped on sharded parameters
-    if not shard:
-        n_diag = cfg.batch_size * work.seq
-        stash = float(sum(k * b for k, b in trained.values()))
-        # the retain gradient is summed one sequence at a time
-        retain_part = training(work.seq, [model_nll], stash, e * biggest)
-        reduce = biggest * (16 + (2 * e if ns else e))  # float64 copies of both, the projection
-        if on_host:  # the projector streamed: float32 copies of the gradient, the output, a block
-            reduce += 8 * biggest + STREAM_ROWS * d.ffn * 4
-        forget_part = training(n_diag, [forget_pass], 0.0, reduce)
-        worst = max(
-            (retain_part, {}),
-            (forget_part, {"stashed retain gradients": stash}),
-            key=lambda pair: sum(pair[0].values()) + sum(pair[1].values()),
+    @property
+    def state_parts(self) -> dict[str, float]:
+        return {"AdamW states": self.states} if self.states else {}
+
+
+def _load(run: _Run) -> dict[str, float]:
+    parts = {"weights": run.weights}
+    if run.shard:
+        parts["one layer in float32 while sharding"] = 2 * run.layer_params
+    return parts
+
+
+def _originals(run: _Run, held: _Held) -> dict[str, float]:
+    """`method.prepare`: the recorded sites' originals, or NPO-like reference log-probabilities,
+    or nothing."""
+    d, e, work = run.d, run.e, run.work
+    if run.method.recorded_sites:
+        n_rec = min(RECORD_BATCH, max(run.recorded_items, 1)) * work.seq
+        parts = {**held.resident, "no-grad forward": n_rec * d.per_token("nograd_layer", e)}
+        # on the CPU the stored rows are views of the recorded batch
+        parts["stored originals (host)" if run.cpu else "recorded sites"] = (
+            run.stored if run.cpu else n_rec * run.recorded_row
         )
-        out.phases["diagnostics"] = {**resident, **worst[1], **worst[0]}
+        return parts
+    if run.method.precomputes_reference:
+        n_ref = run.cfg.batch_size * work.seq
+        worst = max(d.per_token("nograd_layer", e), d.per_vocab("nograd", e))
+        return {**held.resident, **held.gathered, "no-grad forward": n_ref * worst}
+    return dict(held.resident)
 
-    # ------------------------------------------------------------------ step
-    passes = [forget_pass, retain_pass] if method.needs_retain else [forget_pass]
-    grad_tmp = (4 + e) * biggest if masters else e * biggest
-    train_part = training(tokens, passes, grad_bytes, grad_tmp)
-    if shard:
-        train_part = {**gathered, **train_part}
-        train_part["a layer's unsharded gradients"] = (e + 4) * layer_params
-    states = {"AdamW states": state_bytes} if state_bytes else {}
+
+def _spectra(run: _Run, held: _Held) -> dict[str, float] | None:
+    """The null-space keys, eigendecompositions and projectors; None without a null space."""
+    if run.nullspace is None:
+        return None
+    n_t, f2 = len(run.method.trained_layers), float(run.d.ffn) ** 2
+    resident = held.resident
+    if run.on_host:  # one key pass per layer, its moment moved to the host when summed
+        parts = {**resident}
+        if not run.work.spectra_cached:
+            parts["one moment (float64)"] = f2 * 8
+            per_key = run.d.ffn * (2 * run.e + 8) + run.d.per_token("nograd_layer", run.e)
+            parts["keys"] = run.key_tokens * per_key
+        return parts
+    if run.work.spectra_cached and not run.cpu:  # eigenvectors on the host, projectors built there
+        return {**resident, "projectors (float32)": run.projectors}
+    build = {"projectors so far": (n_t - 1) * f2 * 4, "projector build (float64)": 24 * f2}
+    if run.work.spectra_cached:
+        return {**resident, "eigenvectors (float32)": n_t * f2 * 4, **build}
+    return {**resident, **_worst_spectra_stage(run, build)}
+
+
+def _worst_spectra_stage(run: _Run, build: dict[str, float]) -> dict[str, float]:
+    """The spectra computed on the device: the key pass, the first eigh or the projector
+    build, whichever needs most."""
+    d, e, cpu = run.d, run.e, run.cpu
+    n_t, f2 = len(run.method.trained_layers), float(d.ffn) ** 2
+    keys = {  # summed in place (a CPU adds each product through one shared buffer)
+        "moments (float64)": n_t * f2 * 8,
+        "keys": run.key_tokens * (d.ffn * (n_t * e + e + 8) + d.per_token("nograd_layer", e)),
+        "product buffer (CPU)": f2 * 8 if cpu else 0.0,
+    }
+    # the first layer's eigh is the worst: each moment is freed once decomposed, and a float32
+    # copy of the eigenvectors (half its size) is all that stays
+    eigh = {
+        "moments (float64)": n_t * f2 * 8,
+        "eigh: eigenvectors + workspace (float64)": (3 * f2 + 6 * d.ffn + 1) * 8,
+    }
+    build = {"eigenvectors (float32)": n_t * f2 * 4, **build}
+    return max([keys, eigh, build], key=lambda s: sum(s.values()))
+
+
+def _diagnostics(run: _Run, held: _Held) -> dict[str, float]:
+    """Gradient conflict: a retain backward whose gradients are stashed, then the forget
+    backward reduced per parameter in hooks."""
+    e, biggest, seq = run.e, run.biggest, run.work.seq
+    stash = float(sum(k * b for k, b in run.trained.values()))
+    # the retain gradient is summed one sequence at a time
+    retain_part = run.training(seq, [run.nll_pass], stash, e * biggest)
+    # float64 copies of both, the projection
+    reduce = biggest * (16 + (2 * e if run.nullspace is not None else e))
+    if run.on_host:  # the projector streamed: float32 copies of the gradient, the output, a block
+        reduce += 8 * biggest + STREAM_ROWS * run.d.ffn * 4
+    forget_part = run.training(run.cfg.batch_size * seq, [run.forget_pass], 0.0, reduce)
+    worst = max(
+        (retain_part, {}),
+        (forget_part, {"stashed retain gradients": stash}),
+        key=lambda pair: sum(pair[0].values()) + sum(pair[1].values()),
+    )
+    return {**held.resident, **worst[1], **worst[0]}
+
+
+def _step(run: _Run, held: _Held) -> dict[str, float]:
+    """One training step: forward and backward, or the optimiser's step, whichever needs most."""
+    e, biggest = run.e, run.biggest
+    passes = [run.forget_pass, run.retain_pass] if run.method.needs_retain else [run.forget_pass]
+    grad_tmp = (4 + e) * biggest if held.masters else e * biggest
+    train_part = run.training(run.tokens, passes, held.grads, grad_tmp)
+    if run.shard:
+        train_part = {**held.gathered, **train_part}
+        train_part["a layer's unsharded gradients"] = (e + 4) * run.layer_params
+    worst = max(train_part, _optimiser_step(run, held), key=lambda s: sum(s.values()))
+    return {**held.resident, **held.state_parts, **worst}
+
+
+def _optimiser_step(run: _Run, held: _Held) -> dict[str, float]:
+    """The gradients and the optimiser's temporaries (and the update projector's)."""
+    ns, biggest, trained = run.nullspace, run.biggest, run.trained
     projected = {n for n in trained if n.endswith("down_proj.weight")} if ns else set()
     per_tensor = ns is not None and ns.project_on == "update"  # UpdateProjector.step
     opt_tmp = 0.0
-    if state_bytes and cpu:
+    if held.states and run.cpu:
         opt_tmp = 12.0 * biggest
-    elif state_bytes and per_tensor:  # each projected tensor stepped on its own, then the rest
+    elif held.states and per_tensor:  # each projected tensor stepped on its own, then the rest
         rest = sum(k for n, (k, _) in trained.items() if n not in projected)
         opt_tmp = 4.0 * max(biggest, rest)
-    elif state_bytes:
-        opt_tmp = grad_bytes
-    opt_part = {"gradients": grad_bytes, "optimiser temporaries": opt_tmp}
+    elif held.states:
+        opt_tmp = held.grads
+    parts = {"gradients": held.grads, "optimiser temporaries": opt_tmp}
     if per_tensor and projected:  # one pre-step copy, the change and its projection at a time
-        opt_part["pre-step copy and projection of one tensor"] = 12.0 * biggest + (
-            STREAM_ROWS * d.ffn * 4 if on_host else 0.0
+        parts["pre-step copy and projection of one tensor"] = 12.0 * biggest + (
+            STREAM_ROWS * run.d.ffn * 4 if run.on_host else 0.0
         )
-    worst = max(train_part, opt_part, key=lambda s: sum(s.values()))
-    out.phases["step"] = {**resident, **states, **worst}
+    return parts
 
-    # ------------------------------------------------------------------ save
-    out.phases["save"] = {**resident, "gradients": grad_bytes, **states}
-    if shard:
-        out.phases["save"]["one tensor gathered in float32"] = 4 * max(p.numel() for p in params)
-    return out
+
+def _save(run: _Run, held: _Held) -> dict[str, float]:
+    """What the step leaves; the tensors go to the host one at a time."""
+    parts = {**held.resident, "gradients": held.grads, **held.state_parts}
+    if run.shard:
+        parts["one tensor gathered in float32"] = 4 * run.largest_param
+    return parts
