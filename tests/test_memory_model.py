@@ -302,3 +302,19 @@ def test_the_plan_of_a_full_parameter_method_shards_and_lora_trains_adapters():
     assert plain.phases["save"]["AdamW states"] == 4 * sharded.phases["save"]["AdamW states"]
     assert plain.phases["save"]["float32 masters"] == 4 * plain.trained
     assert plain.peak > memory_plan.GPU_BYTES / 1000 > 0
+
+
+def test_a_lora_plan_on_several_gpus_replicates_the_model_as_a_run_does():
+    from kuda_cli.models.adapter import get_adapter
+    from kuda_cli.unlearn import memory_plan, sharding
+
+    model = memory_plan.meta_model(bench_unlearn.shape_config("zephyr-7b"))
+    lora = bench_unlearn.method_config("ga", {"lora": {"enabled": True}})
+    full = bench_unlearn.method_config("ga", {})
+    work = memory_plan.Workload(4, 512, gpus=4)
+    replicated = memory_plan.plan(lora, model, get_adapter(model), [], work)
+    sharded = memory_plan.plan(full, model, get_adapter(model), [], work)
+    assert not sharding.shards(lora, 4) and sharding.shards(full, 4)
+    assert replicated.mode == "LoRA r=16, 4 GPUs" and sharded.mode == "FSDP2 x4"
+    assert replicated.phases["save"]["weights"] == replicated.weights
+    assert "float32 parameter shards" in sharded.phases["save"]

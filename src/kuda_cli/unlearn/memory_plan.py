@@ -26,10 +26,10 @@ phase adds up what the trainer keeps on the device at its worst moment:
 
 With `device="cpu"` the host's tensors count too (the stored originals): the CPU check
 (tests/test_memory_model.py) measures that. Several GPUs: layer-restricted methods replicate the
-model and run their share of the batch; full-parameter ones (`trainable=[all]`) are sharded with
-FSDP2: 16 bytes per parameter / N, plus the all-gathered root and two layers in the model dtype,
-plus one layer's unsharded gradients in backward; activation checkpointing off. Nothing here
-allocates.
+model and run their share of the batch; full-parameter ones (`trainable=[all]`, without LoRA) are
+sharded with FSDP2: 16 bytes per parameter / N, plus the all-gathered root and two layers in the
+model dtype, plus one layer's unsharded gradients in backward; activation checkpointing off.
+Nothing here allocates.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kuda_cli.unlearn import sharding
 from kuda_cli.unlearn.nullspace import STREAM_ROWS
 
 GIB = 2**30
@@ -104,7 +105,7 @@ class Workload:
     stored_items: int | None = None
     key_samples: int | None = None  # retain sequences for the keys (None: nullspace.samples)
     spectra_cached: bool = False  # the eigendecompositions come from the cache (on the host)
-    shard: bool | None = None  # FSDP2; None: as unlearn.shard decides (auto: trainable=[all])
+    shard: bool | None = None  # FSDP2; None: as a run would (sharding.shards)
 
 
 @dataclass
@@ -227,9 +228,7 @@ class _Run:
         else:
             chosen = method.trainable_parameters()
             trained = {n: (p.numel(), p.element_size()) for n, p in chosen.items()}
-        shard = work.shard
-        if shard is None:
-            shard = cfg.shard == "fsdp" or (cfg.shard == "auto" and work.gpus > 1 and full)
+        shard = sharding.shards(cfg, work.gpus) if work.shard is None else work.shard
         layer = adapter.module(model, "layer", 0)
         return cls(
             cfg,
