@@ -1,8 +1,11 @@
 """Predicted peak device memory of each phase of `kuda unlearn`, from tensor shapes alone.
 
 The model is built on `torch.device("meta")` (no memory), the trained parameters come from the
-method itself (`trainable_parameters`, or the LoRA adapters `lora.attach` would add), and each
-phase adds up what the trainer keeps on the device at its worst moment:
+method itself (`trainable_parameters`, or the LoRA adapters `lora.attach` would add), and so does
+what its losses run and what `prepare` precomputes (`Method.forget_reach`, `retain_reach`,
+`recorded_sites`, `precomputes_reference`, `nullspace_settings`; the activations' per-token cost
+is unlearn/memory_activations.py's). Each phase adds up what the trainer keeps on the device at
+its worst moment:
 
   load         the weights in their dtype (FSDP2: plus one layer in float32 while sharding)
   originals    `method.prepare`: a no-grad forward of 8 sequences to the deepest site
@@ -34,16 +37,15 @@ Nothing here allocates.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from kuda_cli.unlearn import sharding
-from kuda_cli.unlearn.memory_activations import Dims, layer_of
+from kuda_cli.unlearn.memory_activations import Activations, Dims, layer_of
+from kuda_cli.unlearn.methods import Method
 from kuda_cli.unlearn.nullspace import STREAM_ROWS
 
 GIB = 2**30
@@ -128,7 +130,7 @@ def lora_shapes(model: nn.Module, adapter, cfg, layers: list[int] | None) -> dic
 def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> Plan:
     """Every phase's predicted peak for `cfg` (a method's config dataclass) on `model` (meta or
     real: only shapes are read), training `layers` where the method trains located ones."""
-    run = _Run.of(cfg, model, adapter, layers, work)
+    run = _Run(cfg, model, adapter, layers, work)
     target = run.method.memory_target
     out = Plan(cfg.method, run.mode, run.weights, run.n_params * 2, run.n_trained, target=target)
     out.phases["load"] = _load(run)
@@ -148,54 +150,39 @@ def plan(cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> P
     return out
 
 
-@dataclass
 class _Run:
     """What every phase of one plan reads: the config, the method, the shapes, the trained
-    tensors, the workload; and the per-token cost of the training forwards."""
+    tensors, the workload, and the training forwards' cost per token."""
 
-    cfg: Any
-    method: Any
-    adapter: Any
-    work: Workload
-    d: Dims
-    e: int  # bytes per element of the weights
-    n_params: int
-    layer_params: int  # parameters of one decoder layer
-    largest_param: int  # elements of the largest parameter
-    weights: int  # bytes as loaded (LoRA: with the adapters)
-    trained: dict[str, tuple[int, int]]  # name -> (elements, bytes per element)
-    shard: bool  # FSDP2
-
-    @classmethod
-    def of(cls, cfg, model: nn.Module, adapter, layers: list[int], work: Workload) -> _Run:
-        method = method_for(cfg, model, adapter, layers)
-        params = list(model.parameters())
-        e = params[0].element_size()
-        weights = sum(p.numel() * p.element_size() for p in params)
+    def __init__(self, cfg, model: nn.Module, adapter, layers: list[int], work: Workload):
+        self.cfg, self.work, self.cpu = cfg, work, work.device == "cpu"
+        self.method = method = method_for(cfg, model, adapter, layers)
+        self.d, params = Dims.of(model.config), list(model.parameters())
+        self.e = e = params[0].element_size()  # bytes per element of the weights
+        self.n_params = sum(p.numel() for p in params)
+        self.largest_param = max(p.numel() for p in params)
+        self.layer_params = sum(p.numel() for p in adapter.module(model, "layer", 0).parameters())
+        self.weights = sum(p.numel() * p.element_size() for p in params)  # as loaded
         full = "all" in cfg.trainable
         if cfg.lora.enabled:
             sizes = lora_shapes(model, adapter, cfg, None if full else method.trained_layers)
-            weights += sum(sizes.values()) * e
-            trained = {n: (k, e) for n, k in sizes.items()}
+            self.weights += sum(sizes.values()) * e
+            self.trained = {n: (k, e) for n, k in sizes.items()}
         else:
             chosen = method.trainable_parameters()
-            trained = {n: (p.numel(), p.element_size()) for n, p in chosen.items()}
-        shard = sharding.shards(cfg, work.gpus) if work.shard is None else work.shard
-        layer = adapter.module(model, "layer", 0)
-        return cls(
-            cfg,
-            method,
-            adapter,
-            work,
-            Dims.of(model.config),
-            e,
-            n_params=sum(p.numel() for p in params),
-            layer_params=sum(p.numel() for p in layer.parameters()),
-            largest_param=max(p.numel() for p in params),
-            weights=weights,
-            trained=trained,
-            shard=shard,
-        )
+            self.trained = {n: (p.numel(), p.element_size()) for n, p in chosen.items()}
+        self.n_trained = sum(k for k, _ in self.trained.values())
+        self.shard = sharding.shards(cfg, work.gpus) if work.shard is None else work.shard
+        self.tokens = math.ceil(work.batch / work.gpus) * work.seq  # per step and process
+        self.ns = ns = method.nullspace_settings
+        # nullspace.device: `auto` keeps moments, spectra and projectors on the host for a GPU model
+        self.on_host = ns is not None and not self.cpu and ns.device in ("auto", "host")
+        self.activations = act = Activations(self.d, e, adapter, self.trained, full)
+        self.biggest = act.biggest
+        self.forget_pass = act.one_pass(method.forget_reach(self.d.layers))
+        self.retain_pass = act.one_pass(method.retain_reach(self.d.layers))
+        # the gradient-conflict diagnostic's retain NLL: every layer, the logits
+        self.nll_pass = act.one_pass(Method.LossReach(self.d.layers - 1, logits=True))
 
     @property
     def mode(self) -> str:
@@ -203,36 +190,6 @@ class _Run:
         gpus = self.work.gpus
         mode = f"FSDP2 x{gpus}" if self.shard else f"{gpus} GPU" + ("s" if gpus > 1 else "")
         return f"LoRA r={self.cfg.lora.r}, {mode}" if self.cfg.lora.enabled else mode
-
-    @property
-    def cpu(self) -> bool:
-        return self.work.device == "cpu"
-
-    @property
-    def tokens(self) -> int:
-        """Tokens per step on one process."""
-        return math.ceil(self.work.batch / self.work.gpus) * self.work.seq
-
-    @property
-    def n_trained(self) -> int:
-        return sum(k for k, _ in self.trained.values())
-
-    @property
-    def biggest(self) -> int:
-        """Elements of the largest trained tensor."""
-        return max(k for k, _ in self.trained.values())
-
-    @property
-    def nullspace(self) -> Any:
-        """The method's null-space settings when it projects its update, else None."""
-        return self.method.nullspace_settings
-
-    @property
-    def on_host(self) -> bool:
-        """nullspace.device: `auto` keeps moments, spectra and projectors on the host for a GPU
-        model."""
-        ns = self.nullspace
-        return ns is not None and not self.cpu and ns.device in ("auto", "host")
 
     @property
     def recorded_items(self) -> int:
@@ -253,86 +210,15 @@ class _Run:
     @property
     def projectors(self) -> float:
         """Bytes of the float32 projectors kept on the device during training."""
-        if self.nullspace is None or self.on_host:
+        if self.ns is None or self.on_host:
             return 0.0
         return len(self.method.trained_layers) * float(self.d.ffn) ** 2 * 4
 
     @property
     def key_tokens(self) -> int:
         """Tokens per forward of the null-space key pass."""
-        ns = self.nullspace
-        samples = ns.samples if self.work.key_samples is None else self.work.key_samples
+        samples = self.ns.samples if self.work.key_samples is None else self.work.key_samples
         return min(RECORD_BATCH, samples) * self.work.seq
-
-    @functools.cached_property
-    def by_layer(self) -> dict[int | None, list[str]]:
-        """The trained tensors by decoder layer (None: outside the layers)."""
-        out: dict[int | None, list[str]] = {}
-        for name in self.trained:
-            out.setdefault(layer_of(name, self.adapter), []).append(name)
-        return out
-
-    @property
-    def first(self) -> int:
-        """The first layer autograd runs through."""
-        return 0 if None in self.by_layer else min(self.by_layer)
-
-    def kept(self, i: int) -> float:
-        """Per token: what autograd keeps of decoder layer `i` in a training forward."""
-        d, e, names = self.d, self.e, self.by_layer.get(i, [])
-        down = self.adapter.module_name("down_proj", i) + "."
-        only_down = bool(names) and all(n.startswith(down) for n in names)
-        if "all" in self.cfg.trainable or (names and not only_down):
-            return d.per_token("trained_layer", e)
-        if i == self.first:
-            return d.per_token("down_input", e)
-        return d.per_token("frozen_layer", e) + (d.per_token("down_input", e) if names else 0)
-
-    def one_pass(self, reach) -> dict[str, float]:
-        """Per token: what a training forward to layer `reach.last_layer` keeps, and its
-        temporaries (`reach`: a `Method.LossReach`)."""
-        d, e = self.d, self.e
-        keep = sum(self.kept(i) for i in range(self.first, reach.last_layer + 1))
-        fwd, bwd = d.per_token("forward_tmp", e), d.per_token("backward_tmp", e)
-        if reach.sites:
-            keep += reach.sites * d.per_site(reach.site_bytes, e)
-            bwd = max(bwd, d.per_token("backward_fp32", e))
-        if reach.logits:
-            keep += d.per_vocab("log_softmax", e)
-            fwd = max(fwd, d.per_vocab("forward_tmp", e))
-            bwd = max(bwd, d.per_vocab("backward_tmp", e))
-        return {"kept": keep, "fwd": fwd, "bwd": bwd}
-
-    @functools.cached_property
-    def forget_pass(self) -> dict[str, float]:
-        return self.one_pass(self.method.forget_reach(self.d.layers))
-
-    @functools.cached_property
-    def retain_pass(self) -> dict[str, float]:
-        return self.one_pass(self.method.retain_reach(self.d.layers))
-
-    @functools.cached_property
-    def nll_pass(self) -> dict[str, float]:
-        """The gradient-conflict diagnostic's retain NLL: every layer, the logits."""
-        from kuda_cli.unlearn.methods import Method
-
-        return self.one_pass(Method.LossReach(self.d.layers - 1, logits=True))
-
-    def training(self, n_tok: int, passes: list[dict], grads: float, grad_tmp: float) -> dict:
-        """The worst moment of forward + backward: the forward's end, the backward's start, or
-        its end (all gradients, the activations gone)."""
-        e, biggest = self.e, self.biggest
-        act = n_tok * sum(p["kept"] for p in passes)
-        fwd = act + n_tok * max(p["fwd"] for p in passes)
-        bwd = act + max(n_tok * max(p["bwd"] for p in passes), grad_tmp)
-        end = grads + e * biggest
-        worst = max(fwd, bwd, end)
-        if worst == end:
-            return {
-                "gradients (backward's end)": grads,
-                "a gradient in the model dtype": e * biggest,
-            }
-        return {"activations": act, "temporaries": worst - act}
 
 
 @dataclass
@@ -394,7 +280,7 @@ def _originals(run: _Run, held: _Held) -> dict[str, float]:
 
 def _spectra(run: _Run, held: _Held) -> dict[str, float] | None:
     """The null-space keys, eigendecompositions and projectors; None without a null space."""
-    if run.nullspace is None:
+    if run.ns is None:
         return None
     n_t, f2 = len(run.method.trained_layers), float(run.d.ffn) ** 2
     resident = held.resident
@@ -439,12 +325,12 @@ def _diagnostics(run: _Run, held: _Held) -> dict[str, float]:
     e, biggest, seq = run.e, run.biggest, run.work.seq
     stash = float(sum(k * b for k, b in run.trained.values()))
     # the retain gradient is summed one sequence at a time
-    retain_part = run.training(seq, [run.nll_pass], stash, e * biggest)
+    retain_part = run.activations.training(seq, [run.nll_pass], stash, e * biggest)
     # float64 copies of both, the projection
-    reduce = biggest * (16 + (2 * e if run.nullspace is not None else e))
+    reduce = biggest * (16 + (2 * e if run.ns is not None else e))
     if run.on_host:  # the projector streamed: float32 copies of the gradient, the output, a block
         reduce += 8 * biggest + STREAM_ROWS * run.d.ffn * 4
-    forget_part = run.training(run.cfg.batch_size * seq, [run.forget_pass], 0.0, reduce)
+    forget_part = run.activations.training(run.cfg.batch_size * seq, [run.forget_pass], 0.0, reduce)
     worst = max(
         (retain_part, {}),
         (forget_part, {"stashed retain gradients": stash}),
@@ -458,7 +344,7 @@ def _step(run: _Run, held: _Held) -> dict[str, float]:
     e, biggest = run.e, run.biggest
     passes = [run.forget_pass, run.retain_pass] if run.method.needs_retain else [run.forget_pass]
     grad_tmp = (4 + e) * biggest if held.masters else e * biggest
-    train_part = run.training(run.tokens, passes, held.grads, grad_tmp)
+    train_part = run.activations.training(run.tokens, passes, held.grads, grad_tmp)
     if run.shard:
         train_part = {**held.gathered, **train_part}
         train_part["a layer's unsharded gradients"] = (e + 4) * run.layer_params
@@ -468,7 +354,7 @@ def _step(run: _Run, held: _Held) -> dict[str, float]:
 
 def _optimiser_step(run: _Run, held: _Held) -> dict[str, float]:
     """The gradients and the optimiser's temporaries (and the update projector's)."""
-    ns, biggest, trained = run.nullspace, run.biggest, run.trained
+    ns, biggest, trained = run.ns, run.biggest, run.trained
     projected = {n for n in trained if n.endswith("down_proj.weight")} if ns else set()
     per_tensor = ns is not None and ns.project_on == "update"  # UpdateProjector.step
     opt_tmp = 0.0
