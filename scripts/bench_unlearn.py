@@ -18,9 +18,9 @@ float64 second moment) and of the eigendecomposition alone.
     python scripts/bench_unlearn.py --shape zephyr-7b --plan [--gpus 4] [--batch 4 --seq 512]
 
 `--plan` measures nothing: it prints the peak GPU memory of every phase of every method as
-`kuda_cli.unlearn.memory` predicts it from the shapes alone (the model built on the meta device,
-each method's config composed from conf/unlearn/ as `kuda unlearn unlearn=NAME` would), with a
-verdict per method, in seconds on any machine.
+`kuda_cli.unlearn.memory_plan` predicts it from the shapes alone (the model built on the meta
+device, each method's config composed from conf/unlearn/ as `kuda unlearn unlearn=NAME` would),
+with a verdict per method, in seconds on any machine.
 
 `--shape` builds a randomly initialised model with the exact shapes of the 7B model, in bf16 on
 the device (no download); the timings and memory do not depend on the weights' values. Each
@@ -425,34 +425,34 @@ def shape_config(shape: str):
 
 
 def plans(shape: str, batch: int, seq: int, gpus: int, layers: list[int]) -> list:
-    """kuda_cli.unlearn.memory's plans of every method at `shape`: KUDA and RMU on one GPU; the
+    """kuda_cli.unlearn.memory_plan's plans of every method at `shape`: KUDA and RMU on one GPU; the
     full-parameter baselines sharded with FSDP2 over `gpus` GPUs, then on one GPU without
     sharding, then with LoRA on one GPU. Each config is conf/unlearn/<method>.yaml's (RMU at 7B:
     rmu_zephyr.yaml) with the batch and length given; `layers` where the method trains the
     located ones (KUDA)."""
     from kuda_cli.models.adapter import get_adapter
-    from kuda_cli.unlearn import memory
+    from kuda_cli.unlearn import memory_plan
 
-    model = memory.meta_model(shape_config(shape))
+    model = memory_plan.meta_model(shape_config(shape))
     adapter = get_adapter(model)
     base = {"batch_size": batch, "max_length": seq}
     out = []
     for name in PLAN_METHODS:
         option = rmu_option(shape) if name == "rmu" else name
         cfg = method_config(option, base)
-        one = memory.Workload(batch, seq)
+        one = memory_plan.Workload(batch, seq)
         if name in FULL_PARAMETER:
-            sharded = memory.Workload(batch, seq, gpus=gpus, shard=True)
+            sharded = memory_plan.Workload(batch, seq, gpus=gpus, shard=True)
             lora = method_config(option, {**base, "lora": {"enabled": True}})
             settings = [(cfg, sharded), (cfg, one), (lora, one)]
         else:
             settings = [(cfg, one)]
-        out += [memory.plan(c, model, adapter, layers, w) for c, w in settings]
+        out += [memory_plan.plan(c, model, adapter, layers, w) for c, w in settings]
     return out
 
 
 def print_plan(shape: str, batch: int, seq: int, gpus: int, layers: list[int]) -> None:
-    from kuda_cli.unlearn import memory
+    from kuda_cli.unlearn import memory_plan
 
     every = plans(shape, batch, seq, gpus, layers)
     first = every[0]
@@ -462,13 +462,14 @@ def print_plan(shape: str, batch: int, seq: int, gpus: int, layers: list[int]) -
     )
     print(
         f"weights {first.bf16_weights / 2 / 1e9:.2f}B parameters = {gib(first.bf16_weights)} GiB "
-        f"in bf16; 80 GB = {gib(memory.GPU_BYTES)} GiB (kuda_cli.unlearn.memory, meta device)"
+        f"in bf16; 80 GB = {gib(memory_plan.GPU_BYTES)} GiB "
+        "(kuda_cli.unlearn.memory_plan, meta device)"
     )
-    head = "".join(f"{p[:11]:>12}" for p in memory.PHASES)
+    head = "".join(f"{p[:11]:>12}" for p in memory_plan.PHASES)
     print(f"{'method':<9}{'setting':<20}{'trained':>9}{head}{'peak':>9}{'x bf16':>8}")
     for p in every:
         cells = "".join(
-            f"{'-' if p.total(ph) is None else gib(p.total(ph)):>12}" for ph in memory.PHASES
+            f"{'-' if p.total(ph) is None else gib(p.total(ph)):>12}" for ph in memory_plan.PHASES
         )
         print(
             f"{p.method:<9}{p.mode:<20}{p.trained / 1e6:>8.1f}M{cells}{gib(p.peak):>9}"
@@ -487,20 +488,20 @@ def verdict(name: str, mine: list, gpus: int) -> str:
     """One line: KUDA's peak against 1.3x the bf16 weights and 80 GB on one GPU; RMU's against
     80 GB on one GPU; a full-parameter method's per GPU with FSDP2 over `gpus` GPUs (and, for
     information, on one GPU without sharding and with LoRA)."""
-    from kuda_cli.unlearn import memory
+    from kuda_cli.unlearn import memory_plan
 
     def gb(p) -> str:
-        fits = p.peak < memory.GPU_BYTES
+        fits = p.peak < memory_plan.GPU_BYTES
         return f"{p.peak / 1e9:.1f} GB {'<' if fits else '>='} 80 GB"
 
     main = mine[0]
     if name == "kuda":
-        under = main.ratio <= memory.KUDA_TARGET
+        under = main.ratio <= main.target
         ok = main.fits()
         return (
             f"verdict kuda: {'yes' if ok else 'NO'}: peak {gib(main.peak)} GiB in {main.peak_phase}"
             f" = {main.ratio:.2f}x the bf16 weights ({'<=' if under else '>'} "
-            f"{memory.KUDA_TARGET}x), {gb(main)} on one GPU"
+            f"{main.target}x), {gb(main)} on one GPU"
         )
     if name not in FULL_PARAMETER:
         return (

@@ -1,4 +1,4 @@
-"""The memory model (`kuda_cli.unlearn.memory`) against the real code on the CPU, and
+"""The memory model (`kuda_cli.unlearn.memory_plan`) against the real code on the CPU, and
 scripts/bench_unlearn.py's `--plan` and its guard against a child process that dies.
 
 Each scenario runs in a fresh process (`bench_unlearn.run_isolated`): the model is built, then
@@ -7,7 +7,7 @@ float32 masters), the gradient-conflict diagnostic as `kuda unlearn` calls it, a
 steps with an intermediate and a final checkpoint. Memory is what torch's CPU allocator holds, from
 the profiler's memory events (torch 2.13 has no CPU allocator statistics; RSS would add glibc's
 retained pages and the interpreter): tensors only, as `torch.cuda.max_memory_allocated` counts
-them on a GPU. Each phase's peak must be within 20% of `memory.plan`'s prediction for the CPU.
+them on a GPU. Each phase's peak must be within 20% of `memory_plan.plan`'s prediction for the CPU.
 
 Models, in bf16 (the 7B runs' dtype, which takes the master-weights path; this CPU has bf16
 matrix units): the 7B widths (hidden 4096, d_ff 14336, 32/8 heads, vocab 32000) with two layers
@@ -206,26 +206,26 @@ def predict(spec: dict):
     from transformers import MistralConfig
 
     from kuda_cli.models.adapter import get_adapter
-    from kuda_cli.unlearn import memory
+    from kuda_cli.unlearn import memory_plan
     from kuda_cli.unlearn.trainer import used_indices
 
     cfg = spec["cfg"]
-    model = memory.meta_model(MistralConfig(**spec["config"]))
+    model = memory_plan.meta_model(MistralConfig(**spec["config"]))
     forget, retain = data(spec)
     stored = used_indices(len(forget), cfg.batch_size, cfg.steps, 0)
-    work = memory.Workload(
+    work = memory_plan.Workload(
         spec["batch"],
         spec["seq"],
         device="cpu",
         stored_items=len(stored),
         key_samples=min(cfg.nullspace.samples, len(retain)) if hasattr(cfg, "nullspace") else None,
     )
-    return memory.plan(cfg, model, get_adapter(model), list(cfg.layers or []), work)
+    return memory_plan.plan(cfg, model, get_adapter(model), list(cfg.layers or []), work)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_each_phase_is_within_20_percent_of_the_model(scenario):
-    from kuda_cli.unlearn import memory
+    from kuda_cli.unlearn import memory_plan
 
     spec = dict(SCENARIOS[scenario])
     spec["cfg"] = method_cfg(spec)
@@ -239,7 +239,7 @@ def test_each_phase_is_within_20_percent_of_the_model(scenario):
     )
     print(f"  {'phase':<12}{'measured MiB':>14}{'predicted MiB':>15}{'predicted/measured':>20}")
     wrong = {}
-    for phase in memory.PHASES:
+    for phase in memory_plan.PHASES:
         predicted, measured = plan.total(phase), result["peaks"].get(phase)
         if predicted is None:
             continue
@@ -292,7 +292,7 @@ def test_run_isolated_reports_a_killed_child_instead_of_waiting_forever():
 
 
 def test_the_plan_of_a_full_parameter_method_shards_and_lora_trains_adapters():
-    from kuda_cli.unlearn import memory
+    from kuda_cli.unlearn import memory_plan
 
     every = [p for p in bench_unlearn.plans("zephyr-7b", 4, 512, 4, [5, 6, 7]) if p.method == "ga"]
     sharded, plain, lora = every
@@ -301,4 +301,20 @@ def test_the_plan_of_a_full_parameter_method_shards_and_lora_trains_adapters():
     # float32 masters, gradients and AdamW states: 16 bytes per parameter, a quarter per GPU
     assert plain.phases["save"]["AdamW states"] == 4 * sharded.phases["save"]["AdamW states"]
     assert plain.phases["save"]["float32 masters"] == 4 * plain.trained
-    assert plain.peak > memory.GPU_BYTES / 1000 > 0
+    assert plain.peak > memory_plan.GPU_BYTES / 1000 > 0
+
+
+def test_a_lora_plan_on_several_gpus_replicates_the_model_as_a_run_does():
+    from kuda_cli.models.adapter import get_adapter
+    from kuda_cli.unlearn import memory_plan, sharding
+
+    model = memory_plan.meta_model(bench_unlearn.shape_config("zephyr-7b"))
+    lora = bench_unlearn.method_config("ga", {"lora": {"enabled": True}})
+    full = bench_unlearn.method_config("ga", {})
+    work = memory_plan.Workload(4, 512, gpus=4)
+    replicated = memory_plan.plan(lora, model, get_adapter(model), [], work)
+    sharded = memory_plan.plan(full, model, get_adapter(model), [], work)
+    assert not sharding.shards(lora, 4) and sharding.shards(full, 4)
+    assert replicated.mode == "LoRA r=16, 4 GPUs" and sharded.mode == "FSDP2 x4"
+    assert replicated.phases["save"]["weights"] == replicated.weights
+    assert "float32 parameter shards" in sharded.phases["save"]

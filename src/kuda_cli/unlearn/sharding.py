@@ -29,15 +29,15 @@ from kuda_cli.models.adapter import Adapter
 log = logging.getLogger(__name__)
 
 
+def shards(cfg, processes: int) -> bool:
+    """Whether a run of `cfg` over `processes` processes is sharded: `shard=auto` with several
+    processes training every parameter (LoRA adapters are small: they replicate)."""
+    return cfg.shard == "auto" and processes > 1 and "all" in cfg.trainable and not cfg.lora.enabled
+
+
 def wanted(cfg) -> bool:
-    """Whether this run shards: `shard=auto` with several processes training every parameter
-    (LoRA adapters are small: they replicate)."""
-    return (
-        cfg.shard == "auto"
-        and distributed.active()
-        and "all" in cfg.trainable
-        and not cfg.lora.enabled
-    )
+    """Whether this run shards, over the processes it was launched with."""
+    return shards(cfg, distributed.world_size())
 
 
 def launch_options() -> dict[str, bool]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -120,6 +120,41 @@ class Method:
 
     def close(self) -> None:
         """Release precomputed stores."""
+
+    # What the memory plan (unlearn/memory_plan.py) reads of a method; nothing here allocates.
+    memory_target: float | None = None  # the most its peak may be, x the bf16 weights
+
+    class LossReach(NamedTuple):
+        """How far a loss's training forward runs, and what it keeps there."""
+
+        last_layer: int  # the deepest decoder layer the forward runs
+        logits: bool  # whether it reaches the logits (a log-softmax over the vocabulary kept)
+        sites: int = 0  # hidden states it compares with a float32 loss (cosine, MSE)
+        site_bytes: int = 0  # bytes per token and hidden unit each such site keeps, in bf16
+
+    def forget_reach(self, num_layers: int) -> Method.LossReach:
+        """The forget loss's forward: by default every layer to the logits (a next-token loss)."""
+        return self.LossReach(num_layers - 1, logits=True)
+
+    def retain_reach(self, num_layers: int) -> Method.LossReach:
+        """The retain loss's forward: by default the retain NLL (every layer, the logits)."""
+        return self.LossReach(num_layers - 1, logits=True)
+
+    @property
+    def recorded_sites(self) -> int:
+        """Hidden-state sites per item whose originals `prepare` records and stores (0: none)."""
+        return 0
+
+    @property
+    def precomputes_reference(self) -> bool:
+        """Whether `prepare` runs a no-grad forward to the logits over the forget items (a
+        reference model's log-probabilities)."""
+        return False
+
+    @property
+    def nullspace_settings(self) -> Any:
+        """The null-space settings (`NullspaceConfig`) when the update is projected, else None."""
+        return None
 
 
 def select_parameters(

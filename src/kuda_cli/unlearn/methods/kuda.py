@@ -330,3 +330,20 @@ class Kuda(Method):
         for store in (getattr(self, name, None) for name in stores):
             if store is not None:
                 store.close()
+
+    # the memory plan's view (unlearn/memory_plan.py)
+    memory_target = 1.3  # KUDA's peak within 1.3x the bf16 weights (at 7B)
+
+    def forget_reach(self, num_layers: int) -> Method.LossReach:
+        """Up to the deepest trained layer; per site, float32 copies of h and h0 (the cosine)."""
+        layers = self.trained_layers
+        return self.LossReach(max(layers), logits=False, sites=len(layers), site_bytes=8)
+
+    @property
+    def recorded_sites(self) -> int:
+        """The forget originals at every trained layer's site."""
+        return len(self.trained_layers)
+
+    @property
+    def nullspace_settings(self) -> NullspaceConfig | None:
+        return self.cfg.nullspace if self.cfg.nullspace.enabled else None

@@ -76,3 +76,8 @@ class Npo(Method):
         return with_retain_nll(
             self.ctx.model, forget_term, retain, self.cfg.retain_weight, terms
         ), terms
+
+    @property
+    def precomputes_reference(self) -> bool:  # the memory plan's view (unlearn/memory_plan.py)
+        """`prepare` computes the reference log-probabilities of the forget items."""
+        return True

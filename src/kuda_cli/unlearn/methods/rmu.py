@@ -158,3 +158,17 @@ class Rmu(Method):
     def close(self) -> None:
         if getattr(self, "store", None) is not None:
             self.store.close()
+
+    # the memory plan's view (unlearn/memory_plan.py)
+    def forget_reach(self, num_layers: int) -> Method.LossReach:
+        """Up to `steer_layer`; one site, its float32 difference (the MSE)."""
+        return self.LossReach(self.steer_layer, logits=False, sites=1, site_bytes=4)
+
+    def retain_reach(self, num_layers: int) -> Method.LossReach:
+        """The same forward as the forget loss's (the MSE to the stored originals)."""
+        return self.forget_reach(num_layers)
+
+    @property
+    def recorded_sites(self) -> int:
+        """The retain originals at `steer_layer`, where the retain term reads them."""
+        return 1 if self.needs_retain else 0
