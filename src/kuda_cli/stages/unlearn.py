@@ -3,35 +3,24 @@ method on the shared trainer, compute the diagnostics, evaluate the result; one 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from shutil import ignore_patterns
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
-from kuda_cli.cache import (
-    MANIFEST,
-    entry_lock,
-    model_fingerprint,
-    publish,
-    staging_dir,
-    verify_manifest,
-    write_json_atomic,
-)
+from kuda_cli.cache import model_fingerprint
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, compute_metrics
-from kuda_cli.evaluate.floors import forget_removed
+from kuda_cli.evaluate import STARTING_JUDGE
+from kuda_cli.evaluate.runner import evaluate, evaluate_before
 from kuda_cli.evaluate.side_by_side import write_side_by_side
+from kuda_cli.evaluate.summary import summarise
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR, read_layers
 from kuda_cli.models.loading import LoadedModel, load_model, resolve_cache_root
-from kuda_cli.run import Run, lookup, set_seed
+from kuda_cli.run import Run, set_seed
 from kuda_cli.stages.common import load_configured_model, locate_layers
 from kuda_cli.unlearn import auto_tune, sharding
 from kuda_cli.unlearn.batches import tokenize, unlearn_texts
@@ -42,9 +31,6 @@ from kuda_cli.unlearn.trainer import Trainer, used_indices
 from kuda_cli.validate import validate_layers_against
 
 log = logging.getLogger(__name__)
-BEFORE = "before"
-# eval.facts settings that change only what the unlearned model is scored on
-AFTER_ONLY = ("floors", "retain_greedy")
 
 
 def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run, model_key: str) -> list[int]:
@@ -233,142 +219,3 @@ def starting_model_judge(loaded: LoadedModel, params, starting):
             yield loaded.model, loaded.tokenizer, STARTING_JUDGE
 
     return lend
-
-
-def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None, starting=False):
-    """The metrics of `cfg.eval` on the loaded model. The starting model (`starting`) is
-    scored on every figure a comparison needs (floors, retain answers: the reference); the
-    unlearned one against it, without the floors (they belong to the starting model)."""
-    eval_cfg = OmegaConf.to_object(cfg.eval)
-    if starting:
-        eval_cfg.facts = replace(eval_cfg.facts, floors=True, retain_greedy=True)
-    else:
-        eval_cfg.facts = replace(eval_cfg.facts, floors=False)
-    if before is not None and before.get("reference") and not eval_cfg.facts.reference:
-        eval_cfg.facts = replace(eval_cfg.facts, reference=before["reference"])
-    ctx = EvalContext(
-        loaded=loaded,
-        eval=eval_cfg,
-        data=OmegaConf.to_object(cfg.data),
-        out_dir=out_dir,
-        cache_dir=cfg.cache_dir,
-        judge=judge,
-    )
-    results: dict[str, Any] = {}
-    for _, found in compute_metrics(ctx):
-        results.update(found)
-    return results
-
-
-def _before_key(cfg: DictConfig, model_key: str) -> str:
-    evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
-    for key in AFTER_ONLY:  # the starting model is scored on all of them whatever they say
-        evaluation["facts"].pop(key, None)
-    blob = json.dumps(
-        {
-            "model": model_key,
-            "data": OmegaConf.to_container(cfg.data, resolve=True),
-            "eval": evaluation,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[str, Any] | None:
-    """The starting model's metrics, in `before/` of the run directory and under `before` in
-    metrics.json; cached under the cache root per (model, data, eval settings)."""
-    if not cfg.eval.before or not distributed.is_main():
-        return None
-    out = run.dir / BEFORE
-    key = _before_key(cfg, model_key)
-    cached = resolve_cache_root(cfg.cache_dir) / "evals" / key
-    # one process evaluates, the others sharing the cache wait and read its checked copy
-    with entry_lock(cached):
-        problem = verify_manifest(cached) if cached.exists() else "absent"
-        if problem is None:
-            log.info("starting model's evaluation from the cache %s", cached)
-            shutil.copytree(cached, out, dirs_exist_ok=True, ignore=ignore_patterns(MANIFEST))
-            metrics = json.loads((out / "metrics.json").read_text())
-        else:
-            if problem != "absent":
-                log.warning("cached evaluation %s cannot be trusted (%s): redone", cached, problem)
-            shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier attempt is cached
-            out.mkdir(parents=True)
-            metrics = evaluate(cfg, loaded, out, None, starting=True)
-            write_json_atomic(out / "metrics.json", metrics)
-            tmp = staging_dir(cached)
-            shutil.copytree(out, tmp, dirs_exist_ok=True)
-            publish(tmp, cached, {"key": key, "model": cfg.model.name, "data": cfg.data.name})
-    run.log_metrics({"before": metrics})
-    answers = out / "facts_answers.jsonl"
-    return {**metrics, "reference": str(answers) if answers.exists() else None}
-
-
-def summarise(
-    before: dict[str, Any], after: dict[str, Any], tasks: list[str] | None = None
-) -> dict[str, Any]:
-    """The headline comparison with the starting model: for the facts evaluation, forgetting
-    against the never-learned floor, locality on other subjects, specificity on the forgotten
-    subjects, and fluency; for lm-eval tasks and MUSE, each figure before and after."""
-
-    def ratio(path: str):
-        a, b = lookup(after, path), lookup(before, path)
-        return a / b if a is not None and b else None
-
-    floor_mc, floor_gen = (
-        lookup(before, "facts.floor.mc_acc"),
-        lookup(before, "facts.floor.gen_acc"),
-    )
-    removed_mc = forget_removed(
-        lookup(before, "facts.forget.mc_acc"), lookup(after, "facts.forget.mc_acc"), floor_mc
-    )
-    removed_gen = forget_removed(
-        lookup(before, "facts.forget.gen_acc"), lookup(after, "facts.forget.gen_acc"), floor_gen
-    )
-    removed = [r for r in (removed_mc, removed_gen) if r is not None]
-    facts = {
-        "forget_mc": lookup(after, "facts.forget.mc_acc"),
-        "forget_mc_before": lookup(before, "facts.forget.mc_acc"),
-        "forget_gen": lookup(after, "facts.forget.gen_acc"),
-        "forget_gen_before": lookup(before, "facts.forget.gen_acc"),
-        "floor_mc": floor_mc,
-        "floor_gen": floor_gen,
-        "chance": lookup(before, "facts.floor.chance"),
-        "surface_floor": lookup(before, "facts.floor.surface"),
-        "forget_removed_mc": removed_mc,
-        "forget_removed_gen": removed_gen,
-        "forget_removed": sum(removed) / len(removed) if len(removed) == 2 else None,
-        "retain_mc": lookup(after, "facts.retain.mc_acc"),
-        "retain_mc_before": lookup(before, "facts.retain.mc_acc"),
-        "retain_mc_ratio": ratio("facts.retain.mc_acc"),
-        "retain_agreement": lookup(after, "facts.retain.agreement"),
-        "retain_token_agreement": lookup(after, "facts.retain.token_agreement"),
-        "retain_other_mc": lookup(after, "facts.retain.other_subjects.mc_acc"),
-        "retain_other_mc_before": lookup(before, "facts.retain.other_subjects.mc_acc"),
-        "retain_other_gen": lookup(after, "facts.retain.other_subjects.gen_acc"),
-        "retain_other_token_agreement": lookup(
-            after, "facts.retain.other_subjects.token_agreement"
-        ),
-        "retain_same_mc": lookup(after, "facts.retain.same_subjects.mc_acc"),
-        "retain_same_mc_before": lookup(before, "facts.retain.same_subjects.mc_acc"),
-        "retain_same_gen": lookup(after, "facts.retain.same_subjects.gen_acc"),
-        "retain_same_token_agreement": lookup(after, "facts.retain.same_subjects.token_agreement"),
-        "perplexity_ratio": ratio("perplexity.perplexity"),
-        "fluency_nll_ratio": ratio("fluency.forget.nll"),
-        "fluency_nll_vs_fluent_wrong": lookup(after, "fluency.forget.nll_vs_fluent_wrong"),
-        "fluency_entropy_ratio": ratio("fluency.forget.entropy"),
-        "fluency_repetition": lookup(after, "fluency.forget.repetition"),
-        "fluency_repetition_before": lookup(before, "fluency.forget.repetition"),
-    }
-    for task in tasks if tasks is not None else sorted(after.get("lm_eval") or {}):
-        facts[f"{task}_acc"] = lookup(after, f"lm_eval.{task}.acc")
-        facts[f"{task}_acc_before"] = lookup(before, f"lm_eval.{task}.acc")
-    for name, value in (after.get("muse") or {}).items():
-        key = "auc" if name == "privleak" else "rougeL_f1"
-        if isinstance(value, dict) and key in value:
-            facts[f"{name}_{key}"] = value[key]
-            facts[f"{name}_{key}_before"] = lookup(before, f"muse.{name}.{key}")
-        if name == "privleak" and isinstance(value, dict):
-            facts["privleak"] = value.get("privleak")
-    return {k: v for k, v in facts.items() if v is not None}
