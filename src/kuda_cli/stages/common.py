@@ -1,17 +1,16 @@
 """What several stages do the same way: load the configured model (recording what was loaded),
-and find the layers to unlearn (`kuda trace` traces them; `kuda unlearn` takes them from
-`locate`, a previous trace run, or traces them inline into its own trace/ directory)."""
+and record the layers located (`kuda trace` traces them; `kuda unlearn` takes them from
+`locate`, a previous trace run, or traces them inline into its own trace/ directory: see
+locate.pipeline)."""
 
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from kuda_cli.locate.pipeline import locate_layers, trace_layers
+from kuda_cli.locate.pipeline import Located
 from kuda_cli.models.loading import LoadedModel, load_model
 from kuda_cli.run import Run
 from kuda_cli.validate import validate_layers_against
-
-__all__ = ["load_configured_model", "locate_layers", "trace_layers"]
 
 
 def load_configured_model(cfg: DictConfig, run: Run) -> LoadedModel:
@@ -29,3 +28,10 @@ def load_configured_model(cfg: DictConfig, run: Run) -> LoadedModel:
         }
     )
     return loaded
+
+
+def recorded(run: Run, located: Located) -> list[int]:
+    """The layers located, after recording the trace (when one was done now) in metrics.json."""
+    if located.trace is not None:
+        run.log_metrics({"trace": located.trace})
+    return located.layers

@@ -13,15 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
 from kuda_cli.cache import model_fingerprint
-from kuda_cli.errors import UserError
 from kuda_cli.evaluate import STARTING_JUDGE
 from kuda_cli.evaluate.runner import evaluate, evaluate_before
 from kuda_cli.evaluate.side_by_side import write_side_by_side
 from kuda_cli.evaluate.summary import summarise
-from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR, read_layers
+from kuda_cli.locate.pipeline import find_layers
 from kuda_cli.models.loading import LoadedModel, load_model, resolve_cache_root
 from kuda_cli.run import Run, set_seed
-from kuda_cli.stages.common import load_configured_model, locate_layers
+from kuda_cli.stages.common import load_configured_model, recorded
 from kuda_cli.unlearn import auto_tune, sharding
 from kuda_cli.unlearn.batches import tokenize, unlearn_texts
 from kuda_cli.unlearn.checkpoints import CHECKPOINT
@@ -33,25 +32,13 @@ from kuda_cli.validate import validate_layers_against
 log = logging.getLogger(__name__)
 
 
-def resolve_layers(cfg: DictConfig, loaded: LoadedModel, run: Run, model_key: str) -> list[int]:
-    own = run.dir / TRACE_DIR / LAYERS_FILE  # written only by tracing: never with locate=fixed
-    if not cfg.locate.from_run and own.exists():  # a resumed run: tracing is not redone...
-        try:
-            layers = read_layers(str(run.dir), loaded.num_layers, model_key, same_weights=True)
-            log.info("resumed run: the layers this run traced before")
-            return layers
-        except UserError as err:  # ...unless what it wrote cannot be trusted
-            log.warning("this run's earlier trace cannot be reused (%s): tracing again", err)
-    return locate_layers(cfg, loaded, run.dir, run, model_key)
-
-
 def main(cfg: DictConfig, run: Run) -> None:
     get_method(cfg.unlearn.method)  # an unimplemented method stops before any work
     loaded = load_configured_model(cfg, run)
     model, tokenizer, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     ucfg = OmegaConf.to_object(cfg.unlearn)
     model_key = model_fingerprint(model)
-    layers = resolve_layers(cfg, loaded, run, model_key)
+    layers = recorded(run, find_layers(cfg, loaded, run.dir, model_key))
     validate_layers_against(OmegaConf.merge(cfg, {"locate": {"layers": layers}}), loaded.num_layers)
     run.log_metrics({"locate": {"method": cfg.locate.method, "layers": layers}})
 
