@@ -1,6 +1,6 @@
-"""Evaluating a model on `cfg.eval`'s metrics: the unlearned model against its starting model,
-and the starting model itself (scored on every reference figure, cached per model, data and
-evaluation settings)."""
+"""Evaluating a model on `cfg.eval`'s metrics: the starting model of `kuda unlearn` (scored on
+every figure a comparison needs, in the run's before/ and cached per model, data and evaluation
+settings), and the unlearned model against it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from shutil import ignore_patterns
 from typing import Any
@@ -26,7 +26,6 @@ from kuda_cli.cache import (
 )
 from kuda_cli.evaluate import EvalContext, compute_metrics
 from kuda_cli.models.loading import resolve_cache_root
-from kuda_cli.run import Run
 
 log = logging.getLogger(__name__)
 BEFORE = "before"
@@ -34,7 +33,24 @@ BEFORE = "before"
 AFTER_ONLY = ("floors", "retain_greedy")
 
 
-def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None, starting=False):
+@dataclass(frozen=True)
+class Starting:
+    """The starting model's evaluation."""
+
+    metrics: dict[str, Any]  # before/metrics.json, and metrics.json's `before`
+    reference: str | None  # its greedy answers, which the unlearned model's are compared with
+
+
+def evaluate_unlearned(
+    cfg: DictConfig, loaded, out_dir: Path, starting: Starting | None, *, judge=None
+) -> dict[str, Any]:
+    """The metrics of `cfg.eval` on the unlearned model, against the starting model's answers
+    and without the floors (they belong to the starting model); `judge` scores fluency."""
+    reference = starting.reference if starting is not None else None
+    return _evaluate(cfg, loaded, out_dir, reference, judge=judge, starting=False)
+
+
+def _evaluate(cfg, loaded, out_dir: Path, reference, *, judge=None, starting: bool):
     """The metrics of `cfg.eval` on the loaded model. The starting model (`starting`) is
     scored on every figure a comparison needs (floors, retain answers: the reference); the
     unlearned one against it, without the floors (they belong to the starting model)."""
@@ -43,8 +59,8 @@ def evaluate(cfg, loaded, out_dir: Path, before, *, judge=None, starting=False):
         eval_cfg.facts = replace(eval_cfg.facts, floors=True, retain_greedy=True)
     else:
         eval_cfg.facts = replace(eval_cfg.facts, floors=False)
-    if before is not None and before.get("reference") and not eval_cfg.facts.reference:
-        eval_cfg.facts = replace(eval_cfg.facts, reference=before["reference"])
+    if reference and not eval_cfg.facts.reference:
+        eval_cfg.facts = replace(eval_cfg.facts, reference=reference)
     ctx = EvalContext(
         loaded=loaded,
         eval=eval_cfg,
@@ -74,12 +90,13 @@ def _before_key(cfg: DictConfig, model_key: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[str, Any] | None:
-    """The starting model's metrics, in `before/` of the run directory and under `before` in
-    metrics.json; cached under the cache root per (model, data, eval settings)."""
+def evaluate_starting(cfg: DictConfig, loaded, run_dir: Path, model_key: str) -> Starting | None:
+    """The starting model's metrics, in `before/` of the run directory; cached under the cache
+    root per (model, data, eval settings). None with eval.before=false and on every process
+    but the first."""
     if not cfg.eval.before or not distributed.is_main():
         return None
-    out = run.dir / BEFORE
+    out = Path(run_dir) / BEFORE
     key = _before_key(cfg, model_key)
     cached = resolve_cache_root(cfg.cache_dir) / "evals" / key
     # one process evaluates, the others sharing the cache wait and read its checked copy
@@ -94,11 +111,10 @@ def evaluate_before(cfg: DictConfig, loaded, run: Run, model_key: str) -> dict[s
                 log.warning("cached evaluation %s cannot be trusted (%s): redone", cached, problem)
             shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier attempt is cached
             out.mkdir(parents=True)
-            metrics = evaluate(cfg, loaded, out, None, starting=True)
+            metrics = _evaluate(cfg, loaded, out, None, starting=True)
             write_json_atomic(out / "metrics.json", metrics)
             tmp = staging_dir(cached)
             shutil.copytree(out, tmp, dirs_exist_ok=True)
             publish(tmp, cached, {"key": key, "model": cfg.model.name, "data": cfg.data.name})
-    run.log_metrics({"before": metrics})
     answers = out / "facts_answers.jsonl"
-    return {**metrics, "reference": str(answers) if answers.exists() else None}
+    return Starting(metrics, str(answers) if answers.exists() else None)
