@@ -40,7 +40,7 @@ def test_the_model_fingerprint_changes_with_any_weight_and_only_with_the_weights
 
 
 def _build(dest: str, builds: str, reads: str) -> None:
-    """What evaluate_before does: under the entry's lock, read a verified entry or build it
+    """What evaluate_starting does: under the entry's lock, read a verified entry or build it
     (slowly, a file at a time) and publish it."""
     dest = Path(dest)
     with entry_lock(dest):

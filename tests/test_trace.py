@@ -21,6 +21,7 @@ from kuda_cli.errors import UserError
 from kuda_cli.locate.effects import average_by_category
 from kuda_cli.locate.layers import read_layers
 from kuda_cli.locate.layers import write_layers as write_checked_layers
+from kuda_cli.locate.pipeline import find_layers
 from kuda_cli.locate.probes import (
     TraceProbe,
     build_probes,
@@ -42,7 +43,6 @@ from kuda_cli.locate.tracing import (
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.precision import autocast, fast_bf16, resolve_precision
 from kuda_cli.models.tiny import byte_tokenizer
-from kuda_cli.stages.common import locate_layers
 
 from conftest import read_json
 
@@ -397,12 +397,12 @@ def write_layers(run_dir, layers):
     return run_dir
 
 
-def test_locate_layers_fixed_from_run_and_bad_files(tmp_path):
+def test_find_layers_fixed_from_run_and_bad_files(tmp_path):
     cfg = compose(["stage=unlearn", "model=tiny-random", "locate=fixed", "locate.layers=[2]"])
-    assert locate_layers(cfg, None, tmp_path, None, "key") == [2]
+    assert find_layers(cfg, None, tmp_path, "key").layers == [2]
     previous = write_layers(tmp_path / "prev", [1, 2, 3])
     cfg = compose(["stage=unlearn", "model=tiny-random", f"locate.from_run={previous}"])
-    assert locate_layers(cfg, SimpleNamespace(num_layers=4), tmp_path, None, "key") == [1, 2, 3]
+    assert find_layers(cfg, SimpleNamespace(num_layers=4), tmp_path, "key").layers == [1, 2, 3]
     with pytest.raises(UserError, match="not layer indices of this model"):
         read_layers(str(previous), 3)
     (previous / "trace" / "layers.json").write_text("{")

@@ -291,7 +291,7 @@ def test_resumed_run_reuses_its_own_trace(kuda, tmp_path, monkeypatch):
 
 
 def test_summary_measures_forgetting_against_the_floor_and_carries_every_task():
-    from kuda_cli.stages.unlearn import summarise
+    from kuda_cli.evaluate.summary import summarise
 
     before = {
         "facts": {

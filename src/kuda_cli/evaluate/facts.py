@@ -291,14 +291,7 @@ def evaluate_facts(
             continue
         # the reference's first line, teacher-forced for token agreement, is packed beside the
         # options: one forward pass gives both
-        forced = [
-            raw_first_line(reference[p.text])
-            if reference is not None
-            and p.text in reference
-            and raw_first_line(reference[p.text]).strip()
-            else None
-            for p in probes
-        ]
+        forced = _forced_lines(probes, reference)
         mc, shares = mc_and_top1(model, tokenizer, probes, forced, batch_size=batch_size)
         answers: list[str | None] = [None] * len(probes)
         if split not in no_answers:
@@ -336,17 +329,34 @@ def evaluate_facts(
                     None if same is None else [same[i] for i in pick],
                 )
                 metrics[split][name].pop("domains")
-        rows += [
-            {
-                "split": split,
-                "fact": p.fact.id,
-                "domain": p.fact.domain,
-                "prompt": p.text,
-                "target": p.fact.target,
-                "answer": a,
-                "mc_correct": m,
-                "gen_correct": g,
-            }
-            for p, a, m, g in zip(probes, answers, mc, gen, strict=True)
-        ]
+        rows += _answer_rows(split, probes, answers, mc, gen)
     return metrics, rows
+
+
+def _forced_lines(probes: list[Probe], reference: dict[str, str] | None) -> list[str | None]:
+    """Per probe, the reference answer's first line (None without one, or a blank one)."""
+    return [
+        raw_first_line(reference[p.text])
+        if reference is not None
+        and p.text in reference
+        and raw_first_line(reference[p.text]).strip()
+        else None
+        for p in probes
+    ]
+
+
+def _answer_rows(split: str, probes: list[Probe], answers, mc, gen) -> list[dict[str, Any]]:
+    """facts_answers.jsonl's rows of one split: the greedy answer and what was scored right."""
+    return [
+        {
+            "split": split,
+            "fact": p.fact.id,
+            "domain": p.fact.domain,
+            "prompt": p.text,
+            "target": p.fact.target,
+            "answer": a,
+            "mc_correct": m,
+            "gen_correct": g,
+        }
+        for p, a, m, g in zip(probes, answers, mc, gen, strict=True)
+    ]

@@ -264,9 +264,6 @@ def plot_frontier(
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     start = dict(start or {})
     ideal = dict(ideal or {})
@@ -285,49 +282,72 @@ def plot_frontier(
         y0 = start.get(panel, _default_start(panel))
         y1 = ideal.get(panel, y0)
         ax.axvspan(lo, hi, color="0.5", alpha=0.13, lw=0, zorder=0)
-        ys = [y0, y1]
-        for method, points in curves.items():
-            pts = sorted(_valid(points), key=lambda p: (p.x, p.y))
-            if not pts:
-                continue
-            front = pareto(pts)
-            on_front = {id(p) for p in front}
-            c = color[method]
-            ax.plot([p.x for p in pts], [p.y for p in pts], ls="--", lw=0.9, color=c, alpha=0.55)
-            ax.plot([p.x for p in front], [p.y for p in front], "-o", lw=2.0, ms=6, color=c)
-            off = [p for p in pts if id(p) not in on_front]
-            ax.plot([p.x for p in off], [p.y for p in off], "o", ms=6, mfc="white", mec=c, mew=1.4)
-            if annotate:
-                for p in pts:
-                    if p.label:
-                        ax.annotate(
-                            p.label,
-                            (p.x, p.y),
-                            xytext=(4, 4),
-                            textcoords="offset points",
-                            fontsize=7,
-                            color=c,
-                        )
-            ys += [p.y for p in pts]
+        ys = [y0, y1] + _draw_curves(ax, curves, color, annotate)
         ax.plot([0.0], [y0], "s", ms=9, color="black", zorder=5, clip_on=False)
         ax.plot([1.0], [y1], "*", ms=17, mfc="gold", mec="black", mew=0.9, zorder=5, clip_on=False)
-        ax.set_xlim(-0.02, 1.02)
-        ax.set_xticks(np.linspace(0, 1, 6))
-        bottom, top = min(ys), max(ys)
-        if bottom > 0 and top / bottom > 10:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-            ax.set_ylim(bottom / 1.25, top * 1.25)
-        else:
-            pad = 0.06 * (top - bottom or 1.0)
-            ax.set_ylim(bottom - pad, top + pad)
-        ax.grid(True, which="major", color="0.88", lw=0.7)
-        ax.set_axisbelow(True)
-        ax.set_xlabel("forget removed (1 = never-learned floor)")
-        ax.set_ylabel(f"{panel} (lower is better)")
-        ax.set_title(panel, fontsize=11)
+        _set_axes(ax, panel, min(ys), max(ys))
+    _legend(fig, methods, color, lo, hi, n)
+    fig.suptitle(title, fontsize=12)
+    fig.savefig(path, dpi=120)
+    fig.clear()
+
+
+def _draw_curves(ax, curves: Mapping[str, Sequence[Point]], color, annotate: bool) -> list[float]:
+    """Each method's points (dashed, by x), Pareto frontier (solid) and dominated points
+    (hollow) on one panel; returns the y values drawn."""
+    ys: list[float] = []
+    for method, points in curves.items():
+        pts = sorted(_valid(points), key=lambda p: (p.x, p.y))
+        if not pts:
+            continue
+        front = pareto(pts)
+        on_front = {id(p) for p in front}
+        c = color[method]
+        ax.plot([p.x for p in pts], [p.y for p in pts], ls="--", lw=0.9, color=c, alpha=0.55)
+        ax.plot([p.x for p in front], [p.y for p in front], "-o", lw=2.0, ms=6, color=c)
+        off = [p for p in pts if id(p) not in on_front]
+        ax.plot([p.x for p in off], [p.y for p in off], "o", ms=6, mfc="white", mec=c, mew=1.4)
+        if annotate:
+            for p in pts:
+                if p.label:
+                    ax.annotate(
+                        p.label,
+                        (p.x, p.y),
+                        xytext=(4, 4),
+                        textcoords="offset points",
+                        fontsize=7,
+                        color=c,
+                    )
+        ys += [p.y for p in pts]
+    return ys
+
+
+def _set_axes(ax, panel: str, bottom: float, top: float) -> None:
+    """A panel's limits (a log y axis when its values are positive and span more than 10x),
+    grid, labels and title."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    if bottom > 0 and top / bottom > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(bottom / 1.25, top * 1.25)
+    else:
+        pad = 0.06 * (top - bottom or 1.0)
+        ax.set_ylim(bottom - pad, top + pad)
+    ax.grid(True, which="major", color="0.88", lw=0.7)
+    ax.set_axisbelow(True)
+    ax.set_xlabel("forget removed (1 = never-learned floor)")
+    ax.set_ylabel(f"{panel} (lower is better)")
+    ax.set_title(panel, fontsize=11)
+
+
+def _legend(fig, methods: list[str], color: dict[str, str], lo: float, hi: float, n: int) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     handles = [Line2D([], [], color=color[m], marker="o", lw=2.0, label=m) for m in methods]
     handles += [
@@ -352,6 +372,3 @@ def plot_frontier(
         fontsize=9,
         frameon=False,
     )
-    fig.suptitle(title, fontsize=12)
-    fig.savefig(path, dpi=120)
-    fig.clear()

@@ -8,8 +8,9 @@ import logging
 from omegaconf import DictConfig
 
 from kuda_cli.cache import model_fingerprint
+from kuda_cli.locate.pipeline import trace_layers
 from kuda_cli.run import Run
-from kuda_cli.stages.common import load_configured_model, trace_layers
+from kuda_cli.stages.common import load_configured_model, recorded
 
 log = logging.getLogger(__name__)
 
@@ -18,4 +19,4 @@ def main(cfg: DictConfig, run: Run) -> None:
     loaded = load_configured_model(cfg, run)
     if cfg.locate.method == "fixed" or cfg.locate.from_run:
         log.info("kuda trace always traces: locate=fixed and locate.from_run apply to kuda unlearn")
-    trace_layers(cfg, loaded, run.dir, run, model_fingerprint(loaded.model))
+    recorded(run, trace_layers(cfg, loaded, run.dir, model_fingerprint(loaded.model)))

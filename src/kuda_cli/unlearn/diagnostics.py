@@ -54,6 +54,24 @@ def gradient_conflict(
     concatenation of either."""
     names = list(params)
     saved = {n: params[n].grad for n in names}
+    retain_grads = _retain_gradients(method, params, retain)
+    projected = projector.projectors if projector is not None else {}
+    try:
+        sums = _forget_dots(method, params, forget, retain_grads, projected)
+    finally:
+        for n in names:
+            params[n].grad = saved[n]
+    for n in names:  # trained but unused by the forget loss: the retain gradient's norm only
+        if retain_grads[n] is not None:
+            g = retain_grads[n].flatten().double()
+            sums.per[n] = {"bb": float(g @ g)}
+    return _cosines(sums, names, projected)
+
+
+def _retain_gradients(method: Method, params: dict[str, nn.Parameter], retain: dict) -> dict:
+    """The retain batch's token-weighted NLL gradient of each parameter (None where it has
+    none), the parameters' .grad left empty."""
+    names = list(params)
     for n in names:
         params[n].grad = None
     # one retain sequence at a time, each weighted by its share of the batch's tokens: the sum
@@ -66,8 +84,17 @@ def gradient_conflict(
     retain_grads = {n: params[n].grad for n in names}
     for n in names:
         params[n].grad = None
+    return retain_grads
+
+
+def _forget_dots(
+    method: Method, params: dict[str, nn.Parameter], forget: dict, retain_grads: dict, projected
+) -> _Sums:
+    """The forget loss's backward, each parameter's gradient reduced against its retain
+    gradient (and projected, where the projector acts on it) as soon as it is accumulated,
+    then freed with the retain gradient (set to None in `retain_grads`)."""
+    names = list(params)
     sums = _Sums()
-    projected = projector.projectors if projector is not None else {}
 
     def reduce(name: str):
         def hook(param: torch.Tensor) -> None:
@@ -91,12 +118,12 @@ def gradient_conflict(
     finally:
         for handle in handles:
             handle.remove()
-        for n in names:
-            params[n].grad = saved[n]
-    for n in names:  # trained but unused by the forget loss: the retain gradient's norm only
-        if retain_grads[n] is not None:
-            g = retain_grads[n].flatten().double()
-            sums.per[n] = {"bb": float(g @ g)}
+    return sums
+
+
+def _cosines(sums: _Sums, names: list[str], projected) -> dict[str, Any]:
+    """The cosines over all parameters, before and (with a projector) after projection, and
+    per projected parameter."""
     rows = [sums.per.get(n, {}) for n in names]
     out: dict[str, Any] = {"before": _Sums.cos(rows, "before")}
     if projected:

@@ -1,0 +1,169 @@
+"""The tables and trade-off curves of `kuda report`, from its rows (one per run directory): a
+run's settings cell and data label, report.md / report.csv / report.tex, and the frontier
+curves of forget removed against damage (frontier_<forget set>.png, frontier.md, frontier.json)."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Any
+
+from kuda_cli.cache import write_json_atomic
+from kuda_cli.evaluate.tradeoff import Point, compare, markdown_table, plot_frontier, points_table
+
+# the trainer's knobs a table names for every method; a method's own fields are added to them
+COMMON_SETTINGS = ("lr", "steps", "optimizer")
+
+
+def settings(unlearn: dict[str, Any]) -> str:
+    """The key hyper-parameters of an unlearn run as one short cell: the common knobs, then the
+    scalar fields the method's schema adds to the shared trainer's (beta, c, alpha, ...)."""
+    from dataclasses import fields
+
+    from kuda_cli.config import UnlearnConfig
+
+    method = _method(str(unlearn.get("method")))
+    shared = {f.name for f in fields(UnlearnConfig)}
+    own = [f.name for f in fields(method.schema) if f.name not in shared] if method else []
+    parts = [f"{k}={_cell(unlearn[k])}" for k in (*COMMON_SETTINGS, *own) if _scalar(unlearn, k)]
+    if method is not None:
+        parts += [f"{label}={_cell(value)}" for label, value in method.report_settings(unlearn)]
+    if (unlearn.get("auto_tune") or {}).get("enabled"):
+        parts.append("auto_tune")
+    return " ".join(parts)
+
+
+def _method(name: str):
+    """The registered method `name`, None for a name no longer registered (an old run)."""
+    from kuda_cli.unlearn.methods import get_method, method_modules
+
+    return get_method(name) if name in method_modules() else None
+
+
+def display_name(method: str) -> str:
+    """A method's name in tables and plots, as its class says (an unregistered one in capitals)."""
+    found = _method(method)
+    return found.display_name if found is not None else method.upper()
+
+
+def _scalar(d: dict[str, Any], key: str) -> bool:
+    return key in d and isinstance(d[key], (int, float, str, bool))
+
+
+def data_label(data: dict[str, Any]) -> str | None:
+    """The data of a run as a table names it: as its kind says (the facts set with capitals
+    forgotten: `facts:capitals`), else the data option's name."""
+    from kuda_cli.data.kinds import REGISTRY
+
+    kind = str(data.get("kind"))
+    return REGISTRY.get(kind).label(data) if kind in REGISTRY.modules() else data.get("name")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+ROW_NAMES = ("run", "stage", "status", "model", "method", "settings", "layers", "data")
+
+
+def write_tables(rows: list[dict[str, Any]], out_dir: Path, shown: list[str] | None = None) -> None:
+    """report.csv with every column; report.md and report.tex with the row names and the metrics
+    in `shown` (dotted keys or prefixes, in that order; None: all)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out_dir / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    if shown:
+        metrics = [
+            c
+            for want in shown
+            for c in columns
+            if c not in ROW_NAMES and (c == want or c.startswith(want + "."))
+        ]
+        columns = [c for c in columns if c in ROW_NAMES] + list(dict.fromkeys(metrics))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    tex = [
+        "\\begin{tabular}{" + "l" * len(columns) + "}",
+        "\\toprule",
+        " & ".join(_tex(c) for c in columns) + " \\\\",
+        "\\midrule",
+        *(" & ".join(_tex(_cell(row.get(c))) for c in columns) + " \\\\" for row in rows),
+        "\\bottomrule",
+        "\\end{tabular}",
+    ]
+    (out_dir / "report.tex").write_text("\n".join(tex) + "\n")
+
+
+TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+}
+
+
+def _tex(text: str) -> str:
+    return "".join(TEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+# the damage figures of the trade-off curves: (panel title, row key, transform, the starting
+# model's damage: every method's curve starts there, its learning rate 0)
+DAMAGE = (
+    ("perplexity ratio", "summary.perplexity_ratio", lambda v: v, 1.0),
+    (
+        "1 - other-subject token agreement",
+        "summary.retain_other_token_agreement",
+        lambda v: 1 - v,
+        0.0,
+    ),
+)
+
+
+def frontier_curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, list[Point]]]]:
+    """Per forget set (the data label), per damage figure, per method: the starting model (x 0,
+    its damage; labelled `start`), then one point per completed unlearn run, x =
+    summary.forget_removed, labelled with the run's learning rate."""
+    out: dict[str, dict[str, dict[str, list[Point]]]] = {}
+    for row in rows:
+        x = row.get("summary.forget_removed")
+        if row.get("stage") != "unlearn" or row.get("status") != "completed" or x is None:
+            continue
+        method = display_name(str(row["method"]))
+        lr = re.search(r"\blr=(\S+)", row.get("settings") or "")
+        for panel, key, transform, start in DAMAGE:
+            if row.get(key) is not None:
+                curves = out.setdefault(str(row["data"]), {}).setdefault(panel, {})
+                points = curves.setdefault(method, [Point(0.0, start, "start")])
+                points.append(
+                    Point(float(x), float(transform(row[key])), lr.group(1) if lr else "")
+                )
+    return out
+
+
+def write_frontier(rows: list[dict[str, Any]], out_dir: Path, lo: float, hi: float) -> dict:
+    """frontier_<forget set>.png, frontier.md (points and pairwise comparisons) and the
+    comparison rows (returned, and in frontier.json)."""
+    found: dict[str, Any] = {}
+    lines = ["# Trade-off curves", ""]
+    for data, panels in sorted(frontier_curves(rows).items()):
+        name = data.split(":", 1)[-1]
+        png = out_dir / f"frontier_{re.sub(r'[^A-Za-z0-9_+-]', '_', name)}.png"
+        plot_frontier(png, f"forget {name}: forget removed against damage", panels, lo=lo, hi=hi)
+        lines += [f"## {data}", "", f"![{name}]({png.name})", ""]
+        for panel, curves in panels.items():
+            lines += [f"### {panel}", "", points_table(curves, panel)]
+        lines += [markdown_table(panels, lo=lo, hi=hi), ""]
+        found[data] = {panel: compare(curves, lo=lo, hi=hi) for panel, curves in panels.items()}
+    (out_dir / "frontier.md").write_text("\n".join(lines))
+    write_json_atomic(out_dir / "frontier.json", found)
+    return found

@@ -1,0 +1,120 @@
+"""Evaluating a model on `cfg.eval`'s metrics: the starting model of `kuda unlearn` (scored on
+every figure a comparison needs, in the run's before/ and cached per model, data and evaluation
+settings), and the unlearned model against it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from shutil import ignore_patterns
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kuda_cli import distributed
+from kuda_cli.cache import (
+    MANIFEST,
+    entry_lock,
+    publish,
+    staging_dir,
+    verify_manifest,
+    write_json_atomic,
+)
+from kuda_cli.evaluate import EvalContext, compute_metrics
+from kuda_cli.models.loading import resolve_cache_root
+
+log = logging.getLogger(__name__)
+BEFORE = "before"
+# eval.facts settings that change only what the unlearned model is scored on
+AFTER_ONLY = ("floors", "retain_greedy")
+
+
+@dataclass(frozen=True)
+class Starting:
+    """The starting model's evaluation."""
+
+    metrics: dict[str, Any]  # before/metrics.json, and metrics.json's `before`
+    reference: str | None  # its greedy answers, which the unlearned model's are compared with
+
+
+def evaluate_unlearned(
+    cfg: DictConfig, loaded, out_dir: Path, starting: Starting | None, *, judge=None
+) -> dict[str, Any]:
+    """The metrics of `cfg.eval` on the unlearned model, against the starting model's answers
+    and without the floors (they belong to the starting model); `judge` scores fluency."""
+    reference = starting.reference if starting is not None else None
+    return _evaluate(cfg, loaded, out_dir, reference, judge=judge, starting=False)
+
+
+def _evaluate(cfg, loaded, out_dir: Path, reference, *, judge=None, starting: bool):
+    """The metrics of `cfg.eval` on the loaded model. The starting model (`starting`) is
+    scored on every figure a comparison needs (floors, retain answers: the reference); the
+    unlearned one against it, without the floors (they belong to the starting model)."""
+    eval_cfg = OmegaConf.to_object(cfg.eval)
+    if starting:
+        eval_cfg.facts = replace(eval_cfg.facts, floors=True, retain_greedy=True)
+    else:
+        eval_cfg.facts = replace(eval_cfg.facts, floors=False)
+    if reference and not eval_cfg.facts.reference:
+        eval_cfg.facts = replace(eval_cfg.facts, reference=reference)
+    ctx = EvalContext(
+        loaded=loaded,
+        eval=eval_cfg,
+        data=OmegaConf.to_object(cfg.data),
+        out_dir=out_dir,
+        cache_dir=cfg.cache_dir,
+        judge=judge,
+    )
+    results: dict[str, Any] = {}
+    for _, found in compute_metrics(ctx):
+        results.update(found)
+    return results
+
+
+def _before_key(cfg: DictConfig, model_key: str) -> str:
+    evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
+    for key in AFTER_ONLY:  # the starting model is scored on all of them whatever they say
+        evaluation["facts"].pop(key, None)
+    blob = json.dumps(
+        {
+            "model": model_key,
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            "eval": evaluation,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def evaluate_starting(cfg: DictConfig, loaded, run_dir: Path, model_key: str) -> Starting | None:
+    """The starting model's metrics, in `before/` of the run directory; cached under the cache
+    root per (model, data, eval settings). None with eval.before=false and on every process
+    but the first."""
+    if not cfg.eval.before or not distributed.is_main():
+        return None
+    out = Path(run_dir) / BEFORE
+    key = _before_key(cfg, model_key)
+    cached = resolve_cache_root(cfg.cache_dir) / "evals" / key
+    # one process evaluates, the others sharing the cache wait and read its checked copy
+    with entry_lock(cached):
+        problem = verify_manifest(cached) if cached.exists() else "absent"
+        if problem is None:
+            log.info("starting model's evaluation from the cache %s", cached)
+            shutil.copytree(cached, out, dirs_exist_ok=True, ignore=ignore_patterns(MANIFEST))
+            metrics = json.loads((out / "metrics.json").read_text())
+        else:
+            if problem != "absent":
+                log.warning("cached evaluation %s cannot be trusted (%s): redone", cached, problem)
+            shutil.rmtree(out, ignore_errors=True)  # nothing of an earlier attempt is cached
+            out.mkdir(parents=True)
+            metrics = _evaluate(cfg, loaded, out, None, starting=True)
+            write_json_atomic(out / "metrics.json", metrics)
+            tmp = staging_dir(cached)
+            shutil.copytree(out, tmp, dirs_exist_ok=True)
+            publish(tmp, cached, {"key": key, "model": cfg.model.name, "data": cfg.data.name})
+    answers = out / "facts_answers.jsonl"
+    return Starting(metrics, str(answers) if answers.exists() else None)
