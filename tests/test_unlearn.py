@@ -291,8 +291,10 @@ def test_resumed_run_reuses_its_own_trace(kuda, tmp_path, monkeypatch):
 
 
 def test_summary_measures_forgetting_against_the_floor_and_carries_every_task():
-    from kuda_cli.evaluate.summary import summarise
+    from kuda_cli.evaluate import eval_schema, get_metric, summarise
 
+    settings = eval_schema()(name="all", metrics=["facts", "perplexity", "lm_eval", "muse"])
+    settings.wmdp = get_metric("lm_eval").schema(tasks=["wmdp_bio", "mmlu"])
     before = {
         "facts": {
             "forget": {"mc_acc": 1.0, "gen_acc": 0.8},
@@ -315,7 +317,7 @@ def test_summary_measures_forgetting_against_the_floor_and_carries_every_task():
         "lm_eval": {"wmdp_bio": {"acc": 0.3}, "mmlu": {"acc": 0.45}, "mmlu_virology": {"acc": 0.4}},
         "muse": {"verbmem_f": {"rougeL_f1": 0.1}, "privleak": {"auc": 0.5, "privleak": -5.0}},
     }
-    s = summarise(before, after, tasks=["wmdp_bio", "mmlu"])
+    s = summarise(before, after, settings)
     # MC: (1.0 - 0.8) / (1.0 - 0.6) = 0.5; greedy: (0.8 - 0) / (0.8 - 0) = 1.0
     assert s["forget_removed_mc"] == pytest.approx(0.5)
     assert s["forget_removed_gen"] == pytest.approx(1.0)
@@ -329,10 +331,10 @@ def test_summary_measures_forgetting_against_the_floor_and_carries_every_task():
     assert (s["verbmem_f_rougeL_f1"], s["verbmem_f_rougeL_f1_before"]) == (0.1, 0.7)
     assert (s["privleak_auc"], s["privleak"]) == (0.5, -5.0)
     # forgetting below the floor counts as all removed; a floor at the start removes nothing
-    below = summarise(before, {"facts": {"forget": {"mc_acc": 0.3, "gen_acc": 0.8}}})
+    below = summarise(before, {"facts": {"forget": {"mc_acc": 0.3, "gen_acc": 0.8}}}, settings)
     assert below["forget_removed_mc"] == 1.0 and below["forget_removed_gen"] == 0.0
     no_floor = {"facts": {"forget": {"mc_acc": 1.0}, "floor": {"mc_acc": 1.0}}}
-    assert "forget_removed_mc" not in summarise(no_floor, after)
+    assert "forget_removed_mc" not in summarise(no_floor, after, settings)
 
 
 @pytest.mark.parametrize("method", ["kuda", "ga"])

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from shutil import ignore_patterns
 from typing import Any
@@ -24,13 +24,11 @@ from kuda_cli.cache import (
     verify_manifest,
     write_json_atomic,
 )
-from kuda_cli.evaluate import EvalContext, compute_metrics
+from kuda_cli.evaluate import REGISTRY, EvalContext, compute_metrics, settings_for
 from kuda_cli.models.loading import resolve_cache_root
 
 log = logging.getLogger(__name__)
 BEFORE = "before"
-# eval.facts settings that change only what the unlearned model is scored on
-AFTER_ONLY = ("floors", "retain_greedy")
 
 
 @dataclass(frozen=True)
@@ -38,29 +36,23 @@ class Starting:
     """The starting model's evaluation."""
 
     metrics: dict[str, Any]  # before/metrics.json, and metrics.json's `before`
-    reference: str | None  # its greedy answers, which the unlearned model's are compared with
+    directory: Path  # before/: what it wrote (the answers the unlearned model's are compared with)
 
 
 def evaluate_unlearned(
     cfg: DictConfig, loaded, out_dir: Path, starting: Starting | None, *, judge=None
 ) -> dict[str, Any]:
-    """The metrics of `cfg.eval` on the unlearned model, against the starting model's answers
-    and without the floors (they belong to the starting model); `judge` scores fluency."""
-    reference = starting.reference if starting is not None else None
-    return _evaluate(cfg, loaded, out_dir, reference, judge=judge, starting=False)
+    """The metrics of `cfg.eval` on the unlearned model, each with the settings it scores an
+    unlearned model with, against what the starting model's evaluation wrote; `judge` scores
+    fluency."""
+    before_dir = starting.directory if starting is not None else None
+    return _evaluate(cfg, loaded, out_dir, before_dir, judge=judge, starting=False)
 
 
-def _evaluate(cfg, loaded, out_dir: Path, reference, *, judge=None, starting: bool):
-    """The metrics of `cfg.eval` on the loaded model. The starting model (`starting`) is
-    scored on every figure a comparison needs (floors, retain answers: the reference); the
-    unlearned one against it, without the floors (they belong to the starting model)."""
-    eval_cfg = OmegaConf.to_object(cfg.eval)
-    if starting:
-        eval_cfg.facts = replace(eval_cfg.facts, floors=True, retain_greedy=True)
-    else:
-        eval_cfg.facts = replace(eval_cfg.facts, floors=False)
-    if reference and not eval_cfg.facts.reference:
-        eval_cfg.facts = replace(eval_cfg.facts, reference=reference)
+def _evaluate(cfg, loaded, out_dir: Path, before_dir: Path | None, *, judge=None, starting: bool):
+    """The metrics of `cfg.eval` on the loaded model, each with the settings it scores the
+    starting model (`starting`: every figure a comparison needs) or an unlearned one with."""
+    eval_cfg = settings_for(OmegaConf.to_object(cfg.eval), starting=starting, before_dir=before_dir)
     ctx = EvalContext(
         loaded=loaded,
         eval=eval_cfg,
@@ -77,8 +69,9 @@ def _evaluate(cfg, loaded, out_dir: Path, reference, *, judge=None, starting: bo
 
 def _before_key(cfg: DictConfig, model_key: str) -> str:
     evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
-    for key in AFTER_ONLY:  # the starting model is scored on all of them whatever they say
-        evaluation["facts"].pop(key, None)
+    for metric in REGISTRY.all().values():  # the starting model is scored whatever they say
+        for key in metric.after_only:
+            evaluation[metric.section].pop(key, None)
     blob = json.dumps(
         {
             "model": model_key,
@@ -116,5 +109,4 @@ def evaluate_starting(cfg: DictConfig, loaded, run_dir: Path, model_key: str) ->
             tmp = staging_dir(cached)
             shutil.copytree(out, tmp, dirs_exist_ok=True)
             publish(tmp, cached, {"key": key, "model": cfg.model.name, "data": cfg.data.name})
-    answers = out / "facts_answers.jsonl"
-    return Starting(metrics, str(answers) if answers.exists() else None)
+    return Starting(metrics, out)

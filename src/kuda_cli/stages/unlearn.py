@@ -9,9 +9,9 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.cache import model_fingerprint
+from kuda_cli.evaluate import summarise
 from kuda_cli.evaluate.runner import Starting, evaluate_starting, evaluate_unlearned
 from kuda_cli.evaluate.side_by_side import write_side_by_side
-from kuda_cli.evaluate.summary import summarise
 from kuda_cli.locate.pipeline import find_layers
 from kuda_cli.run import Run, set_seed
 from kuda_cli.stages.common import load_configured_model, recorded
@@ -56,8 +56,8 @@ def main(cfg: DictConfig, run: Run) -> None:
 def compare(cfg: DictConfig, run: Run, starting: Starting, after: dict) -> None:
     """The summary against the starting model (metrics.json's `summary`) and, for the facts,
     the greedy answers before and after side by side (answers.md, printed)."""
-    tasks = list(cfg.eval.wmdp.tasks) if "lm_eval" in cfg.eval.metrics else None
-    run.log_metrics({"summary": summarise(starting.metrics, after, tasks)})
+    summary = summarise(starting.metrics, after, OmegaConf.to_object(cfg.eval))
+    run.log_metrics({"summary": summary})
     log.info("summary: %s", json.dumps(run.metrics["summary"]))
     table = write_side_by_side(run.dir)
     if table is not None:
