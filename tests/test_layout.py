@@ -1,5 +1,7 @@
 """The layout's rules, checked on the tree: the library imports without Hydra, stages never import
-each other, and no source file grows past 400 lines."""
+each other, no source file grows past 400 lines, no function past 80, no stage past 150, Hydra's
+private API is borrowed in one module, and no method or data kind is named outside its own
+module."""
 
 from __future__ import annotations
 
@@ -60,3 +62,64 @@ def test_no_source_file_is_over_400_lines():
         if (n := len(p.read_text().splitlines())) > 400
     }
     assert not long, long
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def test_no_function_is_over_80_lines():
+    long = {
+        f"{p.relative_to(SRC)}:{f.name}": n
+        for p in SRC.rglob("*.py")
+        for f in _functions(p)
+        if (n := f.end_lineno - f.lineno + 1) > 80
+    }
+    assert not long, long
+
+
+def test_no_stage_is_over_150_lines():
+    long = {
+        p.name: n
+        for p in (SRC / "stages").glob("*.py")
+        if (n := len(p.read_text().splitlines())) > 150
+    }
+    assert not long, long
+
+
+def test_hydra_private_api_is_borrowed_by_one_module_only():
+    borrowing = sorted(
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if any(name.startswith("hydra._internal") for name in _imported(p))
+    )
+    assert borrowing == ["hydra_private.py"], borrowing
+
+
+# string constants equal to a plug-in's name that do not name the plug-in: the program's own name
+# (a method is called kuda too), and a metric's own name in its module (metrics named like a kind)
+NOT_PLUGIN_NAMES = {
+    ("cli.py", "kuda"),
+    ("compose.py", "kuda"),
+    ("run.py", "kuda"),
+    ("evaluate/metrics/facts.py", "facts"),
+    ("evaluate/metrics/muse.py", "muse"),
+}
+
+
+def test_no_method_or_data_kind_is_named_outside_its_own_module():
+    from kuda_cli.data.kinds import REGISTRY as KINDS
+    from kuda_cli.unlearn.methods import method_modules
+
+    own = {name: f"unlearn/methods/{name}.py" for name in method_modules()}
+    own |= {name: f"data/kinds/{name}.py" for name in KINDS.modules()}
+    named = set()
+    for path in SRC.rglob("*.py"):
+        where = str(path.relative_to(SRC))
+        for node in ast.walk(ast.parse(path.read_text())):
+            value = getattr(node, "value", None) if isinstance(node, ast.Constant) else None
+            if isinstance(value, str) and own.get(value, where) != where:
+                named.add((where, value))
+    assert not named - NOT_PLUGIN_NAMES, sorted(named - NOT_PLUGIN_NAMES)
