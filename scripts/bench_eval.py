@@ -20,8 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
-from kuda_cli.data.facts import load_facts, probes
-from kuda_cli.evaluate.facts import mc_and_top1, mc_correct
+from kuda_cli.data.fact_set import load_facts, probes
+from kuda_cli.evaluate.fact_scoring import mc_and_top1, mc_correct
 from kuda_cli.evaluate.scoring import (
     continuation_logprobs,
     continuation_top1,

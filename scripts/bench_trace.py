@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
-from kuda_cli.data.facts import load_facts, probes, select_domains
+from kuda_cli.data.fact_set import load_facts, probes, select_domains
 from kuda_cli.locate.probes import choose, encode, from_facts
 from kuda_cli.locate.tracing import KINDS, trace_probes
 from kuda_cli.models.loading import load_model

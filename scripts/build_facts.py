@@ -19,8 +19,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
-from kuda_cli.data.facts import load_facts, probes
-from kuda_cli.evaluate.facts import answer_matches, mc_correct
+from kuda_cli.data.fact_set import load_facts, probes
+from kuda_cli.evaluate.fact_scoring import answer_matches, mc_correct
 from kuda_cli.evaluate.scoring import greedy_continuations
 from kuda_cli.models.loading import load_model
 

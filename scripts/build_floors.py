@@ -42,7 +42,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from kuda_cli.data.facts import Fact, builtin_facts_path, load_facts, parse_fact
+from kuda_cli.data.fact_set import Fact, builtin_facts_path, load_facts, parse_fact
 from kuda_cli.evaluate.floors import chance, surface_floor, surface_letters, surface_pick_share
 
 ROOT = Path(__file__).resolve().parents[1]

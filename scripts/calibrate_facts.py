@@ -24,8 +24,8 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
-from kuda_cli.data.facts import load_facts, probes, split_facts, subject_subsets
-from kuda_cli.evaluate.facts import (
+from kuda_cli.data.fact_set import load_facts, probes, split_facts, subject_subsets
+from kuda_cli.evaluate.fact_scoring import (
     evaluate_facts,
     fluency,
     repetition_rate,

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from kuda_cli.unlearn import checkpoints, trainer
+from kuda_cli.unlearn import checkpoint_files, trainer
 
 DELAY = float(os.environ.get("SLOWED_KUDA_DELAY", "0.2"))
 DIE = os.environ.get("SLOWED_KUDA_DIE", "")
@@ -36,7 +36,7 @@ trainer.Trainer.batches = slowed_batches
 
 if DIE:
     point, nth = DIE.split(":")
-    _save, _torch_save, _prune = trainer.Trainer.save, trainer.torch.save, checkpoints.prune
+    _save, _torch_save, _prune = trainer.Trainer.save, trainer.torch.save, checkpoint_files.prune
 
     def counted_save(self, step, last_row):
         global saves
@@ -60,7 +60,7 @@ if DIE:
     if point == "state":
         trainer.torch.save = half_written
     elif point == "prune":
-        checkpoints.prune = die_before_pruning
+        checkpoint_files.prune = die_before_pruning
     else:
         raise SystemExit(f"SLOWED_KUDA_DIE={DIE!r}: use state:N or prune:N")
 

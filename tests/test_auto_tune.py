@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from kuda_cli.config import AutoTuneSpec
-from kuda_cli.data.facts import Fact
+from kuda_cli.data.fact_set import Fact
 from kuda_cli.unlearn.auto_tune import cloze_of, read_trials, removed, search
 
 from conftest import kuda_killed, log_rows, read_json

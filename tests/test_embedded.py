@@ -143,8 +143,8 @@ def test_real_corrupted_cache_is_rebuilt_from_the_wheel(smollm, tmp_path):
 def test_every_shipped_domain_is_known_to_the_embedded_model(smollm):
     """The shipped facts set is filtered to what SmolLM2-135M knows: >= 0.85 multiple-choice
     accuracy on every domain, over every prompt paraphrase."""
-    from kuda_cli.data.facts import load_facts, probes
-    from kuda_cli.evaluate.facts import mc_correct
+    from kuda_cli.data.fact_set import load_facts, probes
+    from kuda_cli.evaluate.fact_scoring import mc_correct
 
     every = probes(load_facts())
     correct = mc_correct(smollm.model, smollm.tokenizer, every, batch_size=32)

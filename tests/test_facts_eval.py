@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kuda_cli.compose import compose
-from kuda_cli.data.facts import (
+from kuda_cli.data.fact_set import (
     Fact,
     load_facts,
     parse_fact,
@@ -22,7 +22,7 @@ from kuda_cli.data.facts import (
     subject_subsets,
 )
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.facts import (
+from kuda_cli.evaluate.fact_scoring import (
     answer_matches,
     evaluate_facts,
     fluency,
@@ -458,7 +458,7 @@ def test_unlearn_reuses_the_starting_models_scores_of_the_fluent_wrong_reference
 
     from kuda_cli.config import ModelConfig, TinySpec
     from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, get_metric
-    from kuda_cli.evaluate.facts import FLUENCY_FILE
+    from kuda_cli.evaluate.fact_scoring import FLUENCY_FILE
     from kuda_cli.models.loading import load_model
 
     loaded = load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))

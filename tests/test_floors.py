@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import pytest
 
-from kuda_cli.data.facts import Fact, load_facts
+from kuda_cli.data.fact_set import Fact, load_facts
 from kuda_cli.evaluate.floors import (
     builtin_floor_path,
     chance,

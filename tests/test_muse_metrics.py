@@ -9,8 +9,8 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from kuda_cli.evaluate import muse as muse_metrics
-from kuda_cli.evaluate.muse import (
+from kuda_cli.evaluate import muse_scoring as muse_metrics
+from kuda_cli.evaluate.muse_scoring import (
     auc,
     first_answer,
     greedy_continuations,

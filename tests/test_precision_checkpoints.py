@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from kuda_cli.models.adapter import get_adapter
-from kuda_cli.unlearn import checkpoints
+from kuda_cli.unlearn import checkpoint_files
 from kuda_cli.unlearn.batches import tokenize
 from kuda_cli.unlearn.diagnostics import gradient_conflict
 from kuda_cli.unlearn.methods import MethodContext, get_method, sequence_nll
@@ -163,22 +163,22 @@ def test_final_checkpoint_is_the_model_and_intermediate_ones_hold_the_state_once
     m, cfg, forget, retain = make(model, tokenizer, steps=6, save_every=2, keep=2)
     trainer = Trainer(model, tokenizer, m, cfg, forget, retain, out_dir=tmp_path, progress=False)
     seen = []
-    real_prune = checkpoints.prune
+    real_prune = checkpoint_files.prune
 
     def watch(out_dir, keep):
         real_prune(out_dir, keep)
         seen.append(sorted(p.name for p in out_dir.glob("checkpoint*")))
 
-    checkpoints.prune = watch
+    checkpoint_files.prune = watch
     try:
         trainer.train()
     finally:
-        checkpoints.prune = real_prune
+        checkpoint_files.prune = real_prune
     assert seen[:2] == [["checkpoint-2"], ["checkpoint-2", "checkpoint-4"]]  # keep=2
     assert seen[-1] == ["checkpoint"]  # the final one alone
     final = tmp_path / "checkpoint"
-    assert checkpoints.directory_bytes(final) <= 1.1 * model_bytes, (
-        checkpoints.directory_bytes(final),
+    assert checkpoint_files.directory_bytes(final) <= 1.1 * model_bytes, (
+        checkpoint_files.directory_bytes(final),
         model_bytes,
     )
     assert read_json(final / "trainer_state.json")["final"] is True

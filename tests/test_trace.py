@@ -293,7 +293,7 @@ def test_average_by_category_folds_tokens_into_rome_categories(tiny):
 
 # ----------------------------------------------------------------------------- probes
 def test_facts_probes_corrupt_the_subject(tiny):
-    from kuda_cli.data.facts import load_facts, probes
+    from kuda_cli.data.fact_set import load_facts, probes
 
     fact = next(f for f in load_facts() if f.subject == "hydrogen")
     chosen = from_facts(probes([fact]))

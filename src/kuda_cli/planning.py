@@ -232,7 +232,7 @@ def sweep_summary(sweep: Sweep) -> tuple[int, str]:
 
 
 def _has_checkpoint(directory: Path) -> bool:
-    from kuda_cli.unlearn.checkpoints import any_checkpoint
+    from kuda_cli.unlearn.checkpoint_files import any_checkpoint
 
     return any_checkpoint(directory)
 

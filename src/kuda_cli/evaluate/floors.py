@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kuda_cli.data.facts import Fact
+    from kuda_cli.data.fact_set import Fact
 
 # letters NFKD leaves whole (ligatures and stroked letters), spelled out in ASCII
 _SPELLED = str.maketrans({"œ": "oe", "æ": "ae", "ß": "ss", "ø": "o", "đ": "d", "ł": "l"})

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kuda_cli.data.facts import Probe
+from kuda_cli.data.fact_set import Probe
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.data.questions import answer_index as parse_answer
 from kuda_cli.errors import UserError

@@ -21,7 +21,7 @@ from kuda_cli.evaluate import STARTING_JUDGE
 from kuda_cli.models.loading import LoadedModel, load_model, resolve_cache_root
 from kuda_cli.unlearn import auto_tune, sharding
 from kuda_cli.unlearn.batches import TokenSet, tokenize, unlearn_texts
-from kuda_cli.unlearn.checkpoints import CHECKPOINT
+from kuda_cli.unlearn.checkpoint_files import CHECKPOINT
 from kuda_cli.unlearn.diagnostics import gradient_conflict, heldout_krd, retain_leak, swapped_in
 from kuda_cli.unlearn.methods import Method, MethodContext, get_method
 from kuda_cli.unlearn.trainer import Trainer, TrainResult, used_indices

@@ -5,9 +5,9 @@ loss, backward, clipping, the optional null-space projection around the optimise
 schedule, one row of `train_log.jsonl`. Intermediate checkpoints (`checkpoint-<step>/`: the
 trained tensors, optimiser and schedule) are written every `save_every` steps, the final one
 (`checkpoint/`: the Hugging Face model) at the end, each through a temporary directory and a
-rename, so a kill at any moment leaves the last complete one (unlearn/checkpoints.py). A run that
-finds a checkpoint in its directory continues from it; data order is a function of (seed, step),
-so the resumed run ends with the weights an uninterrupted run would have.
+rename, so a kill at any moment leaves the last complete one (unlearn/checkpoint_files.py). A
+run that finds a checkpoint in its directory continues from it; data order is a function of
+(seed, step), so the resumed run ends with the weights an uninterrupted run would have.
 
 Trained tensors of a half-precision model keep float32 master copies (`master_weights`); with
 several processes the trained gradients are averaged (`kuda_cli.distributed`), or, when every
@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from kuda_cli import distributed
 from kuda_cli.errors import UserError
 from kuda_cli.models.precision import autocast
-from kuda_cli.unlearn import checkpoints, lora, sharding
+from kuda_cli.unlearn import checkpoint_files, lora, sharding
 from kuda_cli.unlearn.batches import TokenSet, batch_indices
-from kuda_cli.unlearn.checkpointing import LOG_FILE, Checkpointing
-from kuda_cli.unlearn.checkpoints import CHECKPOINT, STATE_FILE
+from kuda_cli.unlearn.checkpoint_files import CHECKPOINT, STATE_FILE
 from kuda_cli.unlearn.methods import Method
+from kuda_cli.unlearn.trainer_checkpoints import LOG_FILE, Checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,9 @@ class Trainer(Checkpointing):
         return forget, retain
 
     def _diverged(self, step: int, what: str) -> TrainingDiverged:
-        directory = checkpoints.latest(self.out_dir) if self.out_dir else None
+        directory = checkpoint_files.latest(self.out_dir) if self.out_dir else None
         if directory is not None:
-            saved = checkpoints.read_state_json(directory)["step"]
+            saved = checkpoint_files.read_state_json(directory)["step"]
             kept = f"the last good checkpoint (step {saved}) is kept in {directory}"
         else:
             kept = "no checkpoint was written yet (unlearn.save_every=N saves every N steps)"
@@ -248,7 +248,7 @@ class Trainer(Checkpointing):
         finally:
             self._collecting = False
         bar.close()
-        if self.out_dir is not None and not checkpoints.is_final(self.out_dir / CHECKPOINT):
+        if self.out_dir is not None and not checkpoint_files.is_final(self.out_dir / CHECKPOINT):
             self.save_final(self.cfg.steps, row)
         distributed.shutdown()
         for p in self.model.parameters():

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kuda_cli.config import choice, listed
-from kuda_cli.data.facts import load_facts, select_domains, split_facts
-from kuda_cli.data.facts import probes as fact_probes
+from kuda_cli.data.fact_set import load_facts, select_domains, split_facts
+from kuda_cli.data.fact_set import probes as fact_probes
 from kuda_cli.data.kinds import DataKind, UnlearnTexts, register_kind
 
 

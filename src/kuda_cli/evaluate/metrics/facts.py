@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from kuda_cli.config import ModelConfig, bounded
-from kuda_cli.data.facts import load_facts, probes, split_facts, subject_subsets
+from kuda_cli.data.fact_set import load_facts, probes, split_facts, subject_subsets
 from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, Metric, ratio, register_metric
-from kuda_cli.evaluate.facts import (
+from kuda_cli.evaluate.fact_scoring import (
     ANSWERS_FILE,
     FLUENCY_FILE,
     evaluate_facts,

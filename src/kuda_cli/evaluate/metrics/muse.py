@@ -9,7 +9,7 @@ from typing import Any
 from kuda_cli.config import bounded
 from kuda_cli.data.sources import hub_splits, load_split
 from kuda_cli.evaluate import EvalContext, Metric, register_metric
-from kuda_cli.evaluate.muse import knowmem, mia_min_k, privleak, verbmem
+from kuda_cli.evaluate.muse_scoring import knowmem, mia_min_k, privleak, verbmem
 from kuda_cli.run import lookup
 
 

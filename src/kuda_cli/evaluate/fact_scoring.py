@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kuda_cli.data.facts import Probe
+from kuda_cli.data.fact_set import Probe
 from kuda_cli.errors import UserError
 from kuda_cli.evaluate.scoring import (
     continuation_logprobs,

@@ -1,5 +1,5 @@
 """The trainer's checkpoints: saving what a resume needs once, finding and loading the newest
-one (the layout is unlearn/checkpoints.py's). A mixin of `unlearn.trainer.Trainer`, which
+one (the layout is unlearn/checkpoint_files.py's). A mixin of `unlearn.trainer.Trainer`, which
 provides the model, the trained tensors (`params`, their float32 `master` copies, `optimised`),
 the optimiser, the schedule and the run directory."""
 
@@ -14,8 +14,8 @@ import torch
 
 from kuda_cli import distributed
 from kuda_cli.errors import UserError
-from kuda_cli.unlearn import checkpoints, lora, sharding
-from kuda_cli.unlearn.checkpoints import CHECKPOINT, STATE_FILE
+from kuda_cli.unlearn import checkpoint_files, lora, sharding
+from kuda_cli.unlearn.checkpoint_files import CHECKPOINT, STATE_FILE
 
 log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
@@ -26,24 +26,24 @@ class Checkpointing:
         return {"step": step, "steps": self.cfg.steps, "final": final, "last": last_row}
 
     def save(self, step: int, last_row: dict[str, Any]) -> None:
-        """An intermediate checkpoint: what a resume needs, once (checkpoints.py)."""
+        """An intermediate checkpoint: what a resume needs, once (checkpoint_files.py)."""
         if self.out_dir is None:
             return
-        target = checkpoints.intermediate_dir(self.out_dir, step)
+        target = checkpoint_files.intermediate_dir(self.out_dir, step)
         if self.sharded:
             tmp = target.with_name(f"{target.name}.tmp")
             if distributed.is_main():
-                tmp = checkpoints.fresh_tmp(target)
+                tmp = checkpoint_files.fresh_tmp(target)
             distributed.barrier()
             sharding.save(
-                tmp / checkpoints.SHARDED_STATE,
+                tmp / checkpoint_files.SHARDED_STATE,
                 self.model,
                 self.optimizer,
                 self.cfg.save_optimizer,
             )
             distributed.barrier()
         elif distributed.is_main():  # the weights are the same on all processes
-            tmp = checkpoints.fresh_tmp(target)
+            tmp = checkpoint_files.fresh_tmp(target)
         if distributed.is_main():
             state = {
                 "step": step,
@@ -55,9 +55,9 @@ class Checkpointing:
                 if self.cfg.save_optimizer:
                     state["optimizer"] = self.optimizer.state_dict()
             torch.save(state, tmp / STATE_FILE)
-            checkpoints.write_state_json(tmp, self._state_json(step, last_row, final=False))
-            checkpoints.put_in_place(tmp, target)
-            checkpoints.prune(self.out_dir, self.cfg.keep)
+            checkpoint_files.write_state_json(tmp, self._state_json(step, last_row, final=False))
+            checkpoint_files.put_in_place(tmp, target)
+            checkpoint_files.prune(self.out_dir, self.cfg.keep)
             log.info("checkpoint at step %d in %s", step, target)
         distributed.barrier()
 
@@ -73,28 +73,28 @@ class Checkpointing:
             state_dict = lora.merged_state_dict(self.model)
         if distributed.is_main():
             target = self.out_dir / CHECKPOINT
-            tmp = checkpoints.fresh_tmp(target)
+            tmp = checkpoint_files.fresh_tmp(target)
             self.model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             if self.lora:
                 lora.save_adapter(self.model, self.params, tmp / lora.ADAPTER_DIR)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(tmp)
-            checkpoints.write_state_json(tmp, self._state_json(step, last_row, final=True))
-            checkpoints.put_in_place(tmp, target)
-            checkpoints.prune(self.out_dir, 0)
-            checkpoints.clear_leftovers(self.out_dir)
+            checkpoint_files.write_state_json(tmp, self._state_json(step, last_row, final=True))
+            checkpoint_files.put_in_place(tmp, target)
+            checkpoint_files.prune(self.out_dir, 0)
+            checkpoint_files.clear_leftovers(self.out_dir)
             log.info("final checkpoint (step %d) in %s", step, target)
         distributed.barrier()
 
     def resume(self) -> int:
         """Load the newest checkpoint of this run directory if there is one; the step to start
         at (unlearn.steps when the final one is there)."""
-        directory = checkpoints.latest(self.out_dir) if self.out_dir else None
+        directory = checkpoint_files.latest(self.out_dir) if self.out_dir else None
         if directory is None:
             if self.out_dir is not None and distributed.is_main():
                 self._truncate_log(0)  # killed before its first checkpoint: it starts over
             return 0
-        if checkpoints.is_final(directory):
+        if checkpoint_files.is_final(directory):
             return self._resume_final(directory)
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
         if state["step"] > self.cfg.steps:
@@ -105,7 +105,10 @@ class Checkpointing:
         if self.sharded:
             with_optimizer = self.cfg.save_optimizer
             sharding.load(
-                directory / checkpoints.SHARDED_STATE, self.model, self.optimizer, with_optimizer
+                directory / checkpoint_files.SHARDED_STATE,
+                self.model,
+                self.optimizer,
+                with_optimizer,
             )
         else:
             if set(state["params"]) != set(self.params):
@@ -139,7 +142,7 @@ class Checkpointing:
             if self.lora:
                 values = lora.read_adapter(directory, names)
             else:
-                values = checkpoints.read_model_tensors(directory, names)
+                values = checkpoint_files.read_model_tensors(directory, names)
             with torch.no_grad():
                 for name, value in values.items():
                     self.params[name].copy_(value.to(self.device))
