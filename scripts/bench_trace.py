@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
 from kuda_cli.data.fact_set import load_facts, probes, select_domains
-from kuda_cli.locate.probes import choose, encode, from_facts
+from kuda_cli.data.probes import from_facts
+from kuda_cli.locate.probes import choose, encode
 from kuda_cli.locate.tracing import KINDS, trace_probes
 from kuda_cli.models.loading import load_model
 

@@ -20,6 +20,7 @@ from omegaconf import MISSING
 
 from kuda_cli.config import bounded
 from kuda_cli.data.kinds import DataKind, UnlearnTexts, register_kind, split_heldout
+from kuda_cli.data.probes import from_questions
 
 
 @dataclass
@@ -47,8 +48,6 @@ class Lines(DataKind):
 
     @classmethod
     def probes(cls, data, span, max_probes):
-        from kuda_cli.locate.probes import from_questions
-
         rows = []
         for text in lines(data.forget_file, data.min_words):
             words = text.split()

@@ -12,16 +12,9 @@ from tokenizers import processors
 
 from kuda_cli import requires
 from kuda_cli.compose import compose
+from kuda_cli.data.probes import CLOZE_WORDS, cloze_probes, qa_probe
 from kuda_cli.errors import UserError
-from kuda_cli.locate.probes import (
-    CLOZE_WORDS,
-    build_probes,
-    cloze_probes,
-    encode,
-    left_truncate,
-    probe_source,
-    qa_probe,
-)
+from kuda_cli.locate.probes import build_probes, encode, left_truncate, probe_source
 from kuda_cli.models.tiny import byte_tokenizer
 
 from conftest import read_json

@@ -55,7 +55,7 @@ def test_report_with_no_runs_is_a_user_error(kuda, tmp_path):
 
 
 def test_latex_cells_are_escaped(tmp_path):
-    from kuda_cli.evaluate.report_tables import write_tables
+    from kuda_cli.report_tables import write_tables
 
     write_tables([{"run": "a_b", "metric": 0.5, "note": "50% & {x} \\"}], tmp_path)
     tex = (tmp_path / "report.tex").read_text()
@@ -123,7 +123,7 @@ def test_starting_model_comes_first_with_method_settings_per_run(tmp_path):
 
 
 def test_columns_narrow_markdown_but_not_csv(tmp_path):
-    from kuda_cli.evaluate.report_tables import write_tables
+    from kuda_cli.report_tables import write_tables
 
     rows = [
         {
@@ -144,7 +144,7 @@ def test_columns_narrow_markdown_but_not_csv(tmp_path):
 def test_each_forget_set_has_its_own_starting_row_and_old_runs_still_load(tmp_path):
     """Runs on different forget domains are different data; a metrics.json written before the
     floors and subject split existed loads with those figures blank."""
-    from kuda_cli.evaluate.report_tables import data_label, write_tables
+    from kuda_cli.report_tables import data_label, write_tables
 
     for i, domain in enumerate(["chemistry", "capitals"]):
         run_dir = tmp_path / "sweep" / str(i)

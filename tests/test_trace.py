@@ -17,20 +17,13 @@ import transformers
 
 from kuda_cli import cli
 from kuda_cli.compose import compose
+from kuda_cli.data.probes import TraceProbe, from_facts, from_qa, from_wmdp
 from kuda_cli.errors import UserError
 from kuda_cli.locate.effects import average_by_category
 from kuda_cli.locate.layers import read_layers
 from kuda_cli.locate.layers import write_layers as write_checked_layers
 from kuda_cli.locate.pipeline import find_layers
-from kuda_cli.locate.probes import (
-    TraceProbe,
-    build_probes,
-    choose,
-    encode,
-    from_facts,
-    from_qa,
-    from_wmdp,
-)
+from kuda_cli.locate.probes import build_probes, choose, encode
 from kuda_cli.locate.restore import restored_layers
 from kuda_cli.locate.select import last_subject_scores, select_window
 from kuda_cli.locate.tracing import (

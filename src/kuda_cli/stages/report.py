@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig
 
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.report_tables import data_label, settings, write_frontier, write_tables
+from kuda_cli.report_tables import data_label, settings, write_frontier, write_tables
 from kuda_cli.run import Run, find_runs, flatten, read_meta
 
 log = logging.getLogger(__name__)

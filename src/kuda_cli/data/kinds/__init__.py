@@ -60,7 +60,7 @@ class DataKind:
 
     @classmethod
     def probes(cls, data, span: str, max_probes: int | None) -> list:
-        """Tracing probes (kuda_cli.locate.probes.TraceProbe), never the evaluation questions;
+        """Tracing probes (kuda_cli.data.probes.TraceProbe), never the evaluation questions;
         `span` and `max_probes`: locate.span and locate.max_probes (how many will be drawn)."""
         raise NotImplementedError
 

@@ -11,6 +11,7 @@ from omegaconf import MISSING, OmegaConf
 
 from kuda_cli.config import SplitSource, bounded, choice
 from kuda_cli.data.kinds import DataKind, UnlearnTexts, register_kind, split_heldout
+from kuda_cli.data.probes import CLOZE_POOL, CLOZE_WORDS, cloze_probes, from_questions
 from kuda_cli.data.sources import load_split
 from kuda_cli.data.texts import texts_of
 from kuda_cli.errors import UserError
@@ -79,8 +80,6 @@ class SplitsKind(DataKind):
 
     @classmethod
     def probes(cls, data, span: str, max_probes: int | None) -> list:
-        from kuda_cli.locate.probes import CLOZE_POOL, CLOZE_WORDS, cloze_probes, from_questions
-
         if cls.probe_split(data) == "probes":
             rows = load_split(_as_object(data.probes), "data.probes", ("question", "answer"))
             return from_questions(rows, "data.probes")

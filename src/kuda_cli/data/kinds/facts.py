@@ -12,6 +12,7 @@ from kuda_cli.config import choice, listed
 from kuda_cli.data.fact_set import load_facts, select_domains, split_facts
 from kuda_cli.data.fact_set import probes as fact_probes
 from kuda_cli.data.kinds import DataKind, UnlearnTexts, register_kind
+from kuda_cli.data.probes import from_facts
 
 
 @dataclass
@@ -74,8 +75,6 @@ class Facts(DataKind):
 
     @classmethod
     def probes(cls, data, span: str, max_probes: int | None) -> list:
-        from kuda_cli.locate.probes import from_facts
-
         forget = select_domains(load_facts(data.path), list(data.forget_domains), "forget")
         return from_facts(fact_probes(forget), span)
 
