@@ -54,10 +54,10 @@ def _scalar(d: dict[str, Any], key: str) -> bool:
 def data_label(data: dict[str, Any]) -> str | None:
     """The data of a run as a table names it: as its kind says (the facts set with capitals
     forgotten: `facts:capitals`), else the data option's name."""
-    from kuda_cli.data.kinds import REGISTRY
+    from kuda_cli.data.kinds import kind_of_record
 
-    kind = str(data.get("kind"))
-    return REGISTRY.get(kind).label(data) if kind in REGISTRY.modules() else data.get("name")
+    kind = kind_of_record(data)
+    return kind.label(data) if kind is not None else data.get("name")
 
 
 def _cell(value: Any) -> str:

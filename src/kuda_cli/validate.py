@@ -262,7 +262,7 @@ def _check_lora(unlearn: DictConfig) -> None:
     lora = unlearn.get("lora")
     if lora is not None and lora.enabled and not get_method(unlearn.method).supports_lora:
         raise ConfigError(
-            f"unlearn.lora.enabled=true is for the methods that train whole weights "
+            f"unlearn.lora.enabled=true is for the full-parameter baselines "
             f"({', '.join(lora_methods())}); {unlearn.method} trains named modules' weights: "
             "drop unlearn.lora"
         )

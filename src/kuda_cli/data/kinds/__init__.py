@@ -101,6 +101,19 @@ def kind_of(data) -> type[DataKind]:
     return get_kind(data.kind)
 
 
+def kind_of_record(data: dict[str, Any]) -> type[DataKind] | None:
+    """The kind of a data node read back from a run's config.yaml: the one it names, or, for a
+    node written without `kind`, the first kind whose schema has every key it holds."""
+    from dataclasses import fields
+
+    if data.get("kind") in REGISTRY.modules():
+        return get_kind(data["kind"])
+    for kind in REGISTRY.all().values():
+        if set(data) <= {f.name for f in fields(kind.schema)}:
+            return kind
+    return None
+
+
 def kind_schemas() -> dict[str, type]:
     """Kind name -> its config schema (imports every kind module)."""
     return {name: kind.schema for name, kind in REGISTRY.all().items()}
