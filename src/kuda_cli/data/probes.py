@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kuda_cli.config import LocateConfig
 from kuda_cli.data.fact_set import Probe
 from kuda_cli.data.questions import answer_index as parse_answer
 from kuda_cli.errors import UserError
@@ -45,7 +46,7 @@ def _check_span(span: str) -> None:
         raise ValueError(f"span must be one of {SPANS}, not {span!r}")
 
 
-def from_facts(probes: Iterable[Probe], span: str = "subject") -> list[TraceProbe]:
+def from_facts(probes: Iterable[Probe], span: str = LocateConfig.span) -> list[TraceProbe]:
     """One probe per prompt of a fact: the fact's prompt, " " + its target (as the facts
     evaluation scores it), the subject corrupted (`span="subject"`) or the whole prompt."""
     _check_span(span)

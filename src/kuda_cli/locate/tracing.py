@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kuda_cli.config import LocateConfig
 from kuda_cli.locate.probes import EncodedProbe
 from kuda_cli.locate.restore import (
     Runs,
@@ -93,13 +94,13 @@ def trace_probes(
     adapter: Adapter,
     encoded: Sequence[EncodedProbe],
     *,
-    samples: int = 10,
-    noise: float = 3.0,
+    samples: int = LocateConfig.samples,
+    noise: float = LocateConfig.noise,
     seed: int = 0,
     kinds: Sequence[str] = KINDS,
-    window: int = 10,
+    window: int = LocateConfig.window,
     naive: bool = False,
-    batch_tokens: int = 16384,
+    batch_tokens: int = LocateConfig.batch_tokens,
 ) -> tuple[list[ProbeTrace], float]:
     """Trace every probe; the noise std is `noise` times the std of the corrupted tokens'
     embeddings over all probes, probe i's noise drawn from `noise_seed(seed, i)`. Returns the
@@ -196,9 +197,9 @@ def trace_probe(
     noise: torch.Tensor,
     *,
     kinds: Sequence[str] = KINDS,
-    window: int = 10,
+    window: int = LocateConfig.window,
     naive: bool = False,
-    batch_tokens: int = 16384,
+    batch_tokens: int = LocateConfig.batch_tokens,
 ) -> ProbeTrace:
     """Trace one probe. `noise`: (samples, span length, hidden), added to the corrupted span's
     embeddings. `batch_tokens`: restored tokens per forward pass (fast path)."""
