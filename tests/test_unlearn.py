@@ -398,3 +398,19 @@ def test_unlearn_diagnostics_equal_an_independent_computation(kuda, tmp_path, mo
         assert leak["dw_k_over_dw"] == pytest.approx(expected, rel=1e-4)
         isotropic = float((keys * keys).sum() / keys.shape[0] / keys.shape[1]) ** 0.5
         assert leak["vs_random"] == pytest.approx(expected / isotropic, rel=1e-4)
+
+
+def test_a_resume_drops_a_train_log_row_torn_by_a_kill_and_loads_only_tensors(kuda, tmp_path):
+    """A kill mid-append leaves half a row at the end of train_log.jsonl: the resumed run drops
+    it and ends with one row per step; the checkpoint it resumes from loads with torch's
+    weights-only unpickler (a run directory from elsewhere cannot run code)."""
+    args = [*TINY_RUN, "hydra.run.dir=run"]
+    assert kuda_killed(["unlearn", *args], tmp_path, "run/train_log.jsonl", 3) == -9
+    log = tmp_path / "run" / "train_log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 99, "lo')
+    state = next((tmp_path / "run").glob("checkpoint-*/trainer_state.pt"))
+    torch.load(state, weights_only=True)  # raises on anything but tensors, numbers, containers
+    kuda("unlearn", *args, check=True)
+    steps = [json.loads(row)["step"] for row in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]

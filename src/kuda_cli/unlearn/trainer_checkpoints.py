@@ -96,7 +96,8 @@ class Checkpointing:
             return 0
         if checkpoint_files.is_final(directory):
             return self._resume_final(directory)
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        # tensors, numbers and dicts only: a run directory from elsewhere cannot run code here
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
         if state["step"] > self.cfg.steps:
             raise UserError(
                 f"{directory} is at step {state['step']}, past unlearn.steps={self.cfg.steps}; "
@@ -152,8 +153,16 @@ class Checkpointing:
         return self.cfg.steps
 
     def _truncate_log(self, step: int) -> None:
+        """Keep the log's rows up to `step`; a row cut short by a kill mid-append is dropped."""
         path = self.out_dir / LOG_FILE
         if path.exists():
-            rows = [r for r in path.read_text().splitlines() if r.strip()]
-            kept = [r for r in rows if json.loads(r)["step"] <= step]
+            kept = [r for r in path.read_text().splitlines() if _row_step(r) <= step]
             path.write_text("".join(r + "\n" for r in kept))
+
+
+def _row_step(row: str) -> float:
+    """The step of a train-log row; infinity for a blank or torn one (never kept)."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
