@@ -13,10 +13,7 @@ file may have gone since.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 # config (by _key) -> the checks it passed in this process: "valid", "gpu", "hub"
@@ -29,14 +26,15 @@ def forget_checked() -> None:
 
 
 def _key(cfg: DictConfig) -> str | None:
-    """The resolved job config (Hydra's node left out: a job's config has none), hashed; None
-    when it does not resolve (then nothing is skipped, and validation says why)."""
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    """The run's config hash over every group (Hydra's node and `resume` left out: neither is
+    validated here); None when it does not resolve (then nothing is skipped, and validation says
+    why)."""
+    from kuda_cli.run import config_hash
+
     try:
-        resolved = OmegaConf.to_container(job, resolve=True)
+        return config_hash(cfg, whole=True)
     except OmegaConfBaseException:
         return None
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _to_do(cfg: DictConfig, wanted: set[str]) -> tuple[set[str], set[str]]:

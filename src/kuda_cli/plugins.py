@@ -40,6 +40,21 @@ class Registry:
     def add(self, name: str, plugin: Any) -> None:
         self.found[name] = plugin
 
+    def register(self, name: str, schema: type | None):
+        """A class decorator: the class becomes plug-in `name`, its config following `schema`."""
+
+        def wrap(cls):
+            cls.name = name
+            cls.schema = schema
+            self.add(name, cls)
+            return cls
+
+        return wrap
+
+    def known(self, name: str) -> bool:
+        """Whether `name` is a plug-in (one already imported is, without looking further)."""
+        return name in self.found or name in self.modules()
+
     def check(self, name: str, hint: str = "") -> None:
         """One line naming the registered plug-ins when `name` is not one of them."""
         modules = self.modules()
@@ -50,11 +65,13 @@ class Registry:
             )
 
     def get(self, name: str, hint: str = "") -> Any:
+        if name in self.found:  # imported already: no need to look for its module again
+            return self.found[name]
         self.check(name, hint)
+        module = self.modules()[name]
+        importlib.import_module(module)
         if name not in self.found:
-            importlib.import_module(self.modules()[name])
-        if name not in self.found:
-            raise UserError(f"module {self.modules()[name]} registers no {self.what} {name!r}")
+            raise UserError(f"module {module} registers no {self.what} {name!r}")
         return self.found[name]
 
     def all(self) -> dict[str, Any]:

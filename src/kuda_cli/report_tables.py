@@ -36,9 +36,9 @@ def settings(unlearn: dict[str, Any]) -> str:
 
 def _method(name: str):
     """The registered method `name`, None for a name no longer registered (an old run)."""
-    from kuda_cli.unlearn.methods import get_method, method_modules
+    from kuda_cli.unlearn.methods import REGISTRY
 
-    return get_method(name) if name in method_modules() else None
+    return REGISTRY.get(name) if REGISTRY.known(name) else None
 
 
 def display_name(method: str) -> str:

@@ -221,12 +221,12 @@ def _check_metrics(eval_cfg: DictConfig, data_cfg: DictConfig) -> None:
     them."""
     from kuda_cli.evaluate import get_metric, metric_names
 
-    kind = kind_of(data_cfg)
+    kind, known = kind_of(data_cfg), metric_names()
     for name in eval_cfg.metrics:
-        if name not in metric_names():
+        if name not in known:
             raise ConfigError(
                 f"eval.metrics has {name!r}, which this version of kuda does not implement "
-                f"yet (eval={eval_cfg.name}); available: {', '.join(sorted(metric_names()))}"
+                f"yet (eval={eval_cfg.name}); available: {', '.join(sorted(known))}"
             )
         if get_metric(name).reads_data and name not in kind.metrics:
             raise ConfigError(

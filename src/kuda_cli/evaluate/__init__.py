@@ -97,11 +97,8 @@ def register_metric(name: str, schema: type | None = None):
     """Register a Metric subclass as `name`, with the dataclass of its settings."""
 
     def wrap(cls):
-        cls.name = name
-        cls.schema = schema
         cls.section = cls.__dict__.get("section") or name
-        REGISTRY.add(name, cls)
-        return cls
+        return REGISTRY.register(name, schema)(cls)
 
     return wrap
 

@@ -82,14 +82,7 @@ class DataKind:
 
 def register_kind(name: str, schema: type):
     """Register a DataKind subclass as `name`, with the dataclass its config follows."""
-
-    def wrap(cls):
-        cls.name = name
-        cls.schema = schema
-        REGISTRY.add(name, cls)
-        return cls
-
-    return wrap
+    return REGISTRY.register(name, schema)
 
 
 def get_kind(name: str) -> type[DataKind]:
@@ -106,7 +99,7 @@ def kind_of_record(data: dict[str, Any]) -> type[DataKind] | None:
     node written without `kind`, the first kind whose schema has every key it holds."""
     from dataclasses import fields
 
-    if data.get("kind") in REGISTRY.modules():
+    if data.get("kind") is not None and REGISTRY.known(str(data["kind"])):
         return get_kind(data["kind"])
     for kind in REGISTRY.all().values():
         if set(data) <= {f.name for f in fields(kind.schema)}:
@@ -117,11 +110,6 @@ def kind_of_record(data: dict[str, Any]) -> type[DataKind] | None:
 def kind_schemas() -> dict[str, type]:
     """Kind name -> its config schema (imports every kind module)."""
     return {name: kind.schema for name, kind in REGISTRY.all().items()}
-
-
-def eval_options() -> dict[str, Any]:
-    """Kind name -> the eval option that fits it."""
-    return {name: kind.eval_option for name, kind in REGISTRY.all().items()}
 
 
 def split_heldout(texts: list[str], fraction: float = 0.05, cap: int = 64) -> tuple[list, list]:

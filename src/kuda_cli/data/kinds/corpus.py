@@ -34,11 +34,16 @@ class CorpusData:
     probes: SplitSource = field(default_factory=SplitSource)
 
 
-def split_texts(data, key: str) -> list[str]:
+def long_texts(data, key: str) -> list[str]:
     """The texts of split `data.<key>` of at least `data.min_chars` characters (0 without)."""
     split = _as_object(getattr(data, key))
     found = texts_of(load_split(split, f"data.{key}"), split.text_field, f"data.{key}")
-    found = [t for t in found if len(t) >= getattr(data, "min_chars", 0)]
+    return [t for t in found if len(t) >= getattr(data, "min_chars", 0)]
+
+
+def split_texts(data, key: str) -> list[str]:
+    """`long_texts`, refused in one line when there are none."""
+    found = long_texts(data, key)
     if not found:
         raise UserError(f"data.{key} has no usable texts; check data.{key}.text_field")
     return found
@@ -73,10 +78,7 @@ class SplitsKind(DataKind):
     def forget_passages(cls, data) -> list[str]:
         """The forget texts kuda unlearn trains on (min_chars applied, the held-out tail that
         KRD reads left out)."""
-        split = _as_object(data.forget)
-        texts = texts_of(load_split(split, "data.forget"), split.text_field, "data.forget")
-        texts = [t.strip() for t in texts if len(t) >= getattr(data, "min_chars", 0)]
-        return split_heldout(texts)[0]
+        return split_heldout([t.strip() for t in long_texts(data, "forget")])[0]
 
     @classmethod
     def probes(cls, data, span: str, max_probes: int | None) -> list:

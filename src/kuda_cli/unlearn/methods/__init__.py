@@ -177,18 +177,10 @@ def register_method(name: str, schema: type):
     """Register a Method subclass as `name`, with the dataclass its config follows."""
 
     def wrap(cls):
-        cls.name = name
-        cls.schema = schema
         cls.display_name = cls.__dict__.get("display_name") or name.upper()
-        REGISTRY.add(name, cls)
-        return cls
+        return REGISTRY.register(name, schema)(cls)
 
     return wrap
-
-
-def check_registered(name: str) -> None:
-    """One line naming the registered methods when `name` is not one of them."""
-    REGISTRY.check(name, " (unlearn=NAME picks its config)")
 
 
 def get_method(name: str) -> type[Method]:

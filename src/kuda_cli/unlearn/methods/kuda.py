@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kuda_cli.config import UnlearnConfig, bounded, choice
-from kuda_cli.data.kinds import get_kind
+from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError, UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import TokenSet
@@ -124,7 +124,7 @@ class Kuda(Method):
         """The subject-token options need data that names subjects: refused before anything
         loads, not after tracing."""
         unlearn, data = cfg.unlearn, cfg.data
-        if get_kind(data.get("kind")).names_subjects:
+        if kind_of(data).names_subjects:
             return
         if unlearn.get("target") == "unknown":
             raise ConfigError(
