@@ -80,11 +80,18 @@ def log_rows(cwd: Path, pattern: str) -> int:
 
 
 def kuda_killed(
-    args: list[str], cwd: Path, log: str, rows: int, *, env: dict | None = None, timeout=300
+    args: list[str],
+    cwd: Path,
+    log: str,
+    rows: int,
+    *,
+    env: dict | None = None,
+    timeout=300,
+    sig: int = signal.SIGKILL,
 ) -> int:
-    """Run `kuda ARGS` (steps slowed to 0.2 s, tests/slowed_kuda.py) in cwd and SIGKILL it from
-    outside once the train log `log` (a glob under cwd) holds `rows` rows, as `kill -9` would;
-    its return code (-9 when killed, else what it exited with)."""
+    """Run `kuda ARGS` (steps slowed to 0.2 s, tests/slowed_kuda.py) in cwd and SIGKILL it (or
+    send `sig`) from outside once the train log `log` (a glob under cwd) holds `rows` rows, as
+    `kill -9` would; its return code (-9 when killed, else what it exited with)."""
     with open(cwd / "killed.stderr", "a") as err:
         proc = subprocess.Popen(
             [sys.executable, str(SLOWED), *args],
@@ -96,7 +103,7 @@ def kuda_killed(
         deadline = time.monotonic() + timeout
         while proc.poll() is None and time.monotonic() < deadline:
             if log_rows(cwd, log) >= rows:
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 break
             time.sleep(0.01)
         else:

@@ -106,6 +106,7 @@ def publish(tmp: Path, dest: Path, source: dict) -> None:
     damaged entry there; on any failure `tmp` is removed and `dest` left as it was."""
     try:
         write_manifest(tmp, source)
+        share_files(tmp)
         if Path(dest).exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -136,10 +137,36 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def shared_mode() -> int:
+    """The permissions a plain `open` gives a new file (the umask's: 0644 by default)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def share_files(directory: Path) -> None:
+    """Give every file under `directory` a plain file's permissions: safetensors (and so
+    save_pretrained) writes its files 0600, which would keep a saved model or a shared cache
+    entry from a teammate."""
+    mode = shared_mode()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def shared_temp_file(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """A temporary file beside `path` to be renamed onto it, with a plain file's permissions:
+    mkstemp's 0600 would hide a run's meta.json and metrics.json, or a shared cache entry, from a
+    teammate's kuda report on shared storage."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=suffix, dir=Path(path).parent)
+    os.fchmod(fd, shared_mode())
+    return fd, tmp
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never a partial one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = shared_temp_file(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -22,7 +26,7 @@ from omegaconf import DictConfig
 
 from kuda_cli.compose import GROUPS, conf_dir, default_options, group_options, register
 from kuda_cli.config import STAGES
-from kuda_cli.errors import UserError
+from kuda_cli.errors import Terminated, UserError
 from kuda_cli.hydra_private import args_parser
 from kuda_cli.overrides import apply_choice, fit_eval_to_data, rewrite_model_shortcut
 from kuda_cli.planning import plan, sweep_summary
@@ -149,6 +153,29 @@ def hydra_entry(cfg: DictConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
+TERMINATED_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended
+
+
+@contextmanager
+def sigterm_stops_the_run() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the job, which marks the run failed with its end time and
+    the reason (as an interrupt does), instead of leaving meta.json at `running`. A second
+    SIGTERM ends the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated("SIGTERM (a scheduler's time limit, timeout or kill)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _complete(argv: list[str]) -> int:
     """Bash completion: complete the stage, then let Hydra complete the overrides after it.
     `-sc install=bash` and `uninstall` go to Hydra unchanged."""
@@ -217,7 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     # overrides first: a flag with an optional value (--info) must not swallow one
     sys.argv = ["kuda", *overrides, *flags]
     register()  # (composing the plan registered already, unless Hydra's own --help is asked)
-    hydra_entry()
+    try:
+        with sigterm_stops_the_run():
+            hydra_entry()
+    except Terminated as stop:
+        print(
+            f"kuda: stopped by {stop}; meta.json records it as failed (kuda unlearn: the same "
+            "command continues from the last checkpoint)",
+            file=sys.stderr,
+        )
+        return TERMINATED_STATUS
     if sweep is None or args.cfg:
         return 0
     status, line = sweep_summary(sweep)

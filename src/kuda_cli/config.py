@@ -222,6 +222,10 @@ class TuneConfig:
     require_choice: bool = False  # a stage-2 sweep: refuse to start without tune.choice
 
 
+# what a tuning choice may set: the method's and the locating's settings. Not the model (a
+# choice.yaml from elsewhere must not turn on model.trust_remote_code), data, paths or Hydra.
+CARRIABLE = ("unlearn.", "locate.")
+
 REQUIREMENTS = ("gpu", "hub")
 
 

@@ -20,12 +20,38 @@ from datetime import timedelta
 TIMEOUT = timedelta(hours=6)
 
 
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+def environment_problem() -> str | None:
+    """What is wrong with the launcher's variables, in one line, or None. A stray `RANK=1`
+    without `WORLD_SIZE` (left by a job script, or a shell that ran torchrun) would make this
+    process a silent non-main rank of a one-process run: nothing would be written."""
+    for name in LAUNCH_VARIABLES:
+        value = os.environ.get(name, "")
+        if value and not value.isdigit():
+            return f"{name}={value!r} is not a whole number; unset it or launch with torchrun"
+    size = int(os.environ.get("WORLD_SIZE") or 1)
+    if size < 1:
+        return "WORLD_SIZE=0; unset it, or launch with accelerate launch / torchrun"
+    for name in ("RANK", "LOCAL_RANK"):
+        index = int(os.environ.get(name) or 0)
+        if index >= size:
+            return (
+                f"{name}={index} is set but WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}: "
+                f"a stray launcher variable; unset {name} (one process), or launch with "
+                "accelerate launch / torchrun"
+            )
+    return None
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
+    """This process's index; 0 in a one-process run whatever a stray `RANK` says."""
+    return int(os.environ.get("RANK", "0") or 0) if active() else 0
 
 
 def local_rank() -> int:

@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config key, option, type or value that cannot run."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's time limit, `timeout`, `kill`): raised in the main thread so that
+    the run records why and when it stopped before the process exits. Not an Exception: nothing
+    that handles errors may swallow it."""

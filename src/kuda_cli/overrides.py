@@ -13,6 +13,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.compose import conf_dir, config_loader, explain_composition_error, group_options
+from kuda_cli.config import CARRIABLE
 from kuda_cli.data.kinds import get_kind
 from kuda_cli.errors import ConfigError
 
@@ -47,6 +48,13 @@ def apply_choice(overrides: list[str]) -> list[str]:
         ) from err
     if not isinstance(chosen, dict) or not chosen:
         raise ConfigError(f"tune.choice={given[-1]} holds no overrides; is it a kuda pick choice?")
+    outside = [str(k) for k in chosen if not str(k).startswith(CARRIABLE)]
+    if outside:
+        raise ConfigError(
+            f"tune.choice={given[-1]} sets {outside[0]}; a choice sets "
+            f"{' and '.join(CARRIABLE)}* settings only: remove it from the file, or pass it on "
+            "the command line yourself"
+        )
     keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
     return [*overrides, *(f"{k}={_override_value(v)}" for k, v in chosen.items() if k not in keys)]
 

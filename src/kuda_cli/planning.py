@@ -5,6 +5,7 @@ its completed jobs). Nothing here creates a directory: a refused command leaves 
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
             "stage is set by the command (kuda STAGE ...), not by stage=; pass the stage as the "
             f"first word: kuda {'|'.join(STAGES)} ..."
         )
+    problem = distributed.environment_problem()
+    if problem:
+        raise ConfigError(problem)
     overrides = [*overrides, f"stage={stage}"]
     forget_checked()
     jobs = job_override_lists(overrides, multirun)
@@ -99,25 +103,85 @@ def plan(stage: str, overrides: list[str], multirun: bool, *, printing: bool = F
                 file=sys.stderr,
             )
         return Plan(overrides, sweep, jobs)
+    return Plan([*overrides, f"{key}={_run_dir(stage, first, target, chosen)}"])
+
+
+def _run_dir(stage: str, cfg: DictConfig, target: Path, chosen: str | None) -> Path:
+    """The directory of a single run: the one `resume=` names, an unfinished run of this config
+    to continue, the pinned one once checked, or a fresh one. What it holds now is noted, so
+    that a refused run removes only what this command made."""
+    from kuda_cli.run import note_found
+
     resumable = stage == "unlearn"
-    if resumable and first.get("resume"):
+    if resumable and cfg.get("resume"):
         if chosen is not None:
             raise ConfigError("resume=PATH is the run directory; drop hydra.run.dir")
-        resumed = _check_resume(Path(first.resume).expanduser(), first)
-        return Plan([*overrides, f"{key}={resumed}"])
-    unfinished = _unfinished_run(target.parent, first) if resumable and chosen is None else None
-    if unfinished is not None:
-        print(f"kuda: resuming the unfinished run {unfinished}", file=sys.stderr)
-        overrides.append(f"{key}={unfinished}")
-    elif chosen is None:
-        target = _fresh(target)
-        overrides.append(f"{key}={target}")
-    elif _holds_completed_run(target):
+        directory = _check_resume(Path(cfg.resume).expanduser(), cfg)
+    elif chosen is not None:
+        directory = _check_pinned(target, cfg)
+    else:
+        directory = _unfinished_run(target.parent, cfg) if resumable else None
+        if directory is not None:
+            print(f"kuda: resuming the unfinished run {directory}", file=sys.stderr)
+        else:
+            directory = _fresh(target)
+            _check_writable(directory, f"the run directory {directory}")
+    note_found(directory)
+    return directory
+
+
+def _check_pinned(directory: Path, cfg: DictConfig) -> Path:
+    """A pinned `hydra.run.dir` is used when it is new, empty, or holds an unfinished kuda run
+    of this very config (which then continues from its checkpoint, as with resume=). Anything
+    else is refused before any work: the directory is someone else's, and stays as it is."""
+    from kuda_cli.run import config_hashes, read_meta
+
+    where = f"hydra.run.dir={directory}"
+    _check_writable(directory, where)
+    # under accelerate launch, another process's Hydra may have started the directory already
+    started = {".hydra", "kuda.log"} if distributed.active() else set()
+    held = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+    if not set(held) - started:
+        return directory
+    meta = read_meta(directory)
+    if meta is None:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
         raise ConfigError(
-            f"{key}={target} already holds a completed run; choose another directory "
+            f"{where} is not empty and holds no kuda run ({shown}); pass a new or empty "
+            "directory (nothing was touched)"
+        )
+    if meta.get("status") == "completed":
+        raise ConfigError(
+            f"{where} already holds a completed run; choose another directory "
             "(nothing was overwritten)"
         )
-    return Plan(overrides)
+    if meta.get("config_hash") not in config_hashes(cfg):
+        raise ConfigError(
+            f"{where} holds an unfinished run of another config; continue it with its own "
+            f"command ({meta.get('command')}) or choose another directory (nothing was touched)"
+        )
+    if _has_checkpoint(directory):
+        print(f"kuda: resuming the unfinished run {directory}", file=sys.stderr)
+    return directory
+
+
+def _check_writable(directory: Path, where: str) -> None:
+    """A run directory that is a file, or under a directory this user cannot write, is refused
+    before any work."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{where} is a file, not a directory; pass a directory")
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: {existing} is a file, not a directory; pass a directory")
+    try:  # a probe, not os.access: root passes os.access where /proc or a read-only mount fails
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{where}: cannot write in {existing}; pass a directory you can write"
+        ) from err
 
 
 def _check_distributed(stage: str, multirun: bool, chosen: str | None, cfg: DictConfig) -> None:
@@ -164,13 +228,15 @@ def _check_sweep_dir(sweep: Sweep, pinned: bool) -> list[int]:
     another config is refused: nothing is overwritten."""
     from kuda_cli.run import read_meta
 
+    where = "hydra.sweep.dir=" + str(sweep.directory) if pinned else str(sweep.directory)
+    _check_writable(sweep.directory, where)
     done = []
     for num, (directory, wanted) in enumerate(zip(sweep.job_dirs, sweep.hashes, strict=True)):
         meta = read_meta(directory)
         if meta is None:
+            _check_job_dir_unused(directory, num, where)
             continue
         if meta.get("config_hash") not in wanted:
-            where = "hydra.sweep.dir=" + str(sweep.directory) if pinned else str(sweep.directory)
             raise ConfigError(
                 f"{where}: job {num}'s directory {directory} holds a run of another config; "
                 "choose another hydra.sweep.dir (nothing was overwritten)"
@@ -205,6 +271,20 @@ def _unfinished_sweep(
             continue
         candidates.append((directory.stat().st_mtime, directory.name, directory))
     return max(candidates)[2] if candidates else None
+
+
+def _check_job_dir_unused(directory: Path, num: int, where: str) -> None:
+    """A job's directory without a kuda run holds at most what Hydra and the job's log start
+    with (a job that stopped before its run began): anything else is not kuda's."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{where}: job {num}'s directory {directory} is a file; choose another")
+    held = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    foreign = [name for name in held if name not in (".hydra", "kuda.log")]
+    if foreign:
+        raise ConfigError(
+            f"{where}: job {num}'s directory {directory} holds files that are not a kuda run "
+            f"({', '.join(foreign[:3])}); choose another hydra.sweep.dir (nothing was touched)"
+        )
 
 
 def sweep_summary(sweep: Sweep) -> tuple[int, str]:
@@ -281,13 +361,6 @@ def _unfinished_run(parent: Path, cfg: DictConfig) -> Path | None:
         ):
             candidates.append((meta.get("start_time") or "", directory))
     return max(candidates)[1] if candidates else None
-
-
-def _holds_completed_run(directory: Path) -> bool:
-    from kuda_cli.run import read_meta
-
-    meta = read_meta(directory)
-    return bool(meta and meta.get("status") == "completed")
 
 
 def _fresh(directory: Path) -> Path:

@@ -29,6 +29,16 @@ from kuda_cli.cache import write_json_atomic
 
 STATUSES = ("running", "completed", "failed")
 BOOTSTRAP_FILES = {"config.yaml", "meta.json", "kuda.log", ".hydra"}
+# what each run directory held when this command planned it (None: it did not exist), so that
+# a failed run removes only what this command made; planning fills it, in the same process
+_FOUND: dict[str, frozenset[str] | None] = {}
+
+
+def note_found(directory: Path) -> None:
+    """Remember what `directory` holds now, before Hydra or the run writes anything in it."""
+    directory = Path(directory)
+    found = frozenset(p.name for p in directory.iterdir()) if directory.is_dir() else None
+    _FOUND[str(directory.resolve())] = found
 
 
 def set_seed(seed: int) -> None:
@@ -193,12 +203,28 @@ class Run:
         )
 
     def discard(self) -> bool:
-        """Remove the directory if it holds nothing but what `start` and Hydra wrote."""
+        """Undo a run refused by a check found while running: remove what this command made
+        (the directory itself when it made it) if that is nothing but what `start` and Hydra
+        wrote. False (the run is kept, to be marked failed) when the directory held something
+        before this command, when the run wrote results, or when nobody planned it."""
         if not self.dir.is_dir() or not distributed.is_main():
             return True
+        key = str(self.dir.resolve())
+        if key not in _FOUND:
+            return False
+        found = _FOUND[key]
+        if found:  # an unfinished run continued here: its record stays, marked failed
+            return False
         if any(p.name not in BOOTSTRAP_FILES for p in self.dir.iterdir()):
             return False
-        shutil.rmtree(self.dir)
+        if found is None:
+            shutil.rmtree(self.dir)
+            return True
+        for made in self.dir.iterdir():  # an empty directory the user pinned stays, empty
+            if made.is_dir():
+                shutil.rmtree(made)
+            else:
+                made.unlink()
         return True
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
+from kuda_cli.config import CARRIABLE
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR
@@ -307,6 +308,12 @@ def _check_tune(cfg: DictConfig) -> None:
     if tune.get("choice") and not Path(str(tune.choice)).expanduser().is_file():
         raise ConfigError(
             f"tune.choice={tune.choice} does not exist; pass the choice.yaml a kuda pick run wrote"
+        )
+    outside = [k for k in tune.carry if not str(k).startswith(CARRIABLE)]
+    if outside:
+        raise ConfigError(
+            f"tune.carry lists {outside[0]}; a choice carries {' and '.join(CARRIABLE)}* settings "
+            "only; set other keys on the sweep's command line"
         )
     if tune.get("require_choice") and not tune.get("choice"):
         raise ConfigError(

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kuda_cli.cache import share_files
+
 CHECKPOINT = "checkpoint"  # the final one: a Hugging Face model directory
 STATE_FILE = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -97,7 +99,9 @@ def clear_leftovers(out_dir: Path) -> None:
 
 
 def put_in_place(tmp: Path, target: Path) -> None:
-    """`tmp` becomes `target` (an existing `target` is replaced: a rerun of a final save)."""
+    """`tmp` becomes `target` (an existing `target` is replaced: a rerun of a final save),
+    readable as the run's other files."""
+    share_files(tmp)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from kuda_cli.cache import shared_mode, shared_temp_file
 from kuda_cli.models.adapter import Adapter
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import TokenSet
@@ -261,7 +261,7 @@ def _save(path: Path, spectrum: Spectrum) -> None:
     """Written to a private temporary file and renamed into place: concurrent runs sharing the
     cache see the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = shared_temp_file(path, suffix="")
     os.close(fd)
     tensors = {
         "eigenvalues": spectrum.eigenvalues.detach().cpu().contiguous(),
@@ -270,6 +270,7 @@ def _save(path: Path, spectrum: Spectrum) -> None:
     }
     try:
         save_file(tensors, tmp, metadata={"sha256": _digest(tensors)})
+        os.chmod(tmp, shared_mode())  # safetensors writes its files 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
