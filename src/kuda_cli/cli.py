@@ -96,7 +96,9 @@ def help_text() -> str:
         "",
         "Each run writes outputs/STAGE/DATE_TIME[_NAME]/: config.yaml, meta.json, metrics.json,",
         "kuda.log. Bad input: one line on stderr, exit status 2, no run directory. A sweep run",
-        "again continues: completed jobs are skipped; it exits 1 when a job failed.",
+        "again continues: completed jobs are skipped; it exits 1 when a job failed. A pinned",
+        "hydra.run.dir must be new, empty, or an unfinished run of the same config (it resumes).",
+        "SIGTERM marks the run failed with its end time and exits 143.",
     ]
     return "\n".join(lines)
 
