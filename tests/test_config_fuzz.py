@@ -1,9 +1,11 @@
 """Schema-driven fuzzing of the command line. Every field of every config group's schema gets the
 bad values its type and metadata imply (a wrong type; a value out of range or not among the
-choices; a path that does not exist), and every schema node an unknown key, each through the
-real `kuda` entry point (in-process): exit 2, exactly one line on stderr naming the key and what
-is allowed, no traceback, no run directory. A field the walker cannot fuzz from its type (a free
-string) must be listed in FREE with the reason, so that adding a field without a case fails."""
+choices; a path that does not exist; inf and nan for a float; a repeated item for a list whose
+items must be distinct, an empty list for one that needs items), and every schema node an
+unknown key, each through the real `kuda` entry point (in-process): exit 2, exactly one line on
+stderr naming the key and what is allowed, no traceback, no run directory. A field the walker
+cannot fuzz from its type (a free string) must be listed in FREE with the reason, so that adding
+a field without a case fails."""
 
 from __future__ import annotations
 
@@ -168,6 +170,8 @@ def cases() -> list[tuple[str, list[str], str]]:
                 continue
             done.add(signature)
             meta = f.metadata
+            for suffix, bad in _class_cases(tp, meta):
+                add(f"{path}:{suffix}", [*context, f"{path}={bad}"], path)
             if _path_key(path) in PATHS:
                 extra = PATHS[_path_key(path)]
                 add(f"{path}:missing", [*context, *extra, f"{path}=/no/such/path"], path)
@@ -199,6 +203,27 @@ def cases() -> list[tuple[str, list[str], str]]:
 
     for schema, prefix, context in ROOTS:
         walk(schema, prefix, context)
+    return out
+
+
+# an item of each type, repeated where the items must be distinct
+SAMPLE_ITEM = {int: "1", float: "0.5", str: "x"}
+
+
+def _class_cases(tp, meta) -> list[tuple[str, str]]:
+    """(case suffix, bad value) of the classes every field of its kind gets, whatever else it
+    gets: a float is never inf or nan (its items neither), a `distinct` list never names an item
+    twice, a `min_items` list is never shorter."""
+    if tp is float:
+        return [("nonfinite-inf", "inf"), ("nonfinite-nan", "nan")]
+    if typing.get_origin(tp) is not list:
+        return []
+    item = typing.get_args(tp)[0]
+    out = [("nonfinite-item", "[0.5,inf]")] if item is float else []
+    if meta.get("distinct"):
+        out.append(("repeated", f"[{SAMPLE_ITEM[item]},{SAMPLE_ITEM[item]}]"))
+    if meta.get("min_items"):
+        out.append(("empty", "[]"))
     return out
 
 
@@ -273,6 +298,7 @@ ALLOWED_HINTS = (
     "; pass ",
     "domains: ",
     "outside the model's layers (0..",
+    "must name at least",
 )
 
 
