@@ -170,7 +170,7 @@ def cases() -> list[tuple[str, list[str], str]]:
                 continue
             done.add(signature)
             meta = f.metadata
-            for suffix, bad in _class_cases(tp, meta):
+            for suffix, bad in _class_cases(tp, f):
                 add(f"{path}:{suffix}", [*context, f"{path}={bad}"], path)
             if _path_key(path) in PATHS:
                 extra = PATHS[_path_key(path)]
@@ -206,22 +206,25 @@ def cases() -> list[tuple[str, list[str], str]]:
     return out
 
 
-# an item of each type, repeated where the items must be distinct
+# an item of each type, repeated where the items must be distinct and the default has none
 SAMPLE_ITEM = {int: "1", float: "0.5", str: "x"}
 
 
-def _class_cases(tp, meta) -> list[tuple[str, str]]:
+def _class_cases(tp, f: dataclasses.Field) -> list[tuple[str, str]]:
     """(case suffix, bad value) of the classes every field of its kind gets, whatever else it
     gets: a float is never inf or nan (its items neither), a `distinct` list never names an item
-    twice, a `min_items` list is never shorter."""
+    twice (the default's first, so that only the repeat is wrong), a `min_items` list is never
+    shorter."""
     if tp is float:
         return [("nonfinite-inf", "inf"), ("nonfinite-nan", "nan")]
     if typing.get_origin(tp) is not list:
         return []
-    item = typing.get_args(tp)[0]
+    item, meta = typing.get_args(tp)[0], f.metadata
     out = [("nonfinite-item", "[0.5,inf]")] if item is float else []
     if meta.get("distinct"):
-        out.append(("repeated", f"[{SAMPLE_ITEM[item]},{SAMPLE_ITEM[item]}]"))
+        default = f.default_factory() if callable(f.default_factory) else None
+        one = default[0] if default else SAMPLE_ITEM[item]
+        out.append(("repeated", f"[{one},{one}]"))
     if meta.get("min_items"):
         out.append(("empty", "[]"))
     return out
