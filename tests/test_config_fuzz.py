@@ -275,6 +275,19 @@ def test_the_tables_name_only_fields_that_exist_and_every_field_has_a_case():
     assert paths - cased == set()
 
 
+def test_a_method_that_redefines_a_shared_list_keeps_its_item_rules():
+    """A method's schema that redefines a trainer field (trainable=[all]) keeps its `distinct`
+    and `min_items`: the fuzzer walks such a field once, under the first schema."""
+    shared = {f.name: f.metadata for f in dataclasses.fields(config.UnlearnConfig)}
+    for schema, _, _ in ROOTS:
+        if not issubclass(schema, config.UnlearnConfig):
+            continue
+        for f in dataclasses.fields(schema):
+            for rule in ("distinct", "min_items"):
+                wanted = shared.get(f.name, {}).get(rule)
+                assert wanted is None or f.metadata.get(rule) == wanted, (schema, f.name, rule)
+
+
 @pytest.mark.parametrize(("argv", "key"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_a_bad_value_is_one_line_naming_the_key_exit_2_no_run_directory(
     argv, key, tmp_path, monkeypatch, capsys
