@@ -80,6 +80,41 @@ def fail(capsys, *argv: str) -> str:
         (["eval", "-m", "unlearn=glob(zzz*)"], ["unlearn=glob(zzz*) sweeps over no value"]),
         (["eval", "-m", "seed=range(3,1)"], ["seed=range(3,1) sweeps over no value"]),
         (["eval", "-m", "seed=choice(1"], ["cannot parse override", "choice(1"]),
+        (["eval", "-m", "seed=range(0,0)"], ["seed=range(0,0) sweeps over no value", "(0,3)"]),
+        (["eval", "-m", "seed=choice()"], ["seed=choice() sweeps over no value", "choice(0,1)"]),
+        (["eval", "-m", "seed=range(0,0),1"], ["cannot list another sweep", "seed=0,1,5"]),
+        (
+            ["unlearn", "model=tiny-random", "locate=fixed", "locate.layers=[2,2]"],
+            ["locate.layers has 2 more than once", "pass locate.layers=[2]"],
+        ),
+        (
+            ["unlearn", "model=tiny-random", "locate.layers=[2,2]", "unlearn=ga"],
+            ["locate.layers has 2 more than once"],
+        ),
+        (
+            ["unlearn", "model=tiny-random", "unlearn.lr=inf"],
+            ["unlearn.lr=inf is not a finite number", "> 0"],
+        ),
+        (
+            ["unlearn", "model=tiny-random", "unlearn.lr=-inf"],
+            ["unlearn.lr=-inf is not a finite number"],
+        ),
+        (
+            ["unlearn", "model=tiny-random", "tune.baseline=nan"],
+            ["tune.baseline=nan is not a finite number"],
+        ),
+        (
+            ["unlearn", "model=tiny-random", "unlearn.auto_tune.factors=[1,inf]"],
+            ["auto_tune.factors has inf"],
+        ),
+        (
+            ["unlearn", "model=tiny-random", "data.forget_domains=[]"],
+            ["data.forget_domains=[] must name at least one item", "=[chemistry]"],
+        ),
+        (
+            ["unlearn", "model=tiny-random", "unlearn.steps=10000000000000"],
+            ["unlearn.steps=10000000000000", "<= 10000000", "12 days"],
+        ),
         (["bogus"], ["unknown stage 'bogus'", "unlearn"]),
         (["eval", "--frobnicate"], ["--frobnicate"]),
     ],
@@ -90,6 +125,30 @@ def test_bad_input_is_one_line_exit_2_and_no_run_directory(capsys, in_tmp, argv,
     assert err.startswith("kuda: ")
     for fragment in expected:
         assert fragment in err
+    assert not (in_tmp / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["unlearn", "data.path=FILE"],
+        ["unlearn", "data.path=FILE", "eval=none"],
+        ["unlearn", "data.floor_path=FILE"],
+        ["eval", "eval.perplexity.source=path", "eval.perplexity.path=FILE"],
+        ["unlearn", "data=wmdp_bio", "data.forget.path=FILE"],
+        ["eval", "data=wmdp_bio", "eval.wmdp.bio_path=FILE"],
+    ],
+)
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_an_empty_local_file_is_refused_naming_its_key(capsys, in_tmp, argv, content):
+    (in_tmp / "empty.jsonl").write_text(content)
+    key = next(a for a in argv if a.endswith("=FILE")).partition("=")[0]
+    argv = [a.replace("FILE", "empty.jsonl") for a in argv]
+    err = fail(capsys, *argv, "model=tiny-random")
+    assert (
+        err == f"kuda: {key}=empty.jsonl is empty; pass a file that holds at least one record "
+        "(JSONL, JSON, parquet or txt)"
+    ), err
     assert not (in_tmp / "outputs").exists()
 
 
@@ -199,11 +258,11 @@ def test_eval_follows_the_data_unless_given():
 
 
 def test_a_user_error_is_printed_once_by_the_real_command(tmp_path):
-    """An error found once the stage runs (an empty text file), through the real command with
-    Hydra's logging (its console handler writes to stdout): the message once on the terminal,
-    as one stderr line; exit 2, no traceback; the run directory, which holds the work done
-    before the error, is kept and marked failed with the message."""
-    (tmp_path / "empty.jsonl").write_text("")
+    """An error found once the stage runs (texts without the text field), through the real
+    command with Hydra's logging (its console handler writes to stdout): the message once on
+    the terminal, as one stderr line; exit 2, no traceback; the run directory, which holds the
+    work done before the error, is kept and marked failed with the message."""
+    (tmp_path / "notext.jsonl").write_text('{"body": "a text under another field"}\n')
     done = subprocess.run(
         [
             sys.executable,
@@ -212,7 +271,7 @@ def test_a_user_error_is_printed_once_by_the_real_command(tmp_path):
             "eval",
             "model=tiny-random",
             "eval.perplexity.source=path",
-            "eval.perplexity.path=empty.jsonl",
+            "eval.perplexity.path=notext.jsonl",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -222,10 +281,10 @@ def test_a_user_error_is_printed_once_by_the_real_command(tmp_path):
     shown = done.stdout + done.stderr
     assert done.returncode == 2, shown
     # stderr also carries the progress bars of the work done before the error
-    lines = [line for line in done.stderr.splitlines() if "empty.jsonl" in line]
+    lines = [line for line in done.stderr.splitlines() if "notext.jsonl" in line]
     assert len(lines) == 1 and lines[0].startswith("kuda: "), shown
     assert shown.count(lines[0].removeprefix("kuda: ")) == 1, shown
     assert "Traceback" not in shown
     (meta,) = (tmp_path / "outputs").glob("eval/*/meta.json")
     recorded = json.loads(meta.read_text())
-    assert recorded["status"] == "failed" and "empty.jsonl" in recorded["error"]
+    assert recorded["status"] == "failed" and "notext.jsonl" in recorded["error"]

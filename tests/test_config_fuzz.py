@@ -1,9 +1,11 @@
 """Schema-driven fuzzing of the command line. Every field of every config group's schema gets the
 bad values its type and metadata imply (a wrong type; a value out of range or not among the
-choices; a path that does not exist), and every schema node an unknown key, each through the
-real `kuda` entry point (in-process): exit 2, exactly one line on stderr naming the key and what
-is allowed, no traceback, no run directory. A field the walker cannot fuzz from its type (a free
-string) must be listed in FREE with the reason, so that adding a field without a case fails."""
+choices; a path that does not exist; inf and nan for a float; a repeated item for a list whose
+items must be distinct, an empty list for one that needs items), and every schema node an
+unknown key, each through the real `kuda` entry point (in-process): exit 2, exactly one line on
+stderr naming the key and what is allowed, no traceback, no run directory. A field the walker
+cannot fuzz from its type (a free string) must be listed in FREE with the reason, so that adding
+a field without a case fails."""
 
 from __future__ import annotations
 
@@ -168,6 +170,8 @@ def cases() -> list[tuple[str, list[str], str]]:
                 continue
             done.add(signature)
             meta = f.metadata
+            for suffix, bad in _class_cases(tp, f):
+                add(f"{path}:{suffix}", [*context, f"{path}={bad}"], path)
             if _path_key(path) in PATHS:
                 extra = PATHS[_path_key(path)]
                 add(f"{path}:missing", [*context, *extra, f"{path}=/no/such/path"], path)
@@ -199,6 +203,30 @@ def cases() -> list[tuple[str, list[str], str]]:
 
     for schema, prefix, context in ROOTS:
         walk(schema, prefix, context)
+    return out
+
+
+# an item of each type, repeated where the items must be distinct and the default has none
+SAMPLE_ITEM = {int: "1", float: "0.5", str: "x"}
+
+
+def _class_cases(tp, f: dataclasses.Field) -> list[tuple[str, str]]:
+    """(case suffix, bad value) of the classes every field of its kind gets, whatever else it
+    gets: a float is never inf or nan (its items neither), a `distinct` list never names an item
+    twice (the default's first, so that only the repeat is wrong), a `min_items` list is never
+    shorter."""
+    if tp is float:
+        return [("nonfinite-inf", "inf"), ("nonfinite-nan", "nan")]
+    if typing.get_origin(tp) is not list:
+        return []
+    item, meta = typing.get_args(tp)[0], f.metadata
+    out = [("nonfinite-item", "[0.5,inf]")] if item is float else []
+    if meta.get("distinct"):
+        default = f.default_factory() if callable(f.default_factory) else None
+        one = default[0] if default else SAMPLE_ITEM[item]
+        out.append(("repeated", f"[{one},{one}]"))
+    if meta.get("min_items"):
+        out.append(("empty", "[]"))
     return out
 
 
@@ -247,6 +275,19 @@ def test_the_tables_name_only_fields_that_exist_and_every_field_has_a_case():
     assert paths - cased == set()
 
 
+def test_a_method_that_redefines_a_shared_list_keeps_its_item_rules():
+    """A method's schema that redefines a trainer field (trainable=[all]) keeps its `distinct`
+    and `min_items`: the fuzzer walks such a field once, under the first schema."""
+    shared = {f.name: f.metadata for f in dataclasses.fields(config.UnlearnConfig)}
+    for schema, _, _ in ROOTS:
+        if not issubclass(schema, config.UnlearnConfig):
+            continue
+        for f in dataclasses.fields(schema):
+            for rule in ("distinct", "min_items"):
+                wanted = shared.get(f.name, {}).get(rule)
+                assert wanted is None or f.metadata.get(rule) == wanted, (schema, f.name, rule)
+
+
 @pytest.mark.parametrize(("argv", "key"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_a_bad_value_is_one_line_naming_the_key_exit_2_no_run_directory(
     argv, key, tmp_path, monkeypatch, capsys
@@ -273,6 +314,7 @@ ALLOWED_HINTS = (
     "; pass ",
     "domains: ",
     "outside the model's layers (0..",
+    "must name at least",
 )
 
 

@@ -34,13 +34,25 @@ def bounded(
     ge: float | None = None,
     lt: float | None = None,
     le: float | None = None,
+    why: str | None = None,
 ) -> Any:
+    """A number within bounds; `why` is told with a refused value (what the bound guards)."""
     bounds = {k: v for k, v in {"gt": gt, "ge": ge, "lt": lt, "le": le}.items() if v is not None}
-    return field(default=default, metadata=bounds)
+    return field(default=default, metadata={**bounds, **({"why": why} if why else {})})
 
 
-def listed(*items: Any) -> Any:
-    return field(default_factory=lambda: list(items))
+def listed(*items: Any, distinct: bool = False, min_items: int = 0) -> Any:
+    """A list defaulting to `items`; `distinct`: no item may repeat; `min_items`: at least that
+    many items (checked by kuda_cli.validate, like the bounds)."""
+    metadata = {"distinct": distinct, "min_items": min_items}
+    return field(
+        default_factory=lambda: list(items), metadata={k: v for k, v in metadata.items() if v}
+    )
+
+
+# optimiser steps: more is a typo, not an experiment
+MAX_STEPS = 10**7
+STEPS_WHY = "10^7 steps at 0.1 s each already take 12 days"
 
 
 # ----------------------------------------------------------------------------- model
@@ -100,7 +112,7 @@ class SplitSource:
 @dataclass
 class LocateConfig:
     method: str = choice("causal_tracing", "causal_tracing", "fixed")
-    layers: list[int] = field(default_factory=list)  # method=fixed: the layers to unlearn
+    layers: list[int] = listed(distinct=True)  # method=fixed: the layers to unlearn
     from_run: str | None = None  # reuse the layers.json of a previous `kuda trace` run
     samples: int = bounded(10, ge=1)  # corrupted passes per probe
     noise: float = bounded(3.0, gt=0)  # noise std, in multiples of the subject embeddings' std
@@ -135,7 +147,15 @@ class LoraSpec:
     # module names (Llama/Mistral/Qwen: the attention and MLP projections); with
     # unlearn.trainable=[all] in every layer, else in unlearn.layers (the located ones)
     target_modules: list[str] = listed(
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        distinct=True,
+        min_items=1,
     )
 
 
@@ -145,7 +165,7 @@ class AutoTuneSpec:
     retain passages, never the eval prompts; unlearn/auto_tune.py, judged by unlearn/tuning.py."""
 
     enabled: bool = False
-    factors: list[float] = listed(0.33, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # ascending
+    factors: list[float] = listed(0.33, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, distinct=True)  # ascending
     trials: int = bounded(5, ge=1)  # at most this many trials
     target_removed: float = bounded(0.9, gt=0, le=1)  # forget removed wanted (cloze, vs floor)
     max_retain_removed: float = bounded(0.05, ge=0, le=1)  # stability: retain knowledge lost
@@ -164,20 +184,21 @@ class UnlearnConfig:
     optimizer: str = choice("adamw", "adamw", "sgd")
     weight_decay: float = bounded(0.0, ge=0)
     schedule: str = choice("constant", "constant", "linear", "cosine")
-    warmup_steps: int = bounded(0, ge=0)
-    steps: int = bounded(40, ge=1)
+    warmup_steps: int = bounded(0, ge=0, le=MAX_STEPS, why=STEPS_WHY)
+    steps: int = bounded(40, ge=1, le=MAX_STEPS, why=STEPS_WHY)
     batch_size: int = bounded(4, ge=1)
     grad_accum: int = bounded(1, ge=1)
     max_length: int = bounded(256, ge=8)
     max_grad_norm: float | None = bounded(1.0, gt=0)
     precision: str = choice("auto", "auto", "float32", "bfloat16")
-    save_every: int = bounded(0, ge=0)  # 0: only at the end
+    save_every: int = bounded(0, ge=0, le=MAX_STEPS, why=STEPS_WHY)  # 0: only at the end
     keep: int = bounded(1, ge=1)  # intermediate checkpoints (checkpoint-<step>/) kept on disk
     # intermediate checkpoints hold the optimiser state (a resume equals an uninterrupted run);
     # false: the trained tensors only (a resume restarts the optimiser's moments)
     save_optimizer: bool = True
-    trainable: list[str] = listed("down_proj")  # module kinds trained; see models.adapter
-    layers: list[int] | None = None  # trained layers; null: the located layers
+    trainable: list[str] = listed("down_proj", distinct=True)  # module kinds; see models.adapter
+    # trained layers; null: the located layers
+    layers: list[int] | None = field(default=None, metadata={"distinct": True})
     originals: str = choice("memory", "memory", "disk")  # where original representations live
     # trained tensors of a half-precision model keep float32 master copies: the optimiser and
     # the null-space projection work on them, the model gets them rounded after each step
@@ -217,7 +238,8 @@ class TuneConfig:
     # the starting model's utility: null reads `before.<utility>` from each run
     baseline: float | None = None
     tolerance: float = bounded(0.03, ge=0, lt=1)  # relative drop of utility allowed
-    carry: list[str] = listed("unlearn.lr", "unlearn.nullspace.tau")  # what the choice carries
+    # what the choice carries
+    carry: list[str] = listed("unlearn.lr", "unlearn.nullspace.tau", distinct=True)
     choice: str | None = None  # a choice.yaml written by kuda pick: its settings become overrides
     require_choice: bool = False  # a stage-2 sweep: refuse to start without tune.choice
 
@@ -247,7 +269,7 @@ class RootConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     # what the run cannot do without (gpu: a CUDA device; hub: the Hugging Face hub, for whatever
     # has no local path): checked before anything is loaded, one line and exit 2 when missing
-    requires: list[str] = field(default_factory=list)
+    requires: list[str] = listed(distinct=True)
 
 
 # (group in the ConfigStore, name) -> schema; options start from theirs with

@@ -124,7 +124,7 @@ def job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
     if not multirun:
         return [overrides]
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
 
     values: dict[str, list[str]] = {}
     with config_loader() as loader:  # glob(...) lists the group's options
@@ -132,13 +132,29 @@ def job_override_lists(overrides: list[str], multirun: bool) -> list[list[str]]:
             for override in OverridesParser.create(loader).parse_overrides(overrides):
                 key = override.get_key_element()
                 values[key] = [f"{key}={value}" for value in _values(override)]
+        except OverrideParseException as err:
+            if "empty choice" in str(err.__cause__):  # Hydra refuses choice() while parsing
+                raise ConfigError(f"{err.override} {_NO_VALUE['ChoiceSweep']}") from err
+            raise ConfigError(explain_composition_error(err)) from err
         except HydraException as err:  # a parse error names the override and what is wrong
             raise ConfigError(explain_composition_error(err)) from err
     return [list(job) for job in itertools.product(*values.values())]
 
 
+# an empty sweep, by kind: no job would run
+_NO_VALUE = {
+    "ChoiceSweep": "sweeps over no value; give choice() at least one value, e.g. choice(0,1)",
+    "RangeSweep": "sweeps over no value; range(start,stop[,step]) needs stop beyond start in "
+    "the step's direction, e.g. range(0,3) for 0,1,2",
+    "Glob": "sweeps over no value; the glob matches none of the group's options "
+    "(kuda --help lists them)",
+}
+
+
 def _values(override: Override) -> list[str]:
     """The values one override takes across a sweep, as override syntax."""
+    from hydra.core.override_parser.types import ChoiceSweep, Sweep
+
     if not override.is_sweep_override():
         return [override.get_value_element_as_str()]
     if not override.is_discrete_sweep():
@@ -146,9 +162,15 @@ def _values(override: Override) -> list[str]:
             f"{override.input_line}: Hydra's basic sweeper enumerates lists, choice(), range() "
             "and glob(), not interval(); list the values to run"
         )
+    sweep = override.value()
+    if isinstance(sweep, ChoiceSweep) and any(isinstance(v, Sweep) for v in sweep.list):
+        raise ConfigError(
+            f"{override.input_line}: a sweep cannot list another sweep (range() or glob() "
+            "among the values); list every value, e.g. seed=0,1,5"
+        )
     values = list(override.sweep_string_iterator())
-    if not values:  # an empty range() or a glob() that matches no option: no job would run
-        raise ConfigError(f"{override.input_line} sweeps over no value; check the range or glob")
+    if not values:
+        raise ConfigError(f"{override.input_line} {_NO_VALUE[type(sweep).__name__]}")
     return values
 
 

@@ -5,15 +5,17 @@ names the key, the bad value and what is allowed."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kuda_cli import distributed
 from kuda_cli.config import CARRIABLE
 from kuda_cli.data.kinds import kind_of
+from kuda_cli.data.texts import refuse_blank_file
 from kuda_cli.errors import ConfigError
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR
 from kuda_cli.models.adapter import TRAINABLE_KINDS
@@ -108,18 +110,52 @@ def _check_node(node: DictConfig, prefix: str) -> None:
         value = node[key]
         if isinstance(value, DictConfig):
             _check_node(value, path + ".")
-            continue
-        meta = fields[key].metadata if key in fields else {}
-        if value is None or not meta:
-            continue
-        if "choices" in meta and value not in meta["choices"]:
-            allowed = ", ".join(str(c) for c in meta["choices"])
-            raise ConfigError(f"{path}={value!r} is not allowed; choose one of: {allowed}")
-        if "pattern" in meta and not re.fullmatch(meta["pattern"], str(value)):
-            raise ConfigError(f"{path}={value!r} is not allowed; it must be {meta['allowed']}")
-        bounds = {k: v for k, v in meta.items() if k in ("gt", "ge", "lt", "le")}
-        if bounds and _violates(value, bounds):
-            raise ConfigError(f"{path}={value!r} is out of range; it must be {_describe(bounds)}")
+        elif isinstance(value, ListConfig):
+            _check_items(path, list(value), fields.get(key))
+        elif value is not None:
+            _check_value(path, value, fields[key].metadata if key in fields else {})
+
+
+def _check_value(path: str, value: Any, meta: Any) -> None:
+    """One scalar against its field's metadata; a float is finite whatever its metadata says
+    (inf passes `gt=0`, nan fails every bound with a misleading message)."""
+    bounds = {k: v for k, v in meta.items() if k in ("gt", "ge", "lt", "le")}
+    if isinstance(value, float) and not math.isfinite(value):
+        within = f" {_describe(bounds)}" if bounds else ""
+        raise ConfigError(f"{path}={value} is not a finite number; it must be a number{within}")
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{path}={value!r} is not allowed; choose one of: {allowed}")
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], str(value)):
+        raise ConfigError(f"{path}={value!r} is not allowed; it must be {meta['allowed']}")
+    if bounds and _violates(value, bounds):
+        why = f" ({meta['why']})" if "why" in meta else ""
+        raise ConfigError(f"{path}={value!r} is out of range; it must be {_describe(bounds)}{why}")
+
+
+def _items(count: int) -> str:
+    return "one item" if count == 1 else f"{count} items"
+
+
+def _check_items(path: str, items: list, field: dataclasses.Field | None) -> None:
+    """A list: at least `min_items` items, no item twice where `distinct`, finite numbers."""
+    meta = field.metadata if field is not None else {}
+    if len(items) < meta.get("min_items", 0):
+        default = field.default_factory() if callable(field.default_factory) else None
+        example = f", e.g. {path}=[{','.join(map(str, default))}]" if default else ""
+        raise ConfigError(f"{path}={items} must name at least {_items(meta['min_items'])}{example}")
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{path} has {item}; every item must be a finite number")
+    if not meta.get("distinct"):
+        return
+    repeated = list(dict.fromkeys(i for n, i in enumerate(items) if i in items[:n]))
+    if repeated:
+        once = [*dict.fromkeys(items)]
+        raise ConfigError(
+            f"{path} has {', '.join(map(str, repeated))} more than once; each item must be "
+            f"named once: pass {path}=[{','.join(map(str, once))}]"
+        )
 
 
 def _check_name(name: str | None) -> None:
@@ -187,21 +223,24 @@ def _check_layers(cfg: DictConfig, num_layers: int | None) -> None:
 
 
 def _check_local_paths(cfg: DictConfig) -> None:
-    """Local files named by the metrics' options or by the data group exist, then each metric's
-    own checks: a typo costs no model load."""
+    """Local files named by the metrics' options or by the data group (its `*path` keys, its
+    splits' `path`) exist and are not empty, then each metric's own checks: a typo costs no
+    model load."""
     from kuda_cli.evaluate import metrics_of
 
     metrics = metrics_of(cfg.eval)
     keys = [key for metric in metrics for key in metric.local_paths]
-    keys += [
-        f"data.{name}.path"
-        for name, value in cfg.data.items()
-        if isinstance(value, DictConfig) and "path" in value
-    ]
+    for name, value in cfg.data.items():
+        if isinstance(value, DictConfig) and "path" in value:
+            keys.append(f"data.{name}.path")
+        elif str(name).endswith("path"):
+            keys.append(f"data.{name}")
     for key in dict.fromkeys(keys):
         value = OmegaConf.select(cfg, key)
         if value and not Path(str(value)).expanduser().exists():
             raise ConfigError(f"{key}={value} does not exist; pass an existing file or directory")
+        if value:
+            refuse_blank_file(key, str(value))
     for metric in metrics:
         metric.check(cfg)
 

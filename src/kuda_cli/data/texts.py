@@ -8,9 +8,21 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kuda_cli.errors import UserError
+from kuda_cli.errors import ConfigError, UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+BLANK_READ = 1 << 20  # a file larger than this is not read to see whether it is blank
+
+
+def refuse_blank_file(key: str, value: str) -> None:
+    """Refuse a local file with nothing but white space in it, named by config key `key`: an
+    empty file is never a data set, and read later it would fail far from its cause."""
+    path = Path(value).expanduser()
+    if path.is_file() and path.stat().st_size <= BLANK_READ and not path.read_bytes().strip():
+        raise ConfigError(
+            f"{key}={value} is empty; pass a file that holds at least one record "
+            "(JSONL, JSON, parquet or txt)"
+        )
 
 
 def builtin_path(name: str) -> Path:

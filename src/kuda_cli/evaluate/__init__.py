@@ -124,7 +124,11 @@ def eval_schema() -> type:
         "EvalConfig",
         [
             ("name", str, field(default=MISSING)),
-            ("metrics", list[str], listed("perplexity")),  # metric names (metric_names())
+            (
+                "metrics",
+                list[str],
+                listed("perplexity", distinct=True),
+            ),  # metric names (metric_names())
             # kuda unlearn: evaluate the starting model too (cached per model, data and eval
             # settings), for the comparison and the retain agreement
             ("before", bool, field(default=True)),

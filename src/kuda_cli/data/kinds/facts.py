@@ -24,8 +24,8 @@ class FactsData:
     # the starting model are each domain's never-learned floor; null: the built-in set's (only
     # with the built-in facts)
     floor_path: str | None = None
-    forget_domains: list[str] = listed("chemistry")
-    retain_domains: list[str] = listed("capitals", "languages", "landmarks")
+    forget_domains: list[str] = listed("chemistry", distinct=True, min_items=1)
+    retain_domains: list[str] = listed("capitals", "languages", "landmarks", distinct=True)
 
 
 def subject_spans(text: str, subject: str) -> list[tuple[int, int]]:

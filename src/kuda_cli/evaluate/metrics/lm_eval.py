@@ -23,7 +23,7 @@ from kuda_cli.run import lookup
 class WmdpEvalConfig:
     """WMDP and MMLU through lm-eval; local files (hub schema) replace the hub datasets."""
 
-    tasks: list[str] = listed("wmdp_bio", "wmdp_cyber", "mmlu")
+    tasks: list[str] = listed("wmdp_bio", "wmdp_cyber", "mmlu", distinct=True, min_items=1)
     bio_path: str | None = None  # rows: question, choices (4), answer (index)
     cyber_path: str | None = None
     chem_path: str | None = None

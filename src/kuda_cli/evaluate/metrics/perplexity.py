@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kuda_cli.config import bounded, choice
-from kuda_cli.data.texts import load_texts
+from kuda_cli.data.texts import load_texts, refuse_blank_file
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import EvalContext, Metric, ratio, register_metric
 from kuda_cli.evaluate.scoring import token_logprobs
@@ -72,6 +72,7 @@ class Perplexity(Metric):
                 f"eval.perplexity.path={ppl.path} does not exist; pass a JSONL, JSON, parquet "
                 "or txt file (or a directory of them)"
             )
+        refuse_blank_file("eval.perplexity.path", ppl.path)
 
     @classmethod
     def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:

@@ -21,7 +21,7 @@ def ga_loss(logp: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class GaMethod(UnlearnConfig):
     method: str = "ga"
     lr: float = bounded(1e-5, gt=0)
-    trainable: list[str] = listed("all")
+    trainable: list[str] = listed("all", distinct=True)
 
 
 @register_method("ga", GaMethod)

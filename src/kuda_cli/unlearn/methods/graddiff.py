@@ -16,7 +16,7 @@ from kuda_cli.unlearn.methods.ga import ga_loss
 class GradDiffMethod(UnlearnConfig):
     method: str = "graddiff"
     lr: float = bounded(1e-5, gt=0)
-    trainable: list[str] = listed("all")
+    trainable: list[str] = listed("all", distinct=True)
     forget_weight: float = bounded(1.0, ge=0)
     retain_weight: float = bounded(1.0, ge=0)
 

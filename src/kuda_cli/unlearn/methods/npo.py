@@ -52,7 +52,7 @@ def reference_logprobs(
 @dataclass
 class NpoMethod(UnlearnConfig):
     method: str = "npo"
-    trainable: list[str] = listed("all")
+    trainable: list[str] = listed("all", distinct=True)
     beta: float = bounded(0.1, gt=0)
     retain_weight: float = bounded(1.0, ge=0)
 

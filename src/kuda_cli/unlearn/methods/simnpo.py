@@ -29,7 +29,7 @@ def simnpo_loss(
 @dataclass
 class SimNpoMethod(UnlearnConfig):
     method: str = "simnpo"
-    trainable: list[str] = listed("all")
+    trainable: list[str] = listed("all", distinct=True)
     beta: float = bounded(2.5, gt=0)
     gamma: float = bounded(0.0, ge=0)  # margin (the authors' code: delta = gamma / beta)
     retain_weight: float = bounded(1.0, ge=0)
