@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
 
 from kuda_cli import cli
 from kuda_cli.compose import compose, group_options
@@ -18,7 +19,7 @@ from kuda_cli.errors import ConfigError
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
 from kuda_cli.models.tiny import tiny_random
-from kuda_cli.unlearn.batches import tokenize
+from kuda_cli.unlearn.batches import tokenize, unlearn_texts
 from kuda_cli.unlearn.methods import (
     MethodContext,
     get_method,
@@ -29,9 +30,14 @@ from kuda_cli.unlearn.methods import (
 from kuda_cli.unlearn.methods.ga import GaMethod, ga_loss
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.npo import NpoMethod, npo_loss
-from kuda_cli.unlearn.methods.rmu import RmuMethod, masked_mse, steering_vector
+from kuda_cli.unlearn.methods.rmu import (
+    RmuMethod,
+    masked_mse,
+    site_output,
+    steering_vector,
+)
 from kuda_cli.unlearn.methods.simnpo import SimNpoMethod, simnpo_loss
-from kuda_cli.unlearn.trainer import Trainer
+from kuda_cli.unlearn.trainer import Trainer, used_indices
 from kuda_cli.validate import validate
 from test_unlearn import FORGET, RETAIN
 
@@ -353,7 +359,40 @@ TERMS = {
 }
 
 
-def _check_sweep(sweep, expected_params):
+# How far each run must move its forget objective (below) in 2 steps. Measured: the forget NLL
+# rises 3e-4 (GradDiff, down_proj only) to 0.1 nats (NPO, all weights), RMU's forget MSE to c*u
+# falls 0.13-0.19; float32 noise on these is ~1e-6. A run whose update does nothing (lr 0) moves
+# neither at all, one with its sign flipped moves it the other way.
+MOVED = {"ga": 1e-4, "graddiff": 1e-4, "npo": 1e-4, "rmu": 1e-2}
+
+
+def _forget_objective(run, name, overrides, trained_layers) -> tuple[float, float]:
+    """What the method drives on the forget texts it trained on, at the starting weights and at
+    the run's final checkpoint, signed so that unlearning raises it: the forget NLL (GA,
+    GradDiff, NPO) or minus RMU's forget MSE to c*u at its steer layer."""
+    cfg = compose(["stage=unlearn", f"unlearn={name}", *overrides])
+    start, tokenizer = tiny_random(OmegaConf.to_object(cfg.model.tiny))  # the same seed
+    trained = AutoModelForCausalLM.from_pretrained(run / "checkpoint")
+    ucfg = cfg.unlearn
+    forget = tokenize(
+        tokenizer, unlearn_texts(OmegaConf.to_object(cfg.data)).forget, ucfg.max_length, "forget"
+    )
+    micro_steps = ucfg.steps * ucfg.grad_accum
+    batch = forget.batch(used_indices(len(forget), ucfg.batch_size, micro_steps, cfg.seed))
+
+    def measure(model) -> float:
+        with torch.no_grad():
+            if name != "rmu":
+                return sequence_nll(model.eval(), batch).item()
+            site = f"model.layers.{max(trained_layers)}"  # steer_layer null: the last trained
+            control = steering_vector(model.config.hidden_size, ucfg.c, cfg.seed)
+            h = site_output(model.eval(), site, batch)
+            return -masked_mse(h, control, batch["attention_mask"]).item()
+
+    return measure(start), measure(trained)
+
+
+def _check_sweep(sweep, overrides, expected_params):
     for num, name in enumerate(BASELINES):
         run = sweep / str(num)
         meta, metrics = read_json(run / "meta.json"), read_json(run / "metrics.json")
@@ -362,25 +401,25 @@ def _check_sweep(sweep, expected_params):
         assert metrics["train"]["trainable_parameters"] == expected_params(name, metrics)
         krd = metrics["diagnostics"]["krd"]  # the same held-out measure as KUDA's, for the table
         assert {f"l{layer}" for layer in metrics["locate"]["layers"]} < set(krd), (name, krd)
-        assert 0 < krd["mean"] < 2, (name, krd)
+        assert krd["mean"] > 0, (name, krd)
         assert read_json(run / "checkpoint" / "trainer_state.json")["step"] == 2
         assert (run / "checkpoint" / "model.safetensors").exists()
         rows = (run / "train_log.jsonl").read_text().splitlines()
         assert len(rows) == 2 and f'"{TERMS[name]}"' in rows[-1], (name, rows[-1])
+        # SimNPO's forget term is saturated on a random model (its per-token log-probability,
+        # about log(1/259), times beta is far past the sigmoid's knee: the term's gradient is
+        # ~1e-6 of the retain NLL's), so its run trains on the retain texts alone here;
+        # test_simnpo_step_lowers_the_forget_logprob checks its direction
+        if name in MOVED:
+            before, after = _forget_objective(run, name, overrides, metrics["train"]["layers"])
+            assert after - before > MOVED[name], (name, before, after)
 
 
 def test_each_baseline_unlearns_end_to_end_with_fixed_layers(kuda, tmp_path, monkeypatch):
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
-    kuda(
-        "unlearn",
-        "-m",
-        f"unlearn={','.join(BASELINES)}",
-        *TINY,
-        "locate=fixed",
-        "locate.layers=[1,2]",
-        "hydra.sweep.dir=sweep",
-        check=True,
-    )
+    overrides = [*TINY, "locate=fixed", "locate.layers=[1,2]"]
+    sweep = f"unlearn={','.join(BASELINES)}"
+    kuda("unlearn", "-m", sweep, *overrides, "hydra.sweep.dir=sweep", check=True)
     model, _ = tiny_random(TinySpec())  # conf/model/tiny-random.yaml's sizes
     everything = sum(p.numel() for p in model.parameters())
     down_proj = 64 * 128
@@ -388,26 +427,23 @@ def test_each_baseline_unlearns_end_to_end_with_fixed_layers(kuda, tmp_path, mon
     def expected(name, metrics):
         return 2 * down_proj if name == "rmu" else everything
 
-    _check_sweep(tmp_path / "sweep", expected)
+    _check_sweep(tmp_path / "sweep", overrides, expected)
 
 
 def test_each_baseline_unlearns_the_traced_layers(kuda, tmp_path, monkeypatch):
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
-    kuda(
-        "unlearn",
-        "-m",
-        f"unlearn={','.join(BASELINES)}",
+    overrides = [
         *TINY,
         "unlearn.trainable=[down_proj]",
         "locate.max_probes=2",
         "locate.samples=2",
         "locate.plot_probes=0",
-        "hydra.sweep.dir=sweep",
-        check=True,
-    )
+    ]
+    sweep = f"unlearn={','.join(BASELINES)}"
+    kuda("unlearn", "-m", sweep, *overrides, "hydra.sweep.dir=sweep", check=True)
 
     def expected(name, metrics):
         assert metrics["train"]["layers"] == metrics["locate"]["layers"]
         return len(metrics["locate"]["layers"]) * 64 * 128
 
-    _check_sweep(tmp_path / "sweep", expected)
+    _check_sweep(tmp_path / "sweep", overrides, expected)

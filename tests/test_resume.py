@@ -6,6 +6,7 @@ since its previous checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -52,23 +53,26 @@ def test_every_method_killed_at_a_random_step_resumes_to_the_uninterrupted_weigh
     # one sweep, killed once per job: each run again skips the completed jobs, resumes the
     # killed one and is killed in the next
     # every step 1..5 is killed after once a run (before the first checkpoint, at one, between
-    # two), by a method drawn at random
-    rng = random.Random()
+    # two), by a method drawn at random: a new draw each run, KILL_SEED=<seed> repeats one
+    seed = int(os.environ.get("KILL_SEED", random.randrange(2**32)))
+    rng = random.Random(seed)
     points = [*range(1, STEPS), rng.randint(1, STEPS - 1)]
     rng.shuffle(points)
     kill_after = dict(zip(METHODS, points, strict=True))
+    print(f"KILL_SEED={seed}: kill after {kill_after}")
     logged = {}  # the steps each job's log held when it was killed
     for job, method in enumerate(METHODS):
         log = f"sweep/{job}/train_log.jsonl"
         code = kuda_killed([*sweep, "hydra.sweep.dir=sweep"], tmp_path, log, kill_after[method])
-        assert code == -9, (method, (tmp_path / "killed.stderr").read_text()[-3000:])
+        stderr = (tmp_path / "killed.stderr").read_text()[-3000:]
+        assert code == -9, (f"KILL_SEED={seed}", method, stderr)
         logged[method] = log_rows(tmp_path, log)
     kuda(*sweep, "hydra.sweep.dir=sweep", check=True)
 
     for job, method in enumerate(METHODS):
         run = tmp_path / "sweep" / str(job)
         k = logged[method]
-        what = f"{method} killed after step {k} (all: {logged})"
+        what = f"KILL_SEED={seed}: {method} killed after step {k} (all: {logged})"
         assert f"unlearn={method}" in read_json(run / "meta.json")["overrides"], what
         # the last checkpoint before the kill; if the kill came while step k's was written, the
         # one before it

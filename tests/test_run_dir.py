@@ -3,10 +3,14 @@ metrics written atomically, the log; multirun jobs get one directory each."""
 
 from __future__ import annotations
 
+import builtins
+import errno
+import io
 import json
 import math
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,13 +137,46 @@ def test_a_crashing_stage_marks_the_run_failed(tmp_path):
     assert meta["status"] == "failed" and "boom" in meta["error"] and meta["end_time"]
 
 
-def test_metrics_write_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path):
+def _fail_writes_midway(monkeypatch, directory, budget):
+    """Every file opened for writing under `directory` takes `budget` characters, then the
+    disk is full: the write stops partway, as a kill or ENOSPC would leave it."""
+    real_open = io.open
+
+    def open_failing(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        opened_elsewhere = not isinstance(file, int) and Path(file).parent != directory
+        if "w" not in mode or opened_elsewhere:  # an int is os.fdopen's descriptor
+            return handle
+        real_write, left = handle.write, [budget]
+
+        def write(text):
+            real_write(text[: left[0]])
+            handle.flush()
+            if len(text) > left[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            left[0] -= len(text)
+            return len(text)
+
+        handle.write = write
+        return handle
+
+    monkeypatch.setattr(io, "open", open_failing)
+    monkeypatch.setattr(builtins, "open", open_failing)
+
+
+def test_metrics_write_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
     write_json_atomic(path, {"a": 1})
-    with pytest.raises(TypeError):
-        write_json_atomic(path, {"a": object()})
+    _fail_writes_midway(monkeypatch, tmp_path, budget=20)
+    with pytest.raises(OSError, match="No space left"):
+        write_json_atomic(path, {"a": 2, "b": "x" * 1000})
+    monkeypatch.undo()
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left
+    with pytest.raises(TypeError):  # a value JSON cannot hold fails before anything is written
+        write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 def test_run_merges_nested_metrics(tmp_path):

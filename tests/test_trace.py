@@ -169,13 +169,17 @@ def test_bf16_autocast_traces_close_to_float32(sharp_llama):
     exact = trace_probe(model, adapter, enc, noise, window=2)
     with autocast("bfloat16", torch.device("cpu")):
         low = trace_probe(model, adapter, enc, noise, window=2)
+    # bf16 products did run, and stayed close. The sharpened weights amplify bf16's rounding:
+    # measured here (one thread, CPU with bf16 units; the embedded model gives about 2%) the
+    # largest difference is 10.1% (hidden), 5.5% (mlp), 7.0% (attn) of the largest effect; the
+    # bounds are twice that. A few-% error of its own is below bf16's here; a traced state
+    # stored at float8's precision (hidden: 25%) is not.
+    bound = {"hidden": 0.2, "mlp": 0.11, "attn": 0.14}
     for kind in KINDS:
         scale = np.abs(exact.effect(kind)).max()
         assert scale > 0.01
         diff = np.abs(low.effect(kind) - exact.effect(kind)).max()
-        # bf16 products did run, and stayed close (the sharpened weights amplify rounding: on
-        # the embedded model the difference is about 2% of the largest effect)
-        assert 0 < diff < 0.2 * scale, kind
+        assert 0 < diff < bound[kind] * scale, (kind, diff / scale)
 
 
 def test_precision_auto_resolves_by_hardware():

@@ -167,7 +167,45 @@ def test_tables():
     assert "| A | r0 | 0.400 | 1.000 | ✓ |" in listing
 
 
-def test_plot_frontier_writes_a_readable_png(tmp_path):
+def _drawn_figure(monkeypatch) -> dict:
+    """What plot_frontier's figure holds when it is saved (it clears it right after): per panel
+    its title, labels, y scale and each line's style, marker edge and face colours and points; the
+    legend's entries and the suptitle."""
+    from matplotlib.figure import Figure
+
+    drawn: dict = {}
+    real_savefig = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        drawn["panels"] = [
+            {
+                "title": ax.get_title(),
+                "xlabel": ax.get_xlabel(),
+                "ylabel": ax.get_ylabel(),
+                "yscale": ax.get_yscale(),
+                "lines": [
+                    (
+                        line.get_linestyle(),
+                        line.get_markeredgecolor(),
+                        line.get_markerfacecolor(),
+                        [(float(x), float(y)) for x, y in zip(*line.get_data(), strict=True)],
+                    )
+                    for line in ax.get_lines()
+                ],
+            }
+            for ax in fig.axes
+        ]
+        drawn["legend"] = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        drawn["title"] = fig.get_suptitle()
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return drawn
+
+
+def test_plot_frontier_writes_a_readable_png_of_each_methods_points_and_frontier(
+    tmp_path, monkeypatch
+):
     import matplotlib.image
 
     ppl = {  # spans more than 10x: the log axis
@@ -178,14 +216,51 @@ def test_plot_frontier_writes_a_readable_png(tmp_path):
         "A": pts((0.2, 0.05), (0.5, 0.1), (0.7, 0.2), (0.9, 0.5)),
         "B": pts((0.3, 0.02), (0.6, 0.15), (0.95, 0.6), (0.4, math.nan)),
     }
+    drawn = _drawn_figure(monkeypatch)
     path = tmp_path / "frontier.png"
-    plot_frontier(
-        path,
-        "synthetic",
-        {"perplexity ratio": ppl, "1 - other-subject token agreement": disagreement},
-    )
+    panels = {"perplexity ratio": ppl, "1 - other-subject token agreement": disagreement}
+    plot_frontier(path, "synthetic", panels)
+
     assert path.stat().st_size > 10_000
     img = matplotlib.image.imread(path)
     height, width = img.shape[:2]
     assert 450 <= height <= 750 and 1100 <= width <= 1500, img.shape
     assert img.std() > 0.01  # something is drawn
+
+    # worked out by hand: every valid point by x (dashed), the frontier (solid, filled), the
+    # dominated points (hollow); the NaN point is left out
+    expected = {
+        "perplexity ratio": {
+            "A": (
+                [(0.2, 1.1), (0.5, 1.4), (0.6, 3.0), (0.7, 2.5), (0.9, 15.0)],
+                [(0.2, 1.1), (0.5, 1.4), (0.7, 2.5), (0.9, 15.0)],
+                [(0.6, 3.0)],
+            ),
+            "B": ([(0.3, 1.3), (0.6, 2.0), (0.95, 30.0)],) * 2 + ([],),
+        },
+        "1 - other-subject token agreement": {
+            "A": ([(0.2, 0.05), (0.5, 0.1), (0.7, 0.2), (0.9, 0.5)],) * 2 + ([],),
+            "B": ([(0.3, 0.02), (0.6, 0.15), (0.95, 0.6)],) * 2 + ([],),
+        },
+    }
+    assert drawn["title"] == "synthetic"
+    assert [p["title"] for p in drawn["panels"]] == list(panels)
+    colours = {}
+    for panel, want in zip(drawn["panels"], expected.values(), strict=True):
+        assert panel["xlabel"].startswith("forget removed")
+        assert panel["ylabel"].startswith(panel["title"])
+        lines = panel["lines"]
+        for method, (every, front, hollow) in want.items():
+            dashed = [line for line in lines if line[0] == "--" and line[3] == every]
+            solid = [line for line in lines if line[0] == "-" and line[3] == front]
+            off = [line for line in lines if line[0] == "None" and line[2] == "white"]
+            assert len(dashed) == 1 and len(solid) == 1, (panel["title"], method, lines)
+            colour = colours.setdefault(method, dashed[0][1])  # one colour in every panel
+            assert dashed[0][1] == solid[0][1] == colour, (panel["title"], method)
+            assert [line[3] for line in off if line[1] == colour] == [hollow]
+        start = 1.0 if "ratio" in panel["title"] else 0.0  # the defaults for start and ideal
+        assert ("None", "black", "black", [(0.0, start)]) in lines
+        assert any(line[3] == [(1.0, start)] and line[2] == "gold" for line in lines)
+    assert len(set(colours.values())) == 2
+    assert [p["yscale"] for p in drawn["panels"]] == ["log", "linear"]
+    assert drawn["legend"][:2] == ["A", "B"]
