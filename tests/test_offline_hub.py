@@ -7,10 +7,12 @@ connection is refused at once) and HF_HOME an empty cache in tmp_path."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -125,19 +127,36 @@ def test_requires_hub_refuses_even_what_the_cache_holds(tmp_path):
         requires.check(cfg)
 
 
-def test_a_sweep_probes_the_hub_once(tmp_path, monkeypatch):
+class Hub(http.server.BaseHTTPRequestHandler):
+    """A hub that answers every request (HEAD /: the probe)."""
+
+    def do_HEAD(self):  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_sweep_probes_the_hub_once(monkeypatch):
     asked = []
     real = requires._ask_hub
     monkeypatch.setattr(requires, "_ask_hub", lambda timeout: asked.append(1) or real(timeout))
-    cache_model(tmp_path, "kuda-test/cached")
-    plan("eval", [*CACHED, "eval=none", "seed=1,2,3"], multirun=True)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub) as hub:
+        threading.Thread(target=hub.serve_forever, daemon=True).start()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{hub.server_address[1]}")
+        uncached = ["model=hub", "model.id=SomeOrg/some-model"]
+        plan("eval", [*uncached, "eval=none", "seed=1,2,3"], multirun=True)
+        hub.shutdown()
     assert len(asked) == 1
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "tiny-random"])
 def test_a_run_needing_nothing_from_the_hub_never_probes_it(model, monkeypatch):
-    monkeypatch.setattr(requires, "_ask_hub", lambda timeout: pytest.fail("the hub was probed"))
+    asked = []
+    monkeypatch.setattr(requires, "_ask_hub", lambda timeout: asked.append(timeout))
     requires.check(compose(["stage=unlearn", f"model={model}"]), gpu=False)
+    assert asked == []
 
 
 def test_a_hub_that_accepts_but_never_answers_counts_as_unreachable_within_the_timeout(
