@@ -132,7 +132,7 @@ def test_corpus_probes_come_from_the_trained_forget_passages_never_the_questions
     )
     assert probe_source(cfg).startswith("data.forget")
     # the hub check asks for the forget corpus, not the questions
-    sources = requires.hub_sources(compose(["stage=trace", "data=wmdp_bio"]))
+    sources = [str(s) for s in requires.hub_sources(compose(["stage=trace", "data=wmdp_bio"]))]
     assert "data.forget (cais/wmdp-bio-forget-corpus)" in sources
     assert not any(s.startswith("data.questions") for s in sources)
 

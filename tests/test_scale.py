@@ -97,7 +97,7 @@ def test_local_copies_need_no_hub(tmp_path, monkeypatch):
     assert requires.hub_sources(cfg) == []
     requires.check(cfg)  # nothing to fetch: no hub needed
     cfg = compose([o for o in local if not o.startswith("eval.wmdp.mmlu_path")])
-    assert requires.hub_sources(cfg) == ["eval.wmdp.mmlu_path (cais/mmlu)"]
+    assert [str(s) for s in requires.hub_sources(cfg)] == ["eval.wmdp.mmlu_path (cais/mmlu)"]
     with pytest.raises(ConfigError, match="eval.wmdp.mmlu_path"):
         requires.check(cfg)
 
@@ -161,6 +161,7 @@ def test_slurm_launcher_composes(capsys):
 
 def test_slurm_sweeps_check_the_gpu_on_the_node_not_at_submission(monkeypatch):
     monkeypatch.setattr(requires, "gpu_missing", lambda: "no CUDA device is visible")
+    monkeypatch.setattr(requires, "hub_unreachable", lambda: None)  # the GPU alone is missing
     job = ["experiment=table_wmdp", "requires=[gpu]"]
     with pytest.raises(ConfigError, match="needs a GPU"):
         plan("unlearn", job, multirun=True)

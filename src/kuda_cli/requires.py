@@ -1,16 +1,21 @@
-"""What a run cannot do without (`requires: [gpu, hub]`), checked before anything is loaded.
+"""What a run cannot do without, checked before anything is loaded and before any directory is
+made. A missing requirement is a `ConfigError`: one line, exit status 2.
 
-`gpu`: a CUDA device is visible. `hub`: every model, tokenizer and dataset the run would fetch
-from the Hugging Face hub (those without a local path) can be fetched: `HF_HUB_OFFLINE` is not
-set and a HEAD request to the hub endpoint answers within a few seconds. A run whose every
-source is local needs no hub, whatever `requires` says. A missing requirement is a `ConfigError`:
-one line, exit status 2, before any model is loaded.
+The hub, for every run: `hub_sources` lists the models, tokenizers and datasets the run would
+fetch from the Hugging Face hub (those without a local path). A run with none asks nothing of the
+network. Otherwise one quick request per process (`hub_unreachable`: HF_HUB_OFFLINE is not set and
+the endpoint answers within a few seconds) decides: a source missing from the local cache stops the
+run, naming the override that gives a local copy; cached ones then load in offline mode, without
+the libraries' retries. `requires: [gpu, hub]` asks for more: `gpu`, a CUDA device; `hub`, a hub
+that answers, even for what the cache holds (the table experiments set both).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,9 +26,9 @@ from kuda_cli.data.kinds import kind_of
 from kuda_cli.data.sources import hub_splits
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import metrics_of
+from kuda_cli.hub import HubSource, cached, offline_mode, use_cache_only
 
-TRUE = {"1", "ON", "YES", "TRUE"}
-HUB_TIMEOUT_S = 5.0
+HUB_TIMEOUT_S = 3.0
 
 
 def describe(cfg: DictConfig) -> str:
@@ -37,14 +42,16 @@ def describe(cfg: DictConfig) -> str:
     return f"experiment={experiment}" if experiment else f"kuda {cfg.stage}"
 
 
-def hub_sources(cfg: DictConfig) -> list[str]:
-    """`key (hub id)` for everything this run would fetch from the hub."""
-    found: list[str] = []
+def hub_sources(cfg: DictConfig) -> list[HubSource]:
+    """Everything this run would fetch from the hub."""
+    found: list[HubSource] = []
     model = cfg.model
+    revision = model.get("revision")
     if not model.get("path") and model.source == "hub":
-        found.append(f"model ({model.id})")
+        found.append(HubSource("model", model.id, "model.path=DIR", "model", revision))
     if model.get("tokenizer") and not Path(str(model.tokenizer)).expanduser().is_dir():
-        found.append(f"model.tokenizer ({model.tokenizer})")
+        local = "model.tokenizer=DIR"
+        found.append(HubSource("model.tokenizer", str(model.tokenizer), local, "model", revision))
     kind = kind_of(cfg.data)
     splits: list[str] = []
     if cfg.stage == "unlearn":
@@ -65,17 +72,26 @@ def hub_endpoint() -> str:
 
 @functools.lru_cache(maxsize=1)  # once per process: a sweep's jobs and its pre-flight share it
 def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
-    """Why the hub cannot be used now, or None when it answers."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE:
+    """Why the hub cannot be used now, or None when it answers within `timeout` seconds."""
+    if offline_mode():
         return "HF_HUB_OFFLINE is set"
+    answer: list[str | None] = []
+    # in a thread: a resolver that hangs (no DNS server reachable) is not bound by the timeout
+    asking = threading.Thread(target=lambda: answer.append(_ask_hub(timeout)), daemon=True)
+    asking.start()
+    asking.join(timeout)
+    return answer[0] if answer else f"{hub_endpoint()} did not answer within {timeout:g} s"
+
+
+def _ask_hub(timeout: float) -> str | None:
+    """One HEAD request to the endpoint (through the environment's proxies, as the libraries)."""
     request = urllib.request.Request(hub_endpoint(), method="HEAD")
     try:
         urllib.request.urlopen(request, timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered
+    except urllib.error.HTTPError as err:  # it answered; a gateway's 5xx: the hub behind did not
+        return f"{hub_endpoint()} answered HTTP {err.code}" if err.code >= 500 else None
     except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        return f"{hub_endpoint()} is unreachable ({reason})"
+        return f"{hub_endpoint()} is unreachable ({getattr(err, 'reason', err)})"
     return None
 
 
@@ -98,13 +114,41 @@ def check(cfg: DictConfig, *, gpu: bool = True, hub: bool = True) -> None:
             f"{who} needs a GPU but {why}; run it on a GPU machine, or submit it to a cluster "
             "with -m hydra/launcher=slurm (requires=[] skips this check)"
         )
-    if hub and "hub" in wanted:
-        sources = hub_sources(cfg)
-        if sources and (why := hub_unreachable()):
-            shown = ", ".join(sources[:3]) + (
-                f" and {len(sources) - 3} more" if sources[3:] else ""
-            )
-            raise ConfigError(
-                f"{who} needs the Hugging Face hub for {shown}, but {why}; pass local copies "
-                "(model.path=DIR, data.<split>.path=FILE, eval.wmdp.<set>_path=FILE)"
-            )
+    if hub:
+        check_hub(cfg, strict="hub" in wanted)
+
+
+def _listed(sources: list[HubSource]) -> str:
+    more = len(sources) - 3
+    return ", ".join(map(str, sources[:3])) + (f" and {more} more" if more > 0 else "")
+
+
+def _local_copies(sources: list[HubSource]) -> str:
+    return " ".join(dict.fromkeys(source.local for source in sources))
+
+
+def check_hub(cfg: DictConfig, *, strict: bool = False) -> None:
+    """Raise ConfigError when the run needs from the hub what it cannot get: a source the local
+    cache lacks while the hub is unreachable (with `strict`, any source). When the hub is
+    unreachable and the cache holds everything, the process goes offline and says so."""
+    sources = hub_sources(cfg)
+    if not sources or not (why := hub_unreachable()):
+        return
+    if strict:
+        raise ConfigError(
+            f"{describe(cfg)} needs the Hugging Face hub for {_listed(sources)}, but {why}; pass "
+            f"local copies ({_local_copies(sources)}), or requires=[] to use cached copies"
+        )
+    missing = [source for source in sources if not cached(source)]
+    if missing:
+        one = len(missing) == 1
+        raise ConfigError(
+            f"{_listed(missing)} {'is' if one else 'are'} not in the local Hugging Face cache and "
+            f"{why}; pass {'a local copy' if one else 'local copies'}: {_local_copies(missing)}"
+        )
+    if use_cache_only():
+        print(
+            f"kuda: {why}; {_listed(sources)} load from the local Hugging Face cache "
+            "(HF_HUB_OFFLINE=1)",
+            file=sys.stderr,
+        )

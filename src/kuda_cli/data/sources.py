@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from kuda_cli.config import SplitSource
 from kuda_cli.data.texts import hub_records, read_records
 from kuda_cli.errors import UserError
+from kuda_cli.hub import HubSource
 
 
 def load_split(split: SplitSource, key: str, fields: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -35,11 +36,11 @@ def load_split(split: SplitSource, key: str, fields: tuple[str, ...] = ()) -> li
     return records[: split.max_items] if split.max_items else records
 
 
-def hub_splits(data: DictConfig, names) -> list[str]:
-    """`data.<name> (hub id)` for each split of `names` that comes from the hub (no path)."""
+def hub_splits(data: DictConfig, names) -> list[HubSource]:
+    """Each split of `names` that comes from the hub (no path)."""
     found = []
     for name in dict.fromkeys(names):
         split = data.get(name)
         if isinstance(split, DictConfig) and split.get("hub_id") and not split.get("path"):
-            found.append(f"data.{name} ({split.hub_id})")
+            found.append(HubSource(f"data.{name}", split.hub_id, f"data.{name}.path=FILE"))
     return found

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from kuda_cli.config import listed
+from kuda_cli.hub import HubSource
 from kuda_cli.plugins import Registry
 from kuda_cli.run import lookup
 
@@ -88,8 +89,9 @@ class Metric:
         return {}
 
     @classmethod
-    def hub_sources(cls, cfg) -> list[str]:
-        """`key (hub id)` for each hub dataset it would fetch for `cfg`."""
+    def hub_sources(cls, cfg) -> list[HubSource]:
+        """Each hub dataset it would fetch for `cfg` (none where a local path is given): checked
+        before any work against the local cache and a hub that answers."""
         return []
 
 

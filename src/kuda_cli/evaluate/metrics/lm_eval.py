@@ -16,6 +16,7 @@ from kuda_cli.evaluate.lm_eval_data import (
     LOCAL_FILE_OPTIONS,
     dataset_of,
 )
+from kuda_cli.hub import HubSource
 from kuda_cli.run import lookup
 
 
@@ -72,13 +73,14 @@ class LmEval(Metric):
         return found
 
     @classmethod
-    def hub_sources(cls, cfg) -> list[str]:
+    def hub_sources(cls, cfg) -> list[HubSource]:
         found = []
         for task in cfg.eval.wmdp.tasks:
             try:
                 dataset = dataset_of(task)
             except Exception:  # an unknown task is reported by lm-eval itself
                 continue
+            key = LOCAL_FILE_OPTIONS[dataset]
             if not cfg.eval.wmdp.get(LOCAL_FILE_KEYS[dataset]):
-                found.append(f"eval.wmdp.{LOCAL_FILE_KEYS[dataset]} ({HUB_DATASETS[dataset]})")
+                found.append(HubSource(key, HUB_DATASETS[dataset], f"{key}=FILE"))
         return found

@@ -10,6 +10,7 @@ from kuda_cli.config import bounded
 from kuda_cli.data.sources import hub_splits, load_split
 from kuda_cli.evaluate import EvalContext, Metric, register_metric
 from kuda_cli.evaluate.muse_scoring import knowmem, mia_min_k, privleak, verbmem
+from kuda_cli.hub import HubSource
 from kuda_cli.run import lookup
 
 
@@ -63,7 +64,7 @@ class Muse(Metric):
         return found
 
     @classmethod
-    def hub_sources(cls, cfg) -> list[str]:
+    def hub_sources(cls, cfg) -> list[HubSource]:
         return hub_splits(cfg.data, SPLITS)
 
 

@@ -12,6 +12,7 @@ from kuda_cli.data.texts import load_texts, refuse_blank_file
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import EvalContext, Metric, ratio, register_metric
 from kuda_cli.evaluate.scoring import token_logprobs
+from kuda_cli.hub import HubSource
 
 
 def perplexity(
@@ -79,9 +80,10 @@ class Perplexity(Metric):
         return {"perplexity_ratio": ratio(before, after, "perplexity.perplexity")}
 
     @classmethod
-    def hub_sources(cls, cfg) -> list[str]:
+    def hub_sources(cls, cfg) -> list[HubSource]:
         ppl = cfg.eval.perplexity
-        return [f"eval.perplexity ({ppl.hub_id})"] if ppl.source == "hub" else []
+        local = "eval.perplexity.source=path eval.perplexity.path=FILE"
+        return [HubSource("eval.perplexity", ppl.hub_id, local)] if ppl.source == "hub" else []
 
 
 def text_perplexity(ppl: PerplexityConfig, loaded) -> dict[str, Any]:
