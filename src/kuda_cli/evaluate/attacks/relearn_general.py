@@ -34,11 +34,12 @@ def _named(names: set[str], flags: int) -> re.Pattern | None:
 
 def unrelated(texts: list[str], facts) -> list[str]:
     """The texts that name no subject or answer of `facts` as a whole word: in any case, but
-    names of up to 3 characters (chemical symbols: "I", "He") only as written."""
-    names = {n.strip() for f in facts for n in (f.subject, f.target) if n.strip()}
+    answers of up to 3 characters (chemical symbols: "I", "Li") only as written."""
+    subjects = {f.subject.strip() for f in facts if f.subject.strip()}
+    answers = {f.target.strip() for f in facts if f.target.strip()}
     patterns = [
-        _named({n for n in names if len(n) > 3}, re.IGNORECASE),
-        _named({n for n in names if len(n) <= 3}, 0),
+        _named(subjects | {a for a in answers if len(a) > 3}, re.IGNORECASE),
+        _named({a for a in answers if len(a) <= 3}, 0),
     ]
     return [t for t in texts if not any(p is not None and p.search(t) for p in patterns)]
 
