@@ -183,15 +183,25 @@ def test_quant8_changes_the_scored_model_and_gives_it_back(loaded, tmp_path):
 def test_logit_lens_last_layer_is_the_models_own_first_token_choice(loaded):
     forget, _ = split_facts(load_facts(), ["chemistry"], ["capitals"])
     chosen = probes(forget, all_prompts=False)[:24]
-    correct = lens_correct(loaded.model, loaded.tokenizer, loaded.adapter, chosen, batch_size=5)
-    own = []
-    with torch.no_grad():
-        for p in chosen:  # one unpadded prompt at a time, through the whole model
-            ids, tokens = lens_inputs(loaded.tokenizer, p)
-            logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1]
-            own.append(int(logits[tokens].argmax()) == 0)
+    norm = loaded.model.get_submodule(loaded.adapter.final_norm).weight
+    saved = norm.detach().clone()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a final norm that is not a plain rescaling: reading must apply it
+        norm.copy_(torch.rand_like(norm) * 2 - 0.5)
+    try:
+        correct = lens_correct(loaded.model, loaded.tokenizer, loaded.adapter, chosen, 5)
+        own = []
+        with torch.no_grad():
+            for p in chosen:  # one unpadded prompt at a time, through the whole model
+                ids, tokens = lens_inputs(loaded.tokenizer, p)
+                logits = loaded.model(input_ids=torch.tensor([ids])).logits[0, -1]
+                own.append(int(logits[tokens].argmax()) == 0)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
     assert correct.shape == (loaded.num_layers + 1, len(chosen))
     assert correct[-2].tolist() == own and correct[-1].tolist() == own
+    assert correct[:-2].tolist() != [own] * (loaded.num_layers - 1)  # earlier layers read apart
 
 
 def test_fewshot_prompts_hold_k_demonstrations_from_retain_facts_only():
