@@ -14,6 +14,7 @@ from typing import Any
 from kuda_cli.data.fact_set import Fact, Probe
 from kuda_cli.evaluate.fact_scoring import ANSWERS_FILE
 from kuda_cli.evaluate.floors import forget_removed
+from kuda_cli.evaluate.metrics.facts import Facts
 from kuda_cli.run import lookup
 
 
@@ -100,7 +101,7 @@ def removed_beside(
 def with_removed(found: dict[str, Any], actx, fact_ids: set[str] | None = None) -> dict[str, Any]:
     """`found` (an attacked model's results) with `forget_removed` beside the un-attacked
     model's, where it has facts figures and the starting model's evaluation is at hand."""
-    figures = found.get("facts", {}).get("forget")
+    figures = found.get(Facts.name, {}).get("forget")
     if figures is not None:
         removed = removed_beside(actx.before_dir, actx.ctx.out_dir, fact_ids, figures)
         if removed is not None:

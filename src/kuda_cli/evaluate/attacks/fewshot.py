@@ -15,6 +15,7 @@ from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.attack_facts import FactsView, PrefixedProbe, with_removed
 from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack, rescore
+from kuda_cli.evaluate.metrics.facts import Facts
 
 
 @dataclass
@@ -50,4 +51,4 @@ class Fewshot(Attack):
             retain=False,
             fluency=False,
         )
-        return with_removed(rescore(actx, view=view, metrics=["facts"]), actx)
+        return with_removed(rescore(actx, view=view, metrics=[Facts.name]), actx)

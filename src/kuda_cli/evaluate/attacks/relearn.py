@@ -14,6 +14,7 @@ from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.attack_facts import FactsView, halves, removed_beside, with_removed
 from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack, rescore, restored
+from kuda_cli.evaluate.metrics.facts import Facts
 from kuda_cli.evaluate.relearning import fine_tune
 
 
@@ -60,8 +61,8 @@ def relearn_curve(
         ):
             found = with_removed(rescore(actx, view=view), actx, forget_ids)
             found["loss"] = losses[-1] if losses else None
-            if relearned_ids is not None and "relearned" in found.get("facts", {}):
-                figures = found["facts"]["relearned"]
+            if relearned_ids is not None and "relearned" in found.get(Facts.name, {}):
+                figures = found[Facts.name]["relearned"]
                 removed = removed_beside(actx.before_dir, ctx.out_dir, relearned_ids, figures)
                 if removed is not None:
                     found["relearned_removed"] = removed
