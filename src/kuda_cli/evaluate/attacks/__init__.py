@@ -110,20 +110,20 @@ def check_attacks(cfg) -> None:
     if names and not cfg.eval.metrics:
         raise ConfigError(
             f"eval.attacks={names} needs metrics to score the attacked model; "
-            "set eval.metrics (or eval.attacks=[])"
+            "pass eval.metrics=[...] (or eval.attacks=[])"
         )
     known = attack_names()
     for name in names:
         if name not in known:
             raise ConfigError(
-                f"eval.attacks has {name!r}, which is not a registered attack; choose from: "
+                f"eval.attacks has {name!r}, which is not a registered attack; choose one of: "
                 f"{', '.join(sorted(known))}"
             )
         attack = get_attack(name)
         if attack.needs_facts and not kind_of(cfg.data).provides_facts:
             raise ConfigError(
                 f"eval.attacks has {name}, which reads facts; data={cfg.data.name} has none: "
-                "use it with data=facts (or drop it from eval.attacks)"
+                "pass data=facts (or drop it from eval.attacks)"
             )
         attack.check(cfg)
 

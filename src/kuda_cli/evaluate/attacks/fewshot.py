@@ -23,12 +23,17 @@ class FewshotSettings:
     k: int = bounded(5, ge=1)  # demonstrations before each forget prompt
 
 
-def demonstrated(chosen: list[Probe], retain: list[Fact], k: int, seed: int) -> list[Probe]:
-    """Each probe with k distinct retain facts answered before it, one line each."""
+def check_k(k: int, retain: list[Fact]) -> None:
     if len(retain) < k:
         raise ConfigError(
-            f"eval.attack.fewshot.k={k} exceeds the {len(retain)} retain facts; lower it"
+            f"eval.attack.fewshot.k={k} exceeds the {len(retain)} retain facts; it must be at "
+            f"most {len(retain)}"
         )
+
+
+def demonstrated(chosen: list[Probe], retain: list[Fact], k: int, seed: int) -> list[Probe]:
+    """Each probe with k distinct retain facts answered before it, one line each."""
+    check_k(k, retain)
     rng = random.Random(seed)
     out = []
     for p in chosen:
@@ -41,6 +46,10 @@ def demonstrated(chosen: list[Probe], retain: list[Fact], k: int, seed: int) -> 
 @register_attack("fewshot", FewshotSettings)
 class Fewshot(Attack):
     needs_facts = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_k(cfg.eval.attack.fewshot.k, kind_of(cfg.data).fact_sets(cfg.data)[1])
 
     @classmethod
     def run(cls, actx: AttackContext) -> dict[str, Any]:

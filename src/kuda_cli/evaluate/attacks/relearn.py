@@ -30,8 +30,8 @@ def check_steps(name: str, settings) -> None:
     bad = [s for s in settings.steps if s < 0]
     if bad or not settings.steps:
         raise ConfigError(
-            f"eval.attack.{name}.steps={list(settings.steps)} needs step counts >= 0, e.g. "
-            f"eval.attack.{name}.steps=[0,10,25,50]"
+            f"eval.attack.{name}.steps={list(settings.steps)} must be step counts >= 0; pass "
+            f"e.g. eval.attack.{name}.steps=[0,10,25,50]"
         )
 
 

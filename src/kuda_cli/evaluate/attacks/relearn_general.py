@@ -57,22 +57,27 @@ class RelearnGeneral(Attack):
                 f"eval.attack.relearn_general.path={settings.path} does not exist; pass a text "
                 "file or directory (JSONL, JSON, txt)"
             )
+        general_texts(settings, kind_of(cfg.data).fact_sets(cfg.data)[0])
 
     @classmethod
     def run(cls, actx: AttackContext) -> dict[str, Any]:
-        settings = actx.settings
         forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
-        texts = load_texts(
-            source="path" if settings.path else "builtin",
-            builtin=settings.builtin,
-            path=settings.path,
-            max_items=settings.max_texts,
+        kept, dropped = general_texts(actx.settings, forget)
+        return {"texts": len(kept), "texts_dropped": dropped, **relearn_curve(actx, kept, None)}
+
+
+def general_texts(settings, forget) -> tuple[list[str], int]:
+    """The general texts that name no forget fact, and how many others were dropped."""
+    texts = load_texts(
+        source="path" if settings.path else "builtin",
+        builtin=settings.builtin,
+        path=settings.path,
+        max_items=settings.max_texts,
+    )
+    kept = unrelated(texts, forget)
+    if not kept:
+        raise ConfigError(
+            "eval.attack.relearn_general: every general text names a forget fact; pass "
+            "eval.attack.relearn_general.path=FILE with unrelated text"
         )
-        kept = unrelated(texts, forget)
-        if not kept:
-            raise ConfigError(
-                "eval.attack.relearn_general: every general text names a forget fact; pass "
-                "eval.attack.relearn_general.path=FILE with unrelated text"
-            )
-        curve = relearn_curve(actx, kept, None)
-        return {"texts": len(kept), "texts_dropped": len(texts) - len(kept), **curve}
+    return kept, len(texts) - len(kept)
