@@ -254,14 +254,30 @@ def test_kuda_eval_writes_each_attack_beside_the_unattacked_figures(kuda, tmp_pa
     assert all(found["seconds"] >= 0 for found in attacks.values())
 
 
-def test_an_unknown_attack_or_one_without_its_data_stops_before_any_work(kuda, tmp_path):
+def test_an_unknown_attack_stops_before_any_work(kuda, tmp_path):
     done = kuda("eval", "model=tiny-random", "eval.attacks=[nope]")
     assert done.returncode == 2 and "eval.attacks" in done.stderr and "relearn" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-    done = kuda("eval", "model=tiny-random", "data=wmdp_bio", "eval.attacks=[fewshot]")
-    assert done.returncode == 2 and "data=facts" in done.stderr
-    done = kuda(
-        "eval", "model=tiny-random", "eval.attacks=[relearn]", "eval.attack.relearn.steps=[-1]"
-    )
-    assert done.returncode == 2 and "eval.attack.relearn.steps" in done.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["data=wmdp_bio", "eval.attacks=[fewshot]"], "data=facts"),
+        (["eval.attacks=[relearn]", "eval.attack.relearn.steps=[-1]"], "eval.attack.relearn.steps"),
+        (["eval.attacks=[relearn]", "eval.metrics=[]"], "eval.metrics"),
+        (["eval.attacks=[fewshot]", "eval.attack.fewshot.k=500"], "eval.attack.fewshot.k"),
+        (
+            ["eval.attacks=[relearn_general]", "eval.attack.relearn_general.builtin=nope"],
+            "nope",
+        ),
+    ],
+)
+def test_an_attack_its_data_or_settings_cannot_serve_is_refused(overrides, named):
+    from kuda_cli.errors import UserError
+    from kuda_cli.evaluate.attacks import check_attacks
+
+    cfg = compose(["stage=eval", "model=tiny-random", *overrides])
+    with pytest.raises(UserError, match=named.replace(".", r"\.")):
+        check_attacks(cfg)
