@@ -268,6 +268,7 @@ def test_an_unknown_attack_stops_before_any_work(kuda, tmp_path):
         (["eval.attacks=[relearn]", "eval.attack.relearn.steps=[-1]"], "eval.attack.relearn.steps"),
         (["eval.attacks=[relearn]", "eval.metrics=[]"], "eval.metrics"),
         (["eval.attacks=[fewshot]", "eval.attack.fewshot.k=500"], "eval.attack.fewshot.k"),
+        (["eval.attacks=[fewshot]", "eval.metrics=[perplexity]"], "eval.metrics"),
         (
             ["eval.attacks=[relearn_general]", "eval.attack.relearn_general.builtin=nope"],
             "nope",
