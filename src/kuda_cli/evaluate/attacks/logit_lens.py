@@ -68,13 +68,13 @@ def lens_correct(model, tokenizer, adapter, chosen: list[Probe], batch_size: int
 
 
 def lens_figures(correct: torch.Tensor) -> dict[str, Any]:
-    by_layer = correct[:-1].float().mean(-1).tolist()
+    by_layer = correct[:-1].double().mean(-1).tolist()
     best = max(range(len(by_layer)), key=by_layer.__getitem__)
     return {
         "mc_acc_by_layer": by_layer,
         "best_layer": best,
         "best_mc_acc": by_layer[best],
-        "model_mc_acc": float(correct[-1].float().mean()),
+        "model_mc_acc": float(correct[-1].double().mean()),
     }
 
 
