@@ -282,3 +282,24 @@ def test_an_attack_its_data_or_settings_cannot_serve_is_refused(overrides, named
     cfg = compose(["stage=eval", "model=tiny-random", *overrides])
     with pytest.raises(UserError, match=named.replace(".", r"\.")):
         check_attacks(cfg)
+
+
+def test_kuda_unlearn_attacks_the_unlearned_model_against_the_starting_one(kuda, tmp_path):
+    kuda(
+        "unlearn",
+        *[o for o in FAST if not o.startswith("stage=")],
+        "locate=fixed",
+        "locate.layers=[1,2]",
+        "unlearn.steps=4",
+        "unlearn.lr=1e-2",
+        "eval.metrics=[facts]",
+        "eval.attacks=[quant4,relearn]",
+        "eval.attack.relearn.steps=[0]",
+        "hydra.run.dir=run",
+        check=True,
+    )
+    attacks = read_json(tmp_path / "run" / "metrics.json")["attacks"]
+    assert attacks["quant4"]["round_back"]["changed"] > 0  # the starting model was lent
+    assert set(attacks["quant4"]["starting"]["facts"]) == set(attacks["quant4"]["facts"])
+    removed = attacks["relearn"]["steps_0"]["forget_removed"]
+    assert removed["attacked"] == removed["unattacked"]
