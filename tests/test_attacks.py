@@ -293,7 +293,7 @@ def test_kuda_unlearn_attacks_the_unlearned_model_against_the_starting_one(kuda,
         "unlearn.steps=4",
         "unlearn.lr=1e-2",
         "eval.metrics=[facts]",
-        "eval.attacks=[quant4,relearn]",
+        "eval.attacks=[quant4,relearn,fewshot]",
         "eval.attack.relearn.steps=[0]",
         "hydra.run.dir=run",
         check=True,
@@ -303,3 +303,4 @@ def test_kuda_unlearn_attacks_the_unlearned_model_against_the_starting_one(kuda,
     assert set(attacks["quant4"]["starting"]["facts"]) == set(attacks["quant4"]["facts"])
     removed = attacks["relearn"]["steps_0"]["forget_removed"]
     assert removed["attacked"] == removed["unattacked"]
+    assert set(attacks["fewshot"]["starting"]["facts"]) == {"forget"}

@@ -1,7 +1,9 @@
 """`eval.attacks=[fewshot]`: each forget prompt preceded by k demonstrations, answered retain
 facts ("prompt answer" lines, drawn with the run's seed for each prompt): an in-context cue to
 answer that can bring back knowledge an unlearned model only stopped volunteering. The facts
-metric scores the forget prompts so prefixed (multiple choice and greedy answers)."""
+metric scores the forget prompts so prefixed (multiple choice and greedy answers), and the
+starting model's answers to them where it is at hand (the reference: demonstrations of other
+domains change what a model that knows the facts answers too)."""
 
 from __future__ import annotations
 
@@ -60,4 +62,8 @@ class Fewshot(Attack):
             retain=False,
             fluency=False,
         )
-        return with_removed(rescore(actx, view=view, metrics=[Facts.name]), actx)
+        found = with_removed(rescore(actx, view=view, metrics=[Facts.name]), actx)
+        if actx.starting_model is not None:  # demonstrations change a model that knows, too
+            with actx.starting_model():
+                found["starting"] = rescore(actx, view=view, metrics=[Facts.name], judge=None)
+        return found
