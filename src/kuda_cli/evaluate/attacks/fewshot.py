@@ -51,6 +51,11 @@ class Fewshot(Attack):
 
     @classmethod
     def check(cls, cfg) -> None:
+        if Facts.name not in cfg.eval.metrics:
+            raise ConfigError(
+                f"eval.attacks has fewshot, which scores the {Facts.name} metric; pass "
+                f"eval.metrics=[{Facts.name},...] (or drop fewshot from eval.attacks)"
+            )
         check_k(cfg.eval.attack.fewshot.k, kind_of(cfg.data).fact_sets(cfg.data)[1])
 
     @classmethod
