@@ -64,6 +64,7 @@ def help_text() -> str:
         "             locate.max_tokens=256 (tracing: probe length cap)",
         "             unlearn.tokens=auto|last|subject|all unlearn.target=away|unknown (KUDA)",
         "             unlearn.auto_tune.enabled=true (lr chosen by trials; facts: tune/)",
+        "             eval.attacks=[relearn,quant4,logit_lens,...] (docs/robustness.md)",
         "",
         "plug-ins: a method, a metric or a kind of data is one module + one YAML (in kuda, or an",
         "  entry point kuda_cli.methods|metrics|data_kinds with hydra.searchpath=[file:///DIR]);",

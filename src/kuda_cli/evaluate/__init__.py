@@ -44,6 +44,9 @@ class EvalContext:
     # lends the starting model this way (its original weights swapped in, no second copy),
     # named STARTING_JUDGE
     judge: Any = None
+    # what an attack changes about the evaluated sets (evaluate/attacks): a metric that reads
+    # sets applies it, the others score as usual; None: the sets as configured
+    view: Any = None
 
 
 class Metric:
@@ -116,7 +119,10 @@ def metric_names() -> list[str]:
 
 @cache
 def eval_schema() -> type:
-    """The eval group's schema: its own keys, then one section per metric with settings."""
+    """The eval group's schema: its own keys, then one section per metric with settings, and
+    the attacks' settings under `attack`."""
+    from kuda_cli.evaluate.attacks import attack_schema
+
     sections = [
         (m.section, m.schema, field(default_factory=m.schema))
         for m in REGISTRY.all().values()
@@ -134,6 +140,9 @@ def eval_schema() -> type:
             # kuda unlearn: evaluate the starting model too (cached per model, data and eval
             # settings), for the comparison and the retain agreement
             ("before", bool, field(default=True)),
+            # attacks on the evaluated model, each scored on the metrics again (attack_names())
+            ("attacks", list[str], listed()),
+            ("attack", attack_schema(), field(default_factory=attack_schema())),
             *sections,
         ],
     )

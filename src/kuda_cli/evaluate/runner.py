@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from shutil import ignore_patterns
@@ -25,6 +26,7 @@ from kuda_cli.cache import (
     write_json_atomic,
 )
 from kuda_cli.evaluate import REGISTRY, EvalContext, compute_metrics, settings_for
+from kuda_cli.evaluate.attacks import run_attacks
 from kuda_cli.models.loading import resolve_cache_root
 
 log = logging.getLogger(__name__)
@@ -49,11 +51,22 @@ def evaluate_unlearned(
     return _evaluate(cfg, loaded, out_dir, before_dir, judge=judge, starting=False)
 
 
-def _evaluate(cfg, loaded, out_dir: Path, before_dir: Path | None, *, judge=None, starting: bool):
-    """The metrics of `cfg.eval` on the loaded model, each with the settings it scores the
-    starting model (`starting`: every figure a comparison needs) or an unlearned one with."""
+def attack_unlearned(
+    cfg: DictConfig, loaded, out_dir: Path, starting: Starting | None, *, judge=None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, results) of each attack of `cfg.eval.attacks` on the unlearned model, scored with
+    the settings its evaluation had (after `evaluate_unlearned` wrote its answers in
+    `out_dir`); `judge` lends the starting model."""
+    before_dir = starting.directory if starting is not None else None
+    ctx = _context(cfg, loaded, out_dir, before_dir, judge=judge, starting=False)
+    yield from run_attacks(ctx, before_dir, cfg.seed)
+
+
+def _context(cfg, loaded, out_dir, before_dir, *, judge, starting: bool) -> EvalContext:
+    """The evaluation context with each metric's settings for the starting model (`starting`:
+    every figure a comparison needs) or an unlearned one."""
     eval_cfg = settings_for(OmegaConf.to_object(cfg.eval), starting=starting, before_dir=before_dir)
-    ctx = EvalContext(
+    return EvalContext(
         loaded=loaded,
         eval=eval_cfg,
         data=OmegaConf.to_object(cfg.data),
@@ -61,6 +74,12 @@ def _evaluate(cfg, loaded, out_dir: Path, before_dir: Path | None, *, judge=None
         cache_dir=cfg.cache_dir,
         judge=judge,
     )
+
+
+def _evaluate(cfg, loaded, out_dir: Path, before_dir: Path | None, *, judge=None, starting: bool):
+    """The metrics of `cfg.eval` on the loaded model, each with the settings it scores the
+    starting model (`starting`: every figure a comparison needs) or an unlearned one with."""
+    ctx = _context(cfg, loaded, out_dir, before_dir, judge=judge, starting=starting)
     results: dict[str, Any] = {}
     for _, found in compute_metrics(ctx):
         results.update(found)
@@ -69,6 +88,8 @@ def _evaluate(cfg, loaded, out_dir: Path, before_dir: Path | None, *, judge=None
 
 def _before_key(cfg: DictConfig, model_key: str) -> str:
     evaluation = OmegaConf.to_container(cfg.eval, resolve=True)
+    for key in ("attacks", "attack"):  # attacks apply to the unlearned model only
+        evaluation.pop(key, None)
     for metric in REGISTRY.all().values():  # the starting model is scored whatever they say
         for key in metric.after_only:
             evaluation[metric.section].pop(key, None)

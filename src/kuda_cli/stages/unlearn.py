@@ -10,7 +10,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli.cache import model_fingerprint
 from kuda_cli.evaluate import summarise
-from kuda_cli.evaluate.runner import Starting, evaluate_starting, evaluate_unlearned
+from kuda_cli.evaluate.runner import (
+    Starting,
+    attack_unlearned,
+    evaluate_starting,
+    evaluate_unlearned,
+)
 from kuda_cli.evaluate.side_by_side import write_side_by_side
 from kuda_cli.locate.pipeline import find_layers
 from kuda_cli.run import Run, set_seed
@@ -51,6 +56,10 @@ def main(cfg: DictConfig, run: Run) -> None:
         run.log_metrics(after)
         if starting is not None:
             compare(cfg, run, starting, after)
+        for name, found in attack_unlearned(
+            cfg, session.loaded, run.dir, starting, judge=session.starting_judge()
+        ):
+            run.log_metrics({"attacks": {name: found}})
 
 
 def compare(cfg: DictConfig, run: Run, starting: Starting, after: dict) -> None:

@@ -177,16 +177,23 @@ class Facts(Metric):
 
 
 def facts_results(ctx: EvalContext) -> dict[str, Any]:
+    """The knowledge figures and fluency of the evaluated model, on the configured sets or on an
+    attack's view of them (`ctx.view`, a FactsView)."""
     cfg = ctx.eval.facts
     model, tokenizer = ctx.loaded.model, ctx.loaded.tokenizer
     forget, retain = split_facts(
         load_facts(ctx.data.path), list(ctx.data.forget_domains), list(ctx.data.retain_domains)
     )
+    view = ctx.view
+    splits = {"forget": probes(forget, cfg.all_prompts), "retain": probes(retain, cfg.all_prompts)}
+    if view is not None:
+        splits = {"forget": view.forget, **view.extra}
+        splits.update({"retain": probes(retain, cfg.all_prompts)} if view.retain else {})
     reference = read_reference_answers(cfg.reference) if cfg.reference else None
     metrics, rows = evaluate_facts(
         model,
         tokenizer,
-        {"forget": probes(forget, cfg.all_prompts), "retain": probes(retain, cfg.all_prompts)},
+        splits,
         gen_max_new_tokens=cfg.gen_max_new_tokens,
         batch_size=cfg.batch_size,
         gen_batch_size=cfg.gen_batch_size,
@@ -194,15 +201,28 @@ def facts_results(ctx: EvalContext) -> dict[str, Any]:
         subsets={"retain": subject_subsets(retain, forget)},
         no_answers=() if cfg.retain_greedy else ("retain",),
     )
-    if cfg.floors and forget:
+    if cfg.floors and forget and view is None:
         floor = _floors(ctx, forget, cfg.all_prompts)
         if floor is not None:
             metrics["floor"] = floor
-    chosen = probes(forget, all_prompts=False)
+    results: dict[str, Any] = {"facts": metrics}
+    if view is None or view.fluency:
+        viewed = forget if view is None else list({p.fact.id: p.fact for p in view.forget}.values())
+        chosen = probes(viewed, all_prompts=False)
+        flu, fluency_rows = _fluency(ctx, chosen)
+        results["fluency"] = {"forget": flu}
+        if ctx.out_dir is not None:
+            _write_answers(ctx.out_dir, rows, fluency_rows, cfg.samples)
+    return results
+
+
+def _fluency(ctx: EvalContext, chosen: list) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Fluency of long greedy answers to the `chosen` prompts, and one row per answer."""
+    cfg = ctx.eval.facts
     prompts = [p.text for p in chosen]
     answers = greedy_continuations(
-        model,
-        tokenizer,
+        ctx.loaded.model,
+        ctx.loaded.tokenizer,
         prompts,
         max_new_tokens=cfg.fluency_max_new_tokens,
         batch_size=cfg.gen_batch_size,
@@ -226,32 +246,34 @@ def facts_results(ctx: EvalContext) -> dict[str, Any]:
         "fluent_wrong": wrong_source,
         "max_new_tokens": cfg.fluency_max_new_tokens,
     }
-    if ctx.out_dir is not None:
-        write_jsonl(ctx.out_dir / ANSWERS_FILE, rows)
-        write_jsonl(
-            ctx.out_dir / FLUENCY_FILE,
-            [
-                {
-                    "fact": p.fact.id,
-                    "domain": p.fact.domain,
-                    "prompt": p.text,
-                    "answer": a,
-                    "judge": judge_name,
-                    "fluent_wrong_score": score,
-                }
-                for p, a, score in zip(chosen, answers, wrong_scores, strict=True)
-            ],
-        )
-        retain_rows = [r for r in rows if r["split"] == "retain"][: cfg.samples]
-        samples = [
-            {"split": "forget", "prompt": p, "answer": a}
-            for p, a in list(zip(prompts, answers, strict=True))[: cfg.samples]
-        ]
-        samples += [
-            {"split": "retain", "prompt": r["prompt"], "answer": r["answer"]} for r in retain_rows
-        ]
-        write_jsonl(ctx.out_dir / "samples.jsonl", samples)
-    return {"facts": metrics, "fluency": {"forget": flu}}
+    rows = [
+        {
+            "fact": p.fact.id,
+            "domain": p.fact.domain,
+            "prompt": p.text,
+            "answer": a,
+            "judge": judge_name,
+            "fluent_wrong_score": score,
+        }
+        for p, a, score in zip(chosen, answers, wrong_scores, strict=True)
+    ]
+    return flu, rows
+
+
+def _write_answers(out_dir: Path, rows, fluency_rows, samples: int) -> None:
+    """facts_answers.jsonl, fluency_answers.jsonl and the first `samples` answers of each split
+    (samples.jsonl)."""
+    write_jsonl(out_dir / ANSWERS_FILE, rows)
+    write_jsonl(out_dir / FLUENCY_FILE, fluency_rows)
+    retain_rows = [r for r in rows if r["split"] == "retain"][:samples]
+    picked = [
+        {"split": "forget", "prompt": r["prompt"], "answer": r["answer"]} for r in fluency_rows
+    ]
+    picked = picked[:samples]
+    picked += [
+        {"split": "retain", "prompt": r["prompt"], "answer": r["answer"]} for r in retain_rows
+    ]
+    write_jsonl(out_dir / "samples.jsonl", picked)
 
 
 def summary_of(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

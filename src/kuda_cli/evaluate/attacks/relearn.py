@@ -1,0 +1,101 @@
+"""`eval.attacks=[relearn]`: fine-tune the evaluated model on the passages of half the forget
+facts (A, split by fact with the run's seed) and score the other half (B) after each step count:
+knowledge that comes back on B after training on A was hidden, not removed. A is scored too (an
+unlearned model relearns what it trains on). 0 steps is the un-attacked model on B."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kuda_cli.config import bounded, listed
+from kuda_cli.data.fact_set import probes
+from kuda_cli.data.kinds import kind_of
+from kuda_cli.errors import ConfigError
+from kuda_cli.evaluate.attack_facts import FactsView, halves, removed_beside, with_removed
+from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack, rescore, restored
+from kuda_cli.evaluate.metrics.facts import Facts
+from kuda_cli.evaluate.relearning import fine_tune
+
+
+@dataclass
+class RelearnSettings:
+    steps: list[int] = listed(0, 10, 25, 50)  # optimizer steps scored (one trajectory)
+    lr: float = bounded(1e-5, gt=0)  # AdamW on every weight (Unlearn-Simple's relearning)
+    batch_size: int = bounded(4, ge=1)  # texts per step
+    max_length: int = bounded(256, ge=8)  # tokens per text
+
+
+def check_steps(name: str, settings) -> None:
+    bad = [s for s in settings.steps if s < 0]
+    if bad or not settings.steps:
+        raise ConfigError(
+            f"eval.attack.{name}.steps={list(settings.steps)} must be step counts >= 0; pass "
+            f"e.g. eval.attack.{name}.steps=[0,10,25,50]"
+        )
+
+
+def relearn_curve(
+    actx: AttackContext,
+    texts: list[str],
+    view: FactsView | None,
+    forget_ids: set[str] | None = None,
+    relearned_ids: set[str] | None = None,
+) -> dict[str, Any]:
+    """`steps_N`: the run's metrics (through `view`) after N steps of fine-tuning on `texts`,
+    with `forget_removed` on the forget split (the facts `forget_ids`, None: all) and
+    `relearned_removed` on the relearned split (`relearned_ids`) beside the un-attacked
+    model's; the model is given back as it was."""
+    settings, ctx = actx.settings, actx.ctx
+    out: dict[str, Any] = {}
+    with restored(actx.model):
+        for steps, losses in fine_tune(
+            actx.model,
+            actx.tokenizer,
+            texts,
+            list(settings.steps),
+            lr=settings.lr,
+            batch_size=settings.batch_size,
+            max_length=settings.max_length,
+            seed=actx.seed,
+        ):
+            found = with_removed(rescore(actx, view=view), actx, forget_ids)
+            found["loss"] = losses[-1] if losses else None
+            if relearned_ids is not None and "relearned" in found.get(Facts.name, {}):
+                figures = found[Facts.name]["relearned"]
+                removed = removed_beside(actx.before_dir, ctx.out_dir, relearned_ids, figures)
+                if removed is not None:
+                    found["relearned_removed"] = removed
+            out[f"steps_{steps}"] = found
+    return out
+
+
+@register_attack("relearn", RelearnSettings)
+class Relearn(Attack):
+    needs_facts = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        check_steps("relearn", cfg.eval.attack.relearn)
+
+    @classmethod
+    def run(cls, actx: AttackContext) -> dict[str, Any]:
+        forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
+        trained, held = halves(forget, actx.seed)
+        all_prompts = actx.ctx.eval.facts.all_prompts
+        view = FactsView(
+            forget=probes(held, all_prompts), extra={"relearned": probes(trained, all_prompts)}
+        )
+        curve = relearn_curve(
+            actx,
+            [f.passage for f in trained],
+            view,
+            forget_ids={f.id for f in held},
+            relearned_ids={f.id for f in trained},
+        )
+        split = {
+            "seed": actx.seed,
+            "relearned": [f.id for f in trained],
+            "scored": [f.id for f in held],
+        }
+        return {"split": split, **curve}
