@@ -69,6 +69,7 @@ FREE = {
     "data.SPLIT.text_field": "a column name",
     "eval.name": "a label",
     "eval.perplexity.builtin": "a built-in text set's name",
+    "eval.attack.relearn_general.builtin": "a built-in text set's name",
     "eval.perplexity.hub_id": "a hub dataset id",
     "eval.perplexity.hub_config": "a hub dataset config",
     "eval.perplexity.split": "a split name",
@@ -100,6 +101,7 @@ PATHS: dict[str, list[str]] = {
     "eval.wmdp.mmlu_path": ["data=wmdp_bio"],
     "eval.wmdp.mmlu_dev_path": ["data=wmdp_bio", "eval.wmdp.num_fewshot=1"],
     "tune.choice": [],
+    "eval.attack.relearn_general.path": ["eval.attacks=[relearn_general]"],
 }
 # lists whose items come from a vocabulary: an unknown item is refused
 VOCABULARY = {
@@ -108,6 +110,7 @@ VOCABULARY = {
     "data.retain_domains",
     "unlearn.trainable",
     "eval.metrics",
+    "eval.attacks",
 }
 # lists of numbers with a range (layer indices of the 4-layer tiny model, forget levels)
 NUMBER_LISTS = {
@@ -117,6 +120,11 @@ NUMBER_LISTS = {
     "unlearn.auto_tune.factors": [
         "unlearn.auto_tune.enabled=true",
         "unlearn.auto_tune.factors=[2,1]",
+    ],
+    "eval.attack.relearn.steps": ["eval.attacks=[relearn]", "eval.attack.relearn.steps=[-1]"],
+    "eval.attack.relearn_general.steps": [
+        "eval.attacks=[relearn_general]",
+        "eval.attack.relearn_general.steps=[-1]",
     ],
 }
 # strings from a registry, refused when unknown

@@ -45,15 +45,12 @@ def _to_do(cfg: DictConfig, wanted: set[str]) -> tuple[set[str], set[str]]:
 
 
 def validate_once(cfg: DictConfig) -> None:
-    """`validate.validate(cfg)` and the attacks' checks, unless this process validated this
-    config already."""
-    from kuda_cli.evaluate.attacks import check_attacks
+    """`validate.validate(cfg)`, unless this process validated this config already."""
     from kuda_cli.validate import validate
 
     todo, passed = _to_do(cfg, {"valid"})
     if todo:
         validate(cfg)
-        check_attacks(cfg)
         passed.add("valid")
 
 

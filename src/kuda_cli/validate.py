@@ -28,6 +28,7 @@ def validate(cfg: DictConfig) -> None:
     _check_model(cfg.model)
     _check_layers(cfg, known_depth(cfg.model))
     _check_metrics(cfg.eval, cfg.data)
+    _check_attacks(cfg)
     _check_method(cfg)
     _check_trainable(cfg.unlearn)
     _check_lora(cfg.unlearn)
@@ -44,6 +45,13 @@ def _check_domains(data: DictConfig) -> None:
     """Before any work: what the data's kind checks (a facts set's domains exist and do not
     overlap, ...)."""
     kind_of(data).check(data)
+
+
+def _check_attacks(cfg: DictConfig) -> None:
+    """Registered attacks, on data they can read, with their own checks."""
+    from kuda_cli.evaluate.attacks import check_attacks
+
+    check_attacks(cfg)
 
 
 def _check_method(cfg: DictConfig) -> None:

@@ -141,7 +141,7 @@ def eval_schema() -> type:
             # settings), for the comparison and the retain agreement
             ("before", bool, field(default=True)),
             # attacks on the evaluated model, each scored on the metrics again (attack_names())
-            ("attacks", list[str], listed()),
+            ("attacks", list[str], listed(distinct=True)),
             ("attack", attack_schema(), field(default_factory=attack_schema())),
             *sections,
         ],

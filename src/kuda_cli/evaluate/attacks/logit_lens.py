@@ -41,9 +41,9 @@ def lens_inputs(tokenizer, probe: Probe) -> tuple[list[int], list[int]]:
 
 @torch.no_grad()
 def lens_correct(model, tokenizer, adapter, chosen: list[Probe], batch_size: int):
-    """Per probe, whether the target's first token outscores every other option's (ties go to
-    the target, listed first), read at each layer (rows: layers) and from the model's own
-    logits (the last row)."""
+    """Per probe, the credit of the target's first token: 1 when it outscores every other
+    option's, 1/k when k options tie for the top, read at each layer (rows: layers) and from the
+    model's own logits (the last row)."""
     norm, head = model.get_submodule(adapter.final_norm), model.get_submodule(adapter.lm_head)
     names = [adapter.layer_name(i) for i in range(adapter.num_layers(model))]
     device = next(model.parameters()).device
@@ -63,7 +63,11 @@ def lens_correct(model, tokenizer, adapter, chosen: list[Probe], batch_size: int
         missing = options < 0
         picked = torch.stack([r.float().cpu().gather(-1, options.clamp(min=0)) for r in read])
         picked = picked.masked_fill(missing, float("-inf"))
-        correct.append((picked.argmax(-1) == 0) & ~missing[:, 0])
+        tied = (picked == picked.max(-1, keepdim=True).values) & ~missing
+        # a tie shares the credit (a target sharing its first token with k-1 distractors scores
+        # 1/k, as a guess among them would): ties never favour the attack
+        credit = tied[..., 0].double() / tied.sum(-1).clamp(min=1)
+        correct.append(credit.masked_fill(missing[:, 0], 0.0))
     return torch.cat(correct, dim=1)
 
 
@@ -92,7 +96,7 @@ class LogitLens(Attack):
         out = {
             "forget": lens_figures(lens_correct(loaded.model, *args)),
             "n_prompts": len(chosen),
-            # a target sharing its first token with a distractor ties with it (and wins)
+            # a target sharing its first token with a distractor ties with it (shared credit)
             "distinct_first_tokens": sum(len(set(t)) == len(t) for t in tokens)
             / max(len(chosen), 1),
         }

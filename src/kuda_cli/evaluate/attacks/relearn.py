@@ -20,7 +20,7 @@ from kuda_cli.evaluate.relearning import fine_tune
 
 @dataclass
 class RelearnSettings:
-    steps: list[int] = listed(0, 10, 25, 50)  # optimizer steps scored (one trajectory)
+    steps: list[int] = listed(0, 10, 25, 50, distinct=True, min_items=1)  # one trajectory
     lr: float = bounded(1e-5, gt=0)  # AdamW on every weight (Unlearn-Simple's relearning)
     batch_size: int = bounded(4, ge=1)  # texts per step
     max_length: int = bounded(256, ge=8)  # tokens per text
