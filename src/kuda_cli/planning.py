@@ -19,6 +19,9 @@ from kuda_cli.config import STAGES
 from kuda_cli.errors import ConfigError
 from kuda_cli.overrides import job_override_lists, sweeper_params
 
+# what Hydra writes in a job's directory before the run's meta.json (its record, the log)
+HYDRA_STARTS = frozenset({".hydra", "kuda.log"})
+
 
 @dataclass
 class Sweep:
@@ -139,7 +142,7 @@ def _check_pinned(directory: Path, cfg: DictConfig) -> Path:
     where = f"hydra.run.dir={directory}"
     _check_writable(directory, where)
     # under accelerate launch, another process's Hydra may have started the directory already
-    started = {".hydra", "kuda.log"} if distributed.active() else set()
+    started = HYDRA_STARTS if distributed.active() else frozenset()
     held = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
     if not set(held) - started:
         return directory
@@ -279,7 +282,7 @@ def _check_job_dir_unused(directory: Path, num: int, where: str) -> None:
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{where}: job {num}'s directory {directory} is a file; choose another")
     held = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-    foreign = [name for name in held if name not in (".hydra", "kuda.log")]
+    foreign = [name for name in held if name not in HYDRA_STARTS]
     if foreign:
         raise ConfigError(
             f"{where}: job {num}'s directory {directory} holds files that are not a kuda run "

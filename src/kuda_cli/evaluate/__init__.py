@@ -132,15 +132,12 @@ def eval_schema() -> type:
         "EvalConfig",
         [
             ("name", str, field(default=MISSING)),
-            (
-                "metrics",
-                list[str],
-                listed("perplexity", distinct=True),
-            ),  # metric names (metric_names())
+            # metric names (metric_names())
+            ("metrics", list[str], listed("perplexity", distinct=True)),
             # kuda unlearn: evaluate the starting model too (cached per model, data and eval
             # settings), for the comparison and the retain agreement
             ("before", bool, field(default=True)),
-            # attacks on the evaluated model, each scored on the metrics again (attack_names())
+            # attacks on the evaluated model, each scored on the metrics again (evaluate/attacks)
             ("attacks", list[str], listed(distinct=True)),
             ("attack", attack_schema(), field(default_factory=attack_schema())),
             *sections,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kuda_cli.evaluate.scoring import pad_id
+from kuda_cli.evaluate.scoring import pad_id, right_padded
 
 log = logging.getLogger(__name__)
 
@@ -18,12 +18,7 @@ log = logging.getLogger(__name__)
 def _batch(tokenizer, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
     """Right-padded ids and labels of `texts` (padding not learned)."""
     enc = tokenizer(texts, max_length=max_length, truncation=True)
-    width = max(len(ids) for ids in enc["input_ids"])
-    ids = torch.full((len(texts), width), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(enc["input_ids"]):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = right_padded(enc["input_ids"], pad_id(tokenizer))
     labels = ids.masked_fill(mask == 0, -100)
     return {
         "input_ids": ids.to(device),

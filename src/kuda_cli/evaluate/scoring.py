@@ -48,6 +48,16 @@ def pad_id(tokenizer) -> int:
     return next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
 
 
+def right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token id rows, right-padded with `pad` to the longest."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(rows):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped by length, so each batch carries little padding."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
@@ -191,13 +201,7 @@ def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int, int
     """One right-padded forward pass; per continuation, its summed log-probability, its length
     and how many of its tokens are the top-1 prediction. Logits are computed only from the
     earliest position any row needs (its context's last token) on, not for every context."""
-    seqs = [ctx + cont for ctx, cont in encoded]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = right_padded([ctx + cont for ctx, cont in encoded], pad)
     first = min(len(ctx) for ctx, _ in encoded) - 1
     logits = _logits_from(model, first, input_ids=ids.to(device), attention_mask=mask.to(device))
     scores = []

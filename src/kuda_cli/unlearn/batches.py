@@ -16,7 +16,7 @@ import torch
 
 from kuda_cli.data.kinds import UnlearnTexts, kind_of
 from kuda_cli.errors import UserError
-from kuda_cli.evaluate.scoring import pad_id
+from kuda_cli.evaluate.scoring import pad_id, right_padded
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +35,14 @@ class TokenSet:
 
     def batch(self, indices: list[int], device: torch.device | str = "cpu") -> dict:
         """Right-padded `input_ids`, `attention_mask`, and the items' `index`."""
-        rows = [self.ids[i] for i in indices]
-        width = max(map(len, rows))
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            input_ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
+        input_ids, mask = right_padded([self.ids[i] for i in indices], self.pad_id)
         out = {
             "input_ids": input_ids.to(device),
             "attention_mask": mask.to(device),
             "index": list(indices),
         }
         if self.focus is not None:
-            focus = torch.zeros((len(rows), width), dtype=torch.long)
+            focus = torch.zeros_like(mask)
             for r, i in enumerate(indices):
                 focus[r, : len(self.focus[i])] = torch.tensor(self.focus[i])
             out["focus_mask"] = focus.to(device)

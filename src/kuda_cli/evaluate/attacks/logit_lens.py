@@ -16,7 +16,7 @@ from kuda_cli.config import bounded
 from kuda_cli.data.fact_set import Probe, probes
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack
-from kuda_cli.evaluate.scoring import pad_id
+from kuda_cli.evaluate.scoring import pad_id, right_padded
 from kuda_cli.models.hooks import trace
 
 
@@ -50,11 +50,7 @@ def lens_correct(model, tokenizer, adapter, chosen: list[Probe], batch_size: int
     correct = []
     for start in range(0, len(chosen), batch_size):
         inputs = [lens_inputs(tokenizer, p) for p in chosen[start : start + batch_size]]
-        width = max(len(seq) for seq, _ in inputs)
-        ids = torch.full((len(inputs), width), pad_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, (seq, _) in enumerate(inputs):
-            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+        ids, mask = right_padded([seq for seq, _ in inputs], pad_id(tokenizer))
         rows, last = torch.arange(len(inputs)), mask.sum(-1) - 1
         with trace(model, names, detach=True) as rec:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
