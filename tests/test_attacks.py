@@ -19,6 +19,7 @@ from kuda_cli.evaluate.attacks import AttackContext, get_attack
 from kuda_cli.evaluate.attacks.fewshot import demonstrated
 from kuda_cli.evaluate.attacks.logit_lens import lens_correct, lens_inputs
 from kuda_cli.evaluate.attacks.relearn_general import unrelated
+from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.evaluate.quantization import linear_weights, quantize_in_place, rtn
 from kuda_cli.models.loading import load_model
 from kuda_cli.unlearn.diagnostics import swapped_in
@@ -295,7 +296,7 @@ def test_kuda_unlearn_attacks_the_unlearned_model_against_the_starting_one(kuda,
         "unlearn.steps=4",
         "unlearn.lr=1e-2",
         "eval.metrics=[facts]",
-        "eval.attacks=[quant4,relearn,fewshot]",
+        "eval.attacks=[quant4,relearn,fewshot,logit_lens]",
         "eval.attack.relearn.steps=[0]",
         "hydra.run.dir=run",
         check=True,
@@ -303,6 +304,22 @@ def test_kuda_unlearn_attacks_the_unlearned_model_against_the_starting_one(kuda,
     attacks = read_json(tmp_path / "run" / "metrics.json")["attacks"]
     assert attacks["quant4"]["round_back"]["changed"] > 0  # the starting model was lent
     assert set(attacks["quant4"]["starting"]["facts"]) == set(attacks["quant4"]["facts"])
+    quant_floor = read_json(tmp_path / "run" / "before" / "metrics.json")["facts"]["floor"]
+    reference = attacks["quant4"]["starting"]["facts"]["forget"]
+    expected = forget_removed(
+        reference["mc_acc"], attacks["quant4"]["facts"]["forget"]["mc_acc"], quant_floor["mc_acc"]
+    )
+    against = attacks["quant4"]["forget_removed"]["against_quantized_start"]
+    assert against["mc"] == expected
     removed = attacks["relearn"]["steps_0"]["forget_removed"]
     assert removed["attacked"] == removed["unattacked"]
     assert set(attacks["fewshot"]["starting"]["facts"]) == {"forget"}
+    lens = attacks["logit_lens"]
+    assert len(lens["floor"]["mc_acc_by_layer"]) == len(lens["forget"]["mc_acc_by_layer"])
+    assert lens["floor"] != lens["starting"]["forget"]  # read on the invented facts
+    expected = forget_removed(
+        lens["starting"]["forget"]["best_mc_acc"],
+        lens["forget"]["best_mc_acc"],
+        lens["floor"]["best_mc_acc"],
+    )
+    assert lens["forget_removed"] == {"mc": expected}

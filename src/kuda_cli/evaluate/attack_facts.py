@@ -98,6 +98,19 @@ def removed_beside(
     return out
 
 
+def removed_against(before_dir: Path | None, reference: dict, attacked: dict) -> dict | None:
+    """`forget_removed` of the attacked forget figures against another reference than the
+    starting model as evaluated (`reference`: forget figures of the starting model under the same
+    attack, e.g. quantized alike), with the starting model's floors; None without them."""
+    if before_dir is None or not (before_dir / "metrics.json").is_file():
+        return None
+    metrics = json.loads((before_dir / "metrics.json").read_text())
+    floor = (lookup(metrics, "facts.floor.mc_acc"), lookup(metrics, "facts.floor.gen_acc"))
+    ref = (reference.get("mc_acc"), reference.get("gen_acc"))
+    found = (attacked.get("mc_acc"), attacked.get("gen_acc"))
+    return _removed(ref, found, floor)
+
+
 def with_removed(found: dict[str, Any], actx, fact_ids: set[str] | None = None) -> dict[str, Any]:
     """`found` (an attacked model's results) with `forget_removed` beside the un-attacked
     model's, where it has facts figures and the starting model's evaluation is at hand."""

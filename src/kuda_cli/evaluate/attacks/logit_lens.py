@@ -3,7 +3,9 @@ prompt's last token, read through the final norm and the unembedding: multiple c
 options' first tokens, per layer. A middle layer that still picks the answer the last one no
 longer does shows the knowledge is hidden on its way out, not removed (Lad et al.'s logit lens,
 as the WMDP robustness studies apply it). The model's own logits, scored the same way, equal the
-last layer's; the starting model's curve is given beside where it is at hand."""
+last layer's; the starting model's curve is given beside where it is at hand, with the floor
+(the starting model's lens on the invented-subject facts of the forget domains) and the share
+of the above-floor lens accuracy the evaluated model lost, each at its best layer."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from kuda_cli.config import bounded
 from kuda_cli.data.fact_set import Probe, probes
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack
+from kuda_cli.evaluate.floors import forget_removed
+from kuda_cli.evaluate.metrics.facts import floor_facts
 from kuda_cli.evaluate.scoring import pad_id, right_padded
 from kuda_cli.models.hooks import trace
 
@@ -85,7 +89,8 @@ class LogitLens(Attack):
     @classmethod
     def run(cls, actx: AttackContext) -> dict[str, Any]:
         forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
-        chosen = probes(forget, actx.ctx.eval.facts.all_prompts)
+        all_prompts = actx.ctx.eval.facts.all_prompts
+        chosen = probes(forget, all_prompts)
         loaded = actx.ctx.loaded
         tokens = [lens_inputs(loaded.tokenizer, p)[1] for p in chosen]
         args = (loaded.tokenizer, loaded.adapter, chosen, actx.settings.batch_size)
@@ -96,7 +101,23 @@ class LogitLens(Attack):
             "distinct_first_tokens": sum(len(set(t)) == len(t) for t in tokens)
             / max(len(chosen), 1),
         }
+        invented = floor_facts(actx.ctx.data, forget)
+        floor_args = (loaded.tokenizer, loaded.adapter, probes(invented or [], all_prompts))
+        floor_args += (actx.settings.batch_size,)
         if actx.starting_model is not None:
             with actx.starting_model() as (model, _, _):
                 out["starting"] = {"forget": lens_figures(lens_correct(model, *args))}
+                if invented:  # the floor belongs to the starting model, as the facts floor does
+                    out["floor"] = lens_figures(lens_correct(model, *floor_args))
+            out["forget_removed"] = lens_removed(out)
         return out
+
+
+def lens_removed(out: dict[str, Any]) -> dict[str, float | None] | None:
+    """The share of the starting model's above-floor lens accuracy the evaluated model lost,
+    each read at its own best layer (the attacker's choice, the floor's too: the lens on the
+    invented-subject facts of the forget domains); None without the floor."""
+    if "floor" not in out:
+        return None
+    start, floor = out["starting"]["forget"]["best_mc_acc"], out["floor"]["best_mc_acc"]
+    return {"mc": forget_removed(start, out["forget"]["best_mc_acc"], floor)}

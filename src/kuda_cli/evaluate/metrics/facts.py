@@ -60,13 +60,12 @@ def _load_judge(ctx: EvalContext):
     return judge.model, judge.tokenizer, ctx.eval.facts.judge
 
 
-def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any] | None:
-    """The never-learned floor of the forget domains: the evaluated model's MC and greedy
-    accuracy on the matched fictitious facts, with chance and the string scorer's floor beside
-    (on the real facts and on the fictitious ones)."""
-    if ctx.data.floor_path:
-        path = ctx.data.floor_path
-    elif ctx.data.path:
+def floor_facts(data, forget: list) -> list | None:
+    """The fictitious facts matched to the forget domains (data.floor_path, else the built-in
+    set unless data.path replaces the built-in facts), or None where there are none."""
+    if data.floor_path:
+        path = data.floor_path
+    elif data.path:
         log.info("no floors: data.path replaces the built-in facts; set data.floor_path")
         return None
     else:
@@ -75,6 +74,16 @@ def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any]
     invented = [f for f in load_facts(path) if f.domain in domains]
     if not invented:
         log.info("no floors: %s has no fictitious facts of %s", path, ", ".join(domains))
+        return None
+    return invented
+
+
+def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any] | None:
+    """The never-learned floor of the forget domains: the evaluated model's MC and greedy
+    accuracy on the matched fictitious facts, with chance and the string scorer's floor beside
+    (on the real facts and on the fictitious ones)."""
+    invented = floor_facts(ctx.data, forget)
+    if invented is None:
         return None
     cfg = ctx.eval.facts
     found, _ = evaluate_facts(
