@@ -311,6 +311,14 @@ def test_kuda_unlearn_attacks_the_unlearned_model_against_the_starting_one(kuda,
     )
     against = attacks["quant4"]["forget_removed"]["against_quantized_start"]
     assert against["mc"] == expected
+    # each attacked model's answers are kept apart from the run's own
+    for where, figures in (
+        ("quant4", attacks["quant4"]["facts"]["forget"]),
+        ("quant4/starting", attacks["quant4"]["starting"]["facts"]["forget"]),
+        ("relearn/steps_0", attacks["relearn"]["steps_0"]["facts"]["forget"]),
+    ):
+        rows = _rows(tmp_path / "run" / "attacks" / where)
+        assert _accuracy(rows, None)[0] == pytest.approx(figures["mc_acc"])
     removed = attacks["relearn"]["steps_0"]["forget_removed"]
     assert removed["attacked"] == removed["unattacked"]
     assert set(attacks["fewshot"]["starting"]["facts"]) == {"forget"}

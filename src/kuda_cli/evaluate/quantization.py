@@ -100,7 +100,7 @@ def quantization_attack(actx: AttackContext, bits: int) -> dict[str, Any]:
             with actx.starting_model():
                 masks = changed_weights(model, layers, evaluated)
                 starting_codes = quantize_in_place(model, layers, bits, group_size, masks)
-                out["starting"] = rescore(actx, judge=None)
+                out["starting"] = rescore(actx, judge=None, under="starting")
             model.load_state_dict(evaluated)
         codes = quantize_in_place(model, layers, bits, group_size, masks or {})
         out.update(with_removed(rescore(actx), actx))

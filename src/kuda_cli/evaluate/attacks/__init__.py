@@ -26,6 +26,7 @@ from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import EvalContext, compute_metrics
 from kuda_cli.plugins import Registry
 
+ATTACKS_DIR = "attacks"  # in a run directory: each attack's answers, by name
 REGISTRY = Registry("attack", __name__, "kuda_cli.attacks", "eval.attacks")
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class AttackContext:
     # before/, or the before/ of the run whose checkpoint `kuda eval` loaded; None otherwise
     before_dir: Path | None
     seed: int
+    name: str = ""  # the attack's name: its answers go to the run's attacks/<name>/
 
     @property
     def model(self):
@@ -127,23 +129,33 @@ def run_attacks(
         settings = getattr(ctx.eval.attack, name) if attack.schema is not None else None
         log.info("attack %s", name)
         started = time.perf_counter()
-        results = attack.run(AttackContext(ctx, settings, before_dir, seed))
+        results = attack.run(AttackContext(ctx, settings, before_dir, seed, name))
         results["seconds"] = round(time.perf_counter() - started, 3)
         yield name, results
 
 
 def rescore(
-    actx: AttackContext, *, view: Any = None, metrics: list[str] | None = None, judge: Any = ...
+    actx: AttackContext,
+    *,
+    view: Any = None,
+    metrics: list[str] | None = None,
+    judge: Any = ...,
+    under: str = "",
 ) -> dict[str, Any]:
-    """The run's metrics (or `metrics` of them) on the model as it is now, through `view`,
-    with nothing written to the run directory; `judge` replaces the lent fluency judge."""
+    """The run's metrics (or `metrics` of them) on the model as it is now, through `view`; the
+    answers it writes (facts_answers.jsonl, ...) go to the run's attacks/<name>/<under>/ (the
+    run's own files are never touched); `judge` replaces the lent fluency judge."""
     eval_cfg = actx.ctx.eval
     if metrics is not None:
         eval_cfg = replace(eval_cfg, metrics=[m for m in eval_cfg.metrics if m in metrics])
+    out_dir = None
+    if actx.ctx.out_dir is not None and actx.name:
+        out_dir = actx.ctx.out_dir / ATTACKS_DIR / actx.name / under
+        out_dir.mkdir(parents=True, exist_ok=True)
     ctx = replace(
         actx.ctx,
         eval=eval_cfg,
-        out_dir=None,
+        out_dir=out_dir,
         view=view,
         judge=actx.ctx.judge if judge is ... else judge,
     )

@@ -70,5 +70,7 @@ class Fewshot(Attack):
         found = with_removed(rescore(actx, view=view, metrics=[Facts.name]), actx)
         if actx.starting_model is not None:  # demonstrations change a model that knows, too
             with actx.starting_model():
-                found["starting"] = rescore(actx, view=view, metrics=[Facts.name], judge=None)
+                found["starting"] = rescore(
+                    actx, view=view, metrics=[Facts.name], judge=None, under="starting"
+                )
         return found

@@ -59,7 +59,7 @@ def relearn_curve(
             max_length=settings.max_length,
             seed=actx.seed,
         ):
-            found = with_removed(rescore(actx, view=view), actx, forget_ids)
+            found = with_removed(rescore(actx, view=view, under=f"steps_{steps}"), actx, forget_ids)
             found["loss"] = losses[-1] if losses else None
             if relearned_ids is not None and "relearned" in found.get(Facts.name, {}):
                 figures = found[Facts.name]["relearned"]
