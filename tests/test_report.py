@@ -207,3 +207,42 @@ def test_report_frontier_plots_and_compares_the_methods_curves(kuda, tmp_path):
     assert "| KUDA | 0.1 | 0.600 |" in text and "| KUDA | start | 0.000 | 1.000 |" in text
     bad = kuda("report", "report.frontier_range=[0.9,0.5]")
     assert bad.returncode == 2 and "report.frontier_range" in bad.stderr
+
+
+def test_report_robustness_names_each_methods_strongest_attack(kuda, tmp_path):
+    def run(method, relearned, quant4, lens):
+        run_dir = tmp_path / "runs" / method
+        steps = {
+            f"steps_{n}": {"forget_removed": {"attacked": {"forget_removed": v}}}
+            for n, v in zip((0, 10, 25), relearned, strict=True)
+        }
+        attacks = {
+            "relearn": steps,
+            "quant4": {"forget_removed": {"against_quantized_start": {"forget_removed": quant4}}},
+            "logit_lens": {"forget_removed": {"mc": lens}},
+        }
+        make_run(run_dir, "completed", {"summary": {"forget_removed": 0.9}, "attacks": attacks})
+        config = {
+            "model": {"name": "tiny"},
+            "data": {"name": "facts", "forget_domains": ["capitals"]},
+            "unlearn": {"method": method, "lr": 1e-3},
+        }
+        (run_dir / "config.yaml").write_text(json.dumps(config))
+
+    run("rmu", (0.9, 0.5, 0.2), 0.8, 0.6)  # relearning brings most back
+    run("kuda", (0.9, 0.8, 0.7), 0.3, 0.6)  # quantization does
+    make_run(tmp_path / "runs" / "plain", "completed", {"summary": {"forget_removed": 0.5}})
+    done = kuda(
+        "report", f"report.runs=[{tmp_path / 'runs'}]", "report.robustness=true", "hydra.run.dir=rep"
+    )
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "rep"
+    found = read_json(out / "robustness.json")["facts:capitals"]
+    assert set(found) == {"RMU", "KUDA"}  # a run without attacks is no row
+    assert (found["RMU"]["strongest_attack"], found["RMU"]["weakest"]) == ("relearn", 0.2)
+    assert (found["KUDA"]["strongest_attack"], found["KUDA"]["weakest"]) == ("quant4", 0.3)
+    assert found["KUDA"]["relearn_curve"] == [[0, 0.9], [10, 0.8], [25, 0.7]]
+    assert "| RMU | 0.90 | - | 0.80 | 0.60 | - | 0.20 | - | 0.20 | relearn |" in (
+        out / "robustness.md"
+    ).read_text()
+    assert (out / "robustness_capitals.png").stat().st_size > 10_000

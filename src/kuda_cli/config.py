@@ -223,6 +223,9 @@ class ReportConfig:
     # damage, one PNG per forget set, and which method is lower at matched forget levels
     frontier: bool = False
     frontier_range: list[float] = listed(0.5, 0.9)  # forget-removed levels compared
+    # also what stays removed under each attack of the runs (eval.attacks), per forget set:
+    # robustness.md, one PNG per forget set (forget removed against relearning steps)
+    robustness: bool = False
 
 
 @dataclass

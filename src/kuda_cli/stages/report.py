@@ -3,7 +3,8 @@ key hyper-parameters, and the flattened metrics, written as report.md, report.cs
 (booktabs). The starting model of the unlearn runs comes first (one row per model and data, from
 the `before` metrics every unlearn run keeps). Failed and unfinished runs are listed with their
 status, never dropped. `report.columns` narrows the markdown and LaTeX tables to some metrics;
-the CSV keeps them all."""
+the CSV keeps them all. `report.frontier` adds the trade-off curves, `report.robustness` what
+stays removed under each attack."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from omegaconf import DictConfig
 
 from kuda_cli.errors import UserError
+from kuda_cli.report_robustness import write_robustness
 from kuda_cli.report_tables import data_label, settings, write_frontier, write_tables
 from kuda_cli.run import Run, find_runs, flatten, read_meta
 
@@ -113,6 +115,9 @@ def main(cfg: DictConfig, run: Run) -> None:
         lo, hi = (float(v) for v in cfg.report.frontier_range)
         write_frontier(rows, run.dir, lo, hi)
         log.info("trade-off curves: %s", run.dir / "frontier.md")
+    if cfg.report.robustness:
+        write_robustness(rows, run.dir)
+        log.info("forget removed under attack: %s", run.dir / "robustness.md")
     run.log_metrics(
         {"report": {"runs": len(rows), "failed": sum(r["status"] != "completed" for r in rows)}}
     )
