@@ -181,6 +181,24 @@ def test_quant8_changes_the_scored_model_and_gives_it_back(loaded, tmp_path):
     assert same_state(loaded.model, saved)
 
 
+def test_attack_figures_forget_scores_the_same_forget_figures_and_nothing_else(loaded, tmp_path):
+    scored = {}
+    for figures in ("all", "forget"):
+        actx = attack_context(
+            loaded,
+            tmp_path,
+            "quant8",
+            "eval.metrics=[facts,perplexity]",
+            f"eval.attack_figures={figures}",
+        )
+        scored[figures] = get_attack("quant8").run(actx)
+    full, narrow = scored["all"], scored["forget"]
+    assert narrow["facts"]["forget"] == full["facts"]["forget"]
+    assert set(narrow) == {"bits", "group_size", "facts"}  # no perplexity, no fluency
+    assert set(narrow["facts"]) == {"forget"}
+    assert {"perplexity", "fluency"} <= set(full) and "retain" in full["facts"]
+
+
 def test_logit_lens_last_layer_is_the_models_own_first_token_choice(loaded):
     forget, _ = split_facts(load_facts(), ["chemistry"], ["capitals"])
     chosen = probes(forget, all_prompts=False)[:24]

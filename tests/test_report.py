@@ -232,9 +232,8 @@ def test_report_robustness_names_each_methods_strongest_attack(kuda, tmp_path):
     run("rmu", (0.9, 0.5, 0.2), 0.8, 0.6)  # relearning brings most back
     run("kuda", (0.9, 0.8, 0.7), 0.3, 0.6)  # quantization does
     make_run(tmp_path / "runs" / "plain", "completed", {"summary": {"forget_removed": 0.5}})
-    done = kuda(
-        "report", f"report.runs=[{tmp_path / 'runs'}]", "report.robustness=true", "hydra.run.dir=rep"
-    )
+    runs = f"report.runs=[{tmp_path / 'runs'}]"
+    done = kuda("report", runs, "report.robustness=true", "hydra.run.dir=rep")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "rep"
     found = read_json(out / "robustness.json")["facts:capitals"]
@@ -242,7 +241,8 @@ def test_report_robustness_names_each_methods_strongest_attack(kuda, tmp_path):
     assert (found["RMU"]["strongest_attack"], found["RMU"]["weakest"]) == ("relearn", 0.2)
     assert (found["KUDA"]["strongest_attack"], found["KUDA"]["weakest"]) == ("quant4", 0.3)
     assert found["KUDA"]["relearn_curve"] == [[0, 0.9], [10, 0.8], [25, 0.7]]
-    assert "| RMU | 0.90 | - | 0.80 | 0.60 | - | 0.20 | - | 0.20 | relearn |" in (
-        out / "robustness.md"
-    ).read_text()
+    assert (
+        "| RMU | 0.90 | - | 0.80 | 0.60 | - | 0.20 | - | 0.20 | relearn |"
+        in (out / "robustness.md").read_text()
+    )
     assert (out / "robustness_capitals.png").stat().st_size > 10_000

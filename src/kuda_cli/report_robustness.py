@@ -67,7 +67,6 @@ def robustness_of(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-
 def robustness_tables(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per forget set (the data label), per method (with its settings where a set holds a
     method twice), the figures of its completed unlearn runs that ran an attack."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from kuda_cli.config import listed
+from kuda_cli.config import choice, listed
 from kuda_cli.hub import HubSource
 from kuda_cli.plugins import Registry
 from kuda_cli.run import lookup
@@ -140,6 +140,10 @@ def eval_schema() -> type:
             # attacks on the evaluated model, each scored on the metrics again (evaluate/attacks)
             ("attacks", list[str], listed(distinct=True)),
             ("attack", attack_schema(), field(default_factory=attack_schema())),
+            # what an attacked model is scored on: every figure of the metrics, or the forget
+            # figures alone (facts: forget MC and greedy answers, without the retain split,
+            # fluency and perplexity), a robustness sweep's cost
+            ("attack_figures", str, choice("all", "all", "forget")),
             *sections,
         ],
     )

@@ -148,6 +148,9 @@ def rescore(
     eval_cfg = actx.ctx.eval
     if metrics is not None:
         eval_cfg = replace(eval_cfg, metrics=[m for m in eval_cfg.metrics if m in metrics])
+    if eval_cfg.attack_figures == "forget":
+        eval_cfg = replace(eval_cfg, metrics=[m for m in eval_cfg.metrics if m != "perplexity"])
+        view = forget_figures(actx, view)
     out_dir = None
     if actx.ctx.out_dir is not None and actx.name:
         out_dir = actx.ctx.out_dir / ATTACKS_DIR / actx.name / under
@@ -163,6 +166,20 @@ def rescore(
     for _, found in compute_metrics(ctx):
         results.update(found)
     return results
+
+
+def forget_figures(actx: AttackContext, view: Any):
+    """`view` (None: the configured sets) narrowed to the forget figures, for facts data."""
+    from kuda_cli.data.fact_set import probes
+    from kuda_cli.data.kinds import kind_of
+    from kuda_cli.evaluate.attack_facts import FactsView
+
+    if view is None:
+        if not kind_of(actx.ctx.data).provides_facts:
+            return None
+        forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
+        view = FactsView(forget=probes(forget, actx.ctx.eval.facts.all_prompts))
+    return replace(view, retain=False, fluency=False)
 
 
 @contextmanager

@@ -215,13 +215,14 @@ def facts_results(ctx: EvalContext) -> dict[str, Any]:
         if floor is not None:
             metrics["floor"] = floor
     results: dict[str, Any] = {"facts": metrics}
+    fluency_rows: list[dict[str, Any]] = []
     if view is None or view.fluency:
         viewed = forget if view is None else list({p.fact.id: p.fact for p in view.forget}.values())
         chosen = probes(viewed, all_prompts=False)
         flu, fluency_rows = _fluency(ctx, chosen)
         results["fluency"] = {"forget": flu}
-        if ctx.out_dir is not None:
-            _write_answers(ctx.out_dir, rows, fluency_rows, cfg.samples)
+    if ctx.out_dir is not None:
+        _write_answers(ctx.out_dir, rows, fluency_rows, cfg.samples)
     return results
 
 
