@@ -148,8 +148,8 @@ ATTACKS ?= relearn,relearn_general,quant8,quant4,logit_lens,fewshot
 ROBUST_ARGS ?= eval.attack_figures=forget eval.facts.all_prompts=false \
   eval.facts.retain_greedy=false 'eval.attack.relearn.steps=[10,30]' \
   'eval.attack.relearn_general.steps=[30]'
-ROBUST_COLUMNS := summary.forget_removed,summary.perplexity_ratio,\
-  facts.retain.other_subjects.mc_acc,train.seconds
+ROBUST_COLUMNS := summary.forget_removed summary.perplexity_ratio \
+  facts.retain.other_subjects.mc_acc train.seconds
 define robust_domain
 $(call trace_domain,$(1))
 $(RUN) $(KUDA) unlearn -m unlearn=$(ROBUST_METHODS) locate.from_run=$(TABLES)/domains/$(1)/trace/0 \
@@ -160,7 +160,7 @@ table-robustness: $(DEPS)
 	$(foreach d,$(domain_list),$(call robust_domain,$(d))$(newline))
 	$(RUN) rm -rf $(TABLES)/robustness/report
 	$(RUN) $(KUDA) report report.runs=[$(subst $(space),$(comma),$(foreach d,$(domain_list),$(TABLES)/robustness/$(d)))] \
-	  report.robustness=true report.columns=[$(ROBUST_COLUMNS)] \
+	  report.robustness=true report.columns=[$(subst $(space),$(comma),$(strip $(ROBUST_COLUMNS)))] \
 	  hydra.run.dir=$(TABLES)/robustness/report
 
 # KUDA's ablations on the same trace, one multirun (conf/experiment/ablate_*.yaml): relaxed vs
