@@ -63,7 +63,9 @@ def same_state(model, saved) -> bool:
     return all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
-def test_relearn_at_zero_steps_is_the_unattacked_figure_on_the_held_half(loaded, tmp_path):
+def test_relearn_at_zero_steps_is_the_unattacked_figure_on_the_held_half_and_floor(
+    loaded, tmp_path
+):
     actx = attack_context(loaded, tmp_path, "relearn", "eval.metrics=[facts]")
     unattacked = get_metric("facts").compute(actx.ctx)  # writes facts_answers.jsonl
     (tmp_path / "metrics.json").write_text(json.dumps(unattacked))
@@ -83,6 +85,11 @@ def test_relearn_at_zero_steps_is_the_unattacked_figure_on_the_held_half(loaded,
     assert forget["n_facts"] == len(held)
     removed = found["steps_0"]["forget_removed"]
     assert removed["attacked"] == removed["unattacked"]
+    floor, unattacked_floor = found["steps_0"]["facts"]["floor"], unattacked["facts"]["floor"]
+    assert (floor["mc_acc"], floor["n_facts"]) == (
+        unattacked_floor["mc_acc"],
+        unattacked_floor["n_facts"],
+    )
 
 
 def test_relearn_trains_the_model_then_gives_it_back(loaded, tmp_path):

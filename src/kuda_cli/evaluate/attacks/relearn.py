@@ -1,7 +1,9 @@
 """`eval.attacks=[relearn]`: fine-tune the evaluated model on the passages of half the forget
 facts (A, split by fact with the run's seed) and score the other half (B) after each step count:
 knowledge that comes back on B after training on A was hidden, not removed. A is scored too (an
-unlearned model relearns what it trains on). 0 steps is the un-attacked model on B."""
+unlearned model relearns what it trains on), and so are the invented-subject facts of the forget
+domains (the floor: relearning that raises it teaches guessing, not knowledge). 0 steps is the
+un-attacked model on B."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.attack_facts import FactsView, halves, removed_beside, with_removed
 from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack, rescore, restored
-from kuda_cli.evaluate.metrics.facts import Facts
+from kuda_cli.evaluate.metrics.facts import Facts, floor_facts
 from kuda_cli.evaluate.relearning import fine_tune
 
 
@@ -83,9 +85,11 @@ class Relearn(Attack):
         forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
         trained, held = halves(forget, actx.seed)
         all_prompts = actx.ctx.eval.facts.all_prompts
-        view = FactsView(
-            forget=probes(held, all_prompts), extra={"relearned": probes(trained, all_prompts)}
-        )
+        extra = {"relearned": probes(trained, all_prompts)}
+        invented = floor_facts(actx.ctx.data, forget)
+        if invented:  # relearning must not teach guessing: the never-learned floor, relearned
+            extra["floor"] = probes(invented, all_prompts)
+        view = FactsView(forget=probes(held, all_prompts), extra=extra)
         curve = relearn_curve(
             actx,
             [f.passage for f in trained],
