@@ -146,6 +146,13 @@ def lent(params, values):
         yield None, None, "starting model"
 
 
+def test_hqq_optimised_zero_points_fit_a_layer_closer_than_round_to_nearest(loaded):
+    weight = next(iter(linear_weights(loaded.model, loaded.adapter.layers).values())).detach()
+    _, plain = rtn(weight, 4, 0)
+    _, optimised = rtn(weight, 4, 0, optimize=True)
+    assert (optimised - weight).norm() < (plain - weight).norm()
+
+
 def test_quant4_of_an_update_below_half_a_step_gives_the_starting_codes(loaded, tmp_path):
     saved = state(loaded.model)
     weights = linear_weights(loaded.model, loaded.adapter.layers)
@@ -201,7 +208,7 @@ def test_attack_figures_forget_scores_the_same_forget_figures_and_nothing_else(l
         scored[figures] = get_attack("quant8").run(actx)
     full, narrow = scored["all"], scored["forget"]
     assert narrow["facts"]["forget"] == full["facts"]["forget"]
-    assert set(narrow) == {"bits", "group_size", "facts"}  # no perplexity, no fluency
+    assert set(narrow) == {"bits", "group_size", "optimize", "facts"}  # no perplexity, no fluency
     assert set(narrow["facts"]) == {"forget"}
     assert {"perplexity", "fluency"} <= set(full) and "retain" in full["facts"]
 

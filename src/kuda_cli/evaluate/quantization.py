@@ -28,8 +28,11 @@ def group_of(cols: int, group_size: int) -> int:
     return group_size if group_size and cols % group_size == 0 else cols
 
 
-def rtn(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes as uint8, dequantized weight in its dtype) of a 2-D weight."""
+def rtn(
+    weight: torch.Tensor, bits: int, group_size: int, optimize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes as uint8, dequantized weight in its dtype) of a 2-D weight; `optimize`: HQQ's
+    half-quadratic search of the zero points instead of the plain min-max ones."""
     from hqq.core.quantize import Quantizer
 
     codes, meta = Quantizer.quantize(
@@ -37,7 +40,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor,
         nbits=bits,
         channel_wise=True,
         group_size=group_of(weight.shape[1], group_size),
-        optimize=False,
+        optimize=optimize,
         round_zero=False,
         axis=1,
         bitpack=False,
@@ -61,13 +64,18 @@ def linear_weights(model: nn.Module, layers: str) -> dict[str, nn.Parameter]:
 
 @torch.no_grad()
 def quantize_in_place(
-    model: nn.Module, layers: str, bits: int, group_size: int, keep: dict | None = None
+    model: nn.Module,
+    layers: str,
+    bits: int,
+    group_size: int,
+    keep: dict | None = None,
+    optimize: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Replace each decoder-block linear weight by its quantized value; the codes (on the host)
     of the weights `keep` names, at its mask's positions (all of them without `keep`)."""
     codes = {}
     for name, weight in linear_weights(model, layers).items():
-        found, values = rtn(weight, bits, group_size)
+        found, values = rtn(weight, bits, group_size, optimize)
         weight.copy_(values)
         if keep is None:
             codes[name] = found.cpu()
@@ -92,17 +100,17 @@ def quantization_attack(actx: AttackContext, bits: int) -> dict[str, Any]:
     the same for it quantized alike (`starting`) and the share of the changed weights whose code
     is the starting weight's (`round_back`)."""
     model, layers = actx.model, actx.ctx.loaded.adapter.layers
-    group_size = actx.settings.group_size
-    out: dict[str, Any] = {"bits": bits, "group_size": group_size}
+    group_size, optimize = actx.settings.group_size, actx.settings.optimize
+    out: dict[str, Any] = {"bits": bits, "group_size": group_size, "optimize": optimize}
     masks = starting_codes = None
     with restored(model) as evaluated:
         if actx.starting_model is not None:
             with actx.starting_model():
                 masks = changed_weights(model, layers, evaluated)
-                starting_codes = quantize_in_place(model, layers, bits, group_size, masks)
+                starting_codes = quantize_in_place(model, layers, bits, group_size, masks, optimize)
                 out["starting"] = rescore(actx, judge=None, under="starting")
             model.load_state_dict(evaluated)
-        codes = quantize_in_place(model, layers, bits, group_size, masks or {})
+        codes = quantize_in_place(model, layers, bits, group_size, masks or {}, optimize)
         out.update(with_removed(rescore(actx), actx))
     if starting_codes is not None:
         out["round_back"] = round_back(starting_codes, codes)

@@ -17,6 +17,9 @@ from kuda_cli.evaluate.quantization import quantization_attack
 class Quant4Settings:
     # input columns per scale; 0 (or a size that does not divide a row): one per output row
     group_size: int = bounded(128, ge=0)
+    # HQQ's half-quadratic optimisation of the zero points (its best scheme) instead of
+    # round-to-nearest on the min-max grid (what GPTQ and AWQ improve on, the default)
+    optimize: bool = False
 
 
 @register_attack("quant4", Quant4Settings)

@@ -15,6 +15,9 @@ from kuda_cli.evaluate.quantization import quantization_attack
 @dataclass
 class Quant8Settings:
     group_size: int = bounded(0, ge=0)  # input columns per scale; 0: one scale per output row
+    # HQQ's half-quadratic optimisation of the zero points (its best scheme) instead of
+    # round-to-nearest on the min-max grid (what GPTQ and AWQ improve on, the default)
+    optimize: bool = False
 
 
 @register_attack("quant8", Quant8Settings)
