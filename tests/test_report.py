@@ -228,6 +228,17 @@ def test_report_robustness_names_each_methods_strongest_attack(kuda, tmp_path):
             "unlearn": {"method": method, "lr": 1e-3},
         }
         (run_dir / "config.yaml").write_text(json.dumps(config))
+        attacked = {"rmu": ("relearn/steps_25", "Paris again", True), "kuda": ("quant4", "Nice", 0)}
+        where, answer, correct = attacked[method]
+        for directory, said, right in (
+            ("before", "Paris", True),
+            (".", "Lyon", False),
+            (f"attacks/{where}", answer, correct),
+        ):
+            row = {"split": "forget", "fact": "c1", "prompt": "The capital of X is"}
+            row.update(target="Paris", answer=said, gen_correct=right)
+            (run_dir / directory).mkdir(parents=True, exist_ok=True)
+            (run_dir / directory / "facts_answers.jsonl").write_text(json.dumps(row) + "\n")
 
     run("rmu", (0.9, 0.5, 0.2), 0.8, 0.6)  # relearning brings most back
     run("kuda", (0.9, 0.8, 0.7), 0.3, 0.6)  # quantization does
@@ -246,3 +257,8 @@ def test_report_robustness_names_each_methods_strongest_attack(kuda, tmp_path):
         in (out / "robustness.md").read_text()
     )
     assert (out / "robustness_capitals.png").stat().st_size > 10_000
+    answers = (out / "robustness_answers.md").read_text()
+    assert "### RMU, under relearn" in answers  # its last step count's answers
+    assert "| The capital of X is | Paris | ✓ Paris | ✗ Lyon | ✓ Paris again |" in answers
+    assert "### KUDA, under quant4" in answers
+    assert "| The capital of X is | Paris | ✓ Paris | ✗ Lyon | ✗ Nice |" in answers

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from kuda_cli.cache import write_json_atomic
+from kuda_cli.report_answers import answers_markdown
 
+ANSWERS_NOTE = (
+    "Per method, its first ten forget facts (the data's order) under the attack that left least "
+    "removed among those that make the model answer: the greedy answer of the starting model, "
+    "the unlearned one and the attacked one (✓ correct, ✗ not, the facts metric's rule)."
+)
 # (column, dotted key of an unlearn run's flattened metrics) of the one-shot figures
 SHOTS = (
     ("none", "summary.forget_removed"),
@@ -144,7 +150,8 @@ def plot_robustness(path: Path, data: str, methods: dict[str, dict[str, Any]]) -
 
 
 def write_robustness(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any]:
-    """robustness.md, robustness_<forget set>.png and robustness.json; returns the figures."""
+    """robustness.md, robustness_<forget set>.png, robustness.json and robustness_answers.md
+    (ten forget answers before and after each method's strongest attack); returns the figures."""
     found = robustness_tables(rows)
     lines = ["# Forget removed under attack", "", __doc__.split("\n\n", 1)[1].strip(), ""]
     for data, methods in sorted(found.items()):
@@ -153,5 +160,9 @@ def write_robustness(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Any
         plot_robustness(out_dir / png, name, methods)
         lines += markdown(data, methods, png)
     (out_dir / "robustness.md").write_text("\n".join(lines))
+    answers = ["# Forget answers before and after the strongest attack", "", ANSWERS_NOTE, ""]
+    for data, methods in sorted(found.items()):
+        answers += answers_markdown(data, methods)
+    (out_dir / "robustness_answers.md").write_text("\n".join(answers))
     write_json_atomic(out_dir / "robustness.json", found)
     return found
