@@ -19,6 +19,7 @@ from torch import nn
 
 from kuda_cli.evaluate.attack_facts import removed_against, with_removed
 from kuda_cli.evaluate.attacks import AttackContext, rescore, restored
+from kuda_cli.evaluate.metrics.facts import Facts
 from kuda_cli.run import lookup
 
 
@@ -114,11 +115,11 @@ def quantization_attack(actx: AttackContext, bits: int) -> dict[str, Any]:
         out.update(with_removed(rescore(actx), actx))
     if starting_codes is not None:
         out["round_back"] = round_back(starting_codes, codes)
-    reference = lookup(out, "starting.facts.forget")
+    reference = lookup(out, f"starting.{Facts.name}.forget")
     if reference is not None and "forget_removed" in out:
         # a 4-bit model loses knowledge by itself: what quantization restores is judged against
         # the starting model quantized alike
-        against = removed_against(actx.before_dir, reference, out["facts"]["forget"])
+        against = removed_against(actx.before_dir, reference, out[Facts.name]["forget"])
         out["forget_removed"]["against_quantized_start"] = against
     return out
 
