@@ -81,6 +81,10 @@ class SplitsKind(DataKind):
         return split_heldout([t.strip() for t in long_texts(data, "forget")])[0]
 
     @classmethod
+    def forget_passages_at_hand(cls, data) -> bool:
+        return bool(data.forget.path)
+
+    @classmethod
     def probes(cls, data, span: str, max_probes: int | None) -> list:
         if cls.probe_split(data) == "probes":
             rows = load_split(_as_object(data.probes), "data.probes", ("question", "answer"))
