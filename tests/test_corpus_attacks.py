@@ -140,10 +140,17 @@ def same_state(model, saved) -> bool:
 
 
 def test_relearn_at_zero_steps_on_wmdp_is_the_unattacked_lm_eval_figure(loaded, tmp_path):
-    overrides = [*wmdp_overrides(tmp_path), "eval.metrics=[lm_eval]"]
-    actx = attack_context(loaded, "relearn", [*overrides, "eval.attack.relearn.steps=[0]"])
+    overrides = [
+        *wmdp_overrides(tmp_path),
+        "eval.metrics=[lm_eval,perplexity]",
+        "eval.attack.relearn.steps=[0]",
+        "eval.attack.relearn.lr=1e-2",  # a step taken at 0 would show
+    ]
+    actx = attack_context(loaded, "relearn", overrides)
     found = get_attack("relearn").run(actx)
-    assert found["steps_0"]["lm_eval"] == unattacked(actx)["lm_eval"]
+    plain = unattacked(actx)
+    assert found["steps_0"]["lm_eval"] == plain["lm_eval"]
+    assert found["steps_0"]["perplexity"] == plain["perplexity"]
     assert found["steps_0"]["lm_eval"]["wmdp_bio"]["n"] == len(WMDP_QUESTIONS)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import MISSING, OmegaConf
 
@@ -82,7 +83,8 @@ class SplitsKind(DataKind):
 
     @classmethod
     def forget_passages_at_hand(cls, data) -> bool:
-        return bool(data.forget.path)
+        # a path that does not exist is the path checks' to report
+        return bool(data.forget.path) and Path(data.forget.path).expanduser().is_file()
 
     @classmethod
     def probes(cls, data, span: str, max_probes: int | None) -> list:
