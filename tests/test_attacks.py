@@ -299,7 +299,7 @@ def test_an_unknown_attack_stops_before_any_work(kuda, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        (["data=wmdp_bio", "eval.attacks=[fewshot]"], "data=facts"),
+        (["data=wmdp_bio", "eval.attacks=[logit_lens]"], "data=facts"),
         (["eval.attacks=[relearn]", "eval.attack.relearn.steps=[-1]"], "eval.attack.relearn.steps"),
         (["eval.attacks=[relearn]", "eval.metrics=[]"], "eval.metrics"),
         (["eval.attacks=[fewshot]", "eval.attack.fewshot.k=500"], "eval.attack.fewshot.k"),

@@ -18,6 +18,7 @@ from kuda_cli.errors import UserError
 from kuda_cli.evaluate.lm_eval_data import (
     HUB_DATASETS,
     LOCAL_FILE_OPTIONS,
+    WMDP_DOMAINS,
     dataset_of,
     fields_of,
     write_local_tasks,
@@ -68,9 +69,13 @@ def _task_manager(directory: Path, hub: list[str]):
     return TaskManager(include_path=[str(p) for p in paths], include_defaults=include_defaults)
 
 
-def _load_tasks(manager, requested: list[str], local: dict[str, str]) -> list[Any]:
-    """Task and Group objects to evaluate. Hub tasks are built (their datasets loaded) one by one
-    here, so an unreachable dataset is reported by name."""
+def _load_tasks(
+    manager, requested: list[str], local: dict[str, str], num_fewshot: int = 0
+) -> list[Any]:
+    """Task and Group objects to evaluate, WMDP's with `num_fewshot` set on the task itself
+    (its YAML says `num_fewshot: 0`, which simple_evaluate's own num_fewshot never overrides).
+    Hub tasks are built (their datasets loaded) one by one here, so an unreachable dataset is
+    reported by name."""
     objects = []
     for task in requested:
         # A subject task is also a leaf of the mmlu group, and lm-eval refuses a task twice.
@@ -90,6 +95,8 @@ def _load_tasks(manager, requested: list[str], local: dict[str, str]) -> list[An
                 f"{', '.join(fields_of(dataset))})"
             ) from err
         group = loaded.get("groups", {}).get(name)
+        if group is None and task in WMDP_DOMAINS and num_fewshot > 0:
+            loaded["tasks"][name].set_config(key="num_fewshot", value=num_fewshot)
         objects.append(group if group is not None else loaded["tasks"][name])
     return objects
 
@@ -195,7 +202,7 @@ def run_lm_eval(
             local = write_local_tasks(requested, local_files, directory)
             hub = [task for task in requested if task not in local]
             manager = _task_manager(directory, hub)
-            objects = _load_tasks(manager, requested, local)
+            objects = _load_tasks(manager, requested, local, num_fewshot)
             log.info("lm-eval batch size %s (eval.wmdp.batch_size=%s)", batch, batch_size)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
             results = simple_evaluate(

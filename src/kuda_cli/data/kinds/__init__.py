@@ -53,6 +53,17 @@ class DataKind:
         raise NotImplementedError
 
     @classmethod
+    def forget_passages(cls, data) -> list[str]:
+        """The forget texts kuda unlearn trains on (a relearning attack fine-tunes on them)."""
+        return cls.unlearn_texts(data).forget
+
+    @classmethod
+    def forget_passages_at_hand(cls, data) -> bool:
+        """Whether forget_passages reads only local files (cheap enough to count before any
+        model loads)."""
+        return False
+
+    @classmethod
     def probe_split(cls, data) -> str | None:
         """The split (config key under data.) the tracing probes are read from, None when they
         come from no split of their own."""

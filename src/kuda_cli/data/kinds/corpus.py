@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import MISSING, OmegaConf
 
@@ -79,6 +80,11 @@ class SplitsKind(DataKind):
         """The forget texts kuda unlearn trains on (min_chars applied, the held-out tail that
         KRD reads left out)."""
         return split_heldout([t.strip() for t in long_texts(data, "forget")])[0]
+
+    @classmethod
+    def forget_passages_at_hand(cls, data) -> bool:
+        # a path that does not exist is the path checks' to report
+        return bool(data.forget.path) and Path(data.forget.path).expanduser().is_file()
 
     @classmethod
     def probes(cls, data, span: str, max_probes: int | None) -> list:

@@ -179,6 +179,8 @@ def forget_figures(actx: AttackContext, view: Any):
             return None
         forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
         view = FactsView(forget=probes(forget, actx.ctx.eval.facts.all_prompts))
+    if not isinstance(view, FactsView):  # another metric's view (MUSE's KnowMemView)
+        return view
     return replace(view, retain=False, fluency=False)
 
 

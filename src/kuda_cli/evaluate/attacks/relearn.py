@@ -1,12 +1,21 @@
-"""`eval.attacks=[relearn]`: fine-tune the evaluated model on the passages of half the forget
-facts (A, split by fact with the run's seed) and score the other half (B) after each step count:
-knowledge that comes back on B after training on A was hidden, not removed. A is scored too (an
-unlearned model relearns what it trains on), and so are the invented-subject facts of the forget
-domains (the floor: relearning that raises it teaches guessing, not knowledge). 0 steps is the
-un-attacked model on B."""
+"""`eval.attacks=[relearn]`: fine-tune the evaluated model on half the forget data (A, split with
+the run's seed) and score the run's metrics again after each step count: knowledge that comes
+back beyond what was trained on was hidden, not removed. 0 steps is the un-attacked model.
+
+On facts, the halves split the forget facts: the model trains on A's passages and the facts
+metric scores B (held apart), A (`relearned`: an unlearned model relearns what it trains on) and
+the invented-subject facts of the forget domains (`floor`: relearning that raises it teaches
+guessing, not knowledge).
+On a corpus (WMDP, MUSE), the halves split the forget texts kuda unlearn trained on, by text:
+the model trains on A and the run's metrics (lm-eval's WMDP accuracy, MUSE's VerbMem, KnowMem
+and PrivLeak) are scored as un-attacked; their questions name no text, so B is only held apart
+(as the WMDP relearning attacks train on part of the forget corpus), and `split` records the
+count and a SHA-256 of each half, never the texts."""
 
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,34 +81,84 @@ def relearn_curve(
     return out
 
 
+def text_halves(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """The texts split by text into two halves (A the first, one more where odd), shuffled with
+    `seed`, each in the texts' order."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    first = set(order[: (len(texts) + 1) // 2])
+    return (
+        [t for i, t in enumerate(texts) if i in first],
+        [t for i, t in enumerate(texts) if i not in first],
+    )
+
+
+def digest(texts: list[str]) -> str:
+    """A SHA-256 naming a list of texts (in order) without holding them."""
+    found = hashlib.sha256()
+    for text in texts:
+        found.update(hashlib.sha256(text.encode()).digest())
+    return found.hexdigest()
+
+
+def check_forget_passages(count: int) -> None:
+    if count < 2:
+        raise ConfigError(
+            f"eval.attacks has relearn, which trains on half the forget texts and holds the other "
+            f"half apart; data.forget gives {count} text(s) kuda unlearn trains on: pass a forget "
+            "corpus of more texts (or drop relearn from eval.attacks)"
+        )
+
+
 @register_attack("relearn", RelearnSettings)
 class Relearn(Attack):
-    needs_facts = True
-
     @classmethod
     def check(cls, cfg) -> None:
         check_steps("relearn", cfg.eval.attack.relearn)
+        kind = kind_of(cfg.data)
+        if not kind.provides_facts and kind.forget_passages_at_hand(cfg.data):
+            check_forget_passages(len(kind.forget_passages(cfg.data)))
 
     @classmethod
     def run(cls, actx: AttackContext) -> dict[str, Any]:
-        forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
-        trained, held = halves(forget, actx.seed)
-        all_prompts = actx.ctx.eval.facts.all_prompts
-        extra = {"relearned": probes(trained, all_prompts)}
-        invented = floor_facts(actx.ctx.data, forget)
-        if invented:  # relearning must not teach guessing: the never-learned floor, relearned
-            extra["floor"] = probes(invented, all_prompts)
-        view = FactsView(forget=probes(held, all_prompts), extra=extra)
-        curve = relearn_curve(
-            actx,
-            [f.passage for f in trained],
-            view,
-            forget_ids={f.id for f in held},
-            relearned_ids={f.id for f in trained},
-        )
-        split = {
-            "seed": actx.seed,
-            "relearned": [f.id for f in trained],
-            "scored": [f.id for f in held],
-        }
-        return {"split": split, **curve}
+        if kind_of(actx.ctx.data).provides_facts:
+            return relearn_facts(actx)
+        return relearn_texts(actx)
+
+
+def relearn_facts(actx: AttackContext) -> dict[str, Any]:
+    """Trained on half the forget facts' passages, scored on the other half and on it."""
+    forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
+    trained, held = halves(forget, actx.seed)
+    all_prompts = actx.ctx.eval.facts.all_prompts
+    extra = {"relearned": probes(trained, all_prompts)}
+    invented = floor_facts(actx.ctx.data, forget)
+    if invented:  # relearning must not teach guessing: the never-learned floor, relearned
+        extra["floor"] = probes(invented, all_prompts)
+    view = FactsView(forget=probes(held, all_prompts), extra=extra)
+    curve = relearn_curve(
+        actx,
+        [f.passage for f in trained],
+        view,
+        forget_ids={f.id for f in held},
+        relearned_ids={f.id for f in trained},
+    )
+    split = {
+        "seed": actx.seed,
+        "relearned": [f.id for f in trained],
+        "scored": [f.id for f in held],
+    }
+    return {"split": split, **curve}
+
+
+def relearn_texts(actx: AttackContext) -> dict[str, Any]:
+    """Trained on half the forget corpus's texts, the run's metrics scored as un-attacked."""
+    texts = kind_of(actx.ctx.data).forget_passages(actx.ctx.data)
+    check_forget_passages(len(texts))
+    trained, held = text_halves(texts, actx.seed)
+    split = {
+        "seed": actx.seed,
+        "relearned": {"texts": len(trained), "sha256": digest(trained)},
+        "held_apart": {"texts": len(held), "sha256": digest(held)},
+    }
+    return {"split": split, **relearn_curve(actx, trained, None)}

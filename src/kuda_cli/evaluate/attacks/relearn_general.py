@@ -1,7 +1,9 @@
 """`eval.attacks=[relearn_general]`: the relearning attack's fine-tuning on general text that
 names none of the forget facts' subjects or answers (the built-in general passages by default):
 knowledge that comes back after training on unrelated text was suppressed, not removed (a
-benign fine-tune undoes the unlearning). Every forget fact is scored, as un-attacked."""
+benign fine-tune undoes the unlearning). The run's metrics are scored as un-attacked (every
+forget fact; on a corpus, lm-eval's WMDP accuracy or MUSE's figures). On a corpus the general
+texts are used as they are: its forget side names no subjects or answers to filter by."""
 
 from __future__ import annotations
 
@@ -46,8 +48,6 @@ def unrelated(texts: list[str], facts) -> list[str]:
 
 @register_attack("relearn_general", RelearnGeneralSettings)
 class RelearnGeneral(Attack):
-    needs_facts = True
-
     @classmethod
     def check(cls, cfg) -> None:
         settings = cfg.eval.attack.relearn_general
@@ -57,13 +57,18 @@ class RelearnGeneral(Attack):
                 f"eval.attack.relearn_general.path={settings.path} does not exist; pass a text "
                 "file or directory (JSONL, JSON, txt)"
             )
-        general_texts(settings, kind_of(cfg.data).fact_sets(cfg.data)[0])
+        general_texts(settings, forget_facts(cfg.data))
 
     @classmethod
     def run(cls, actx: AttackContext) -> dict[str, Any]:
-        forget, _ = kind_of(actx.ctx.data).fact_sets(actx.ctx.data)
-        kept, dropped = general_texts(actx.settings, forget)
+        kept, dropped = general_texts(actx.settings, forget_facts(actx.ctx.data))
         return {"texts": len(kept), "texts_dropped": dropped, **relearn_curve(actx, kept, None)}
+
+
+def forget_facts(data) -> list:
+    """The forget facts the general texts must not name (none where the data holds no facts)."""
+    kind = kind_of(data)
+    return kind.fact_sets(data)[0] if kind.provides_facts else []
 
 
 def general_texts(settings, forget) -> tuple[list[str], int]:
