@@ -85,6 +85,7 @@ def test_relearn_at_zero_steps_is_the_unattacked_figure_on_the_held_half_and_flo
     assert forget["n_facts"] == len(held)
     removed = found["steps_0"]["forget_removed"]
     assert removed["attacked"] == removed["unattacked"]
+    assert removed["above_attacked_floor"] == removed["attacked"]  # the floor is the starting one
     floor, unattacked_floor = found["steps_0"]["facts"]["floor"], unattacked["facts"]["floor"]
     assert (floor["mc_acc"], floor["n_facts"]) == (
         unattacked_floor["mc_acc"],

@@ -111,6 +111,20 @@ def removed_against(before_dir: Path | None, reference: dict, attacked: dict) ->
     return _removed(ref, found, floor)
 
 
+def removed_above_floor(
+    before_dir: Path | None, fact_ids: set[str] | None, attacked: dict, floor: dict
+) -> dict[str, float | None] | None:
+    """`forget_removed` of the attacked forget figures with the attacked model's own floor (its
+    figures on the invented-subject facts) in place of the starting model's: what came back
+    beyond what the attack taught about answering such prompts at all."""
+    before_rows = _rows(before_dir)
+    if before_rows is None:
+        return None
+    before = _accuracy(before_rows, fact_ids)
+    found = (attacked.get("mc_acc"), attacked.get("gen_acc"))
+    return _removed(before, found, (floor.get("mc_acc"), floor.get("gen_acc")))
+
+
 def with_removed(found: dict[str, Any], actx, fact_ids: set[str] | None = None) -> dict[str, Any]:
     """`found` (an attacked model's results) with `forget_removed` beside the un-attacked
     model's, where it has facts figures and the starting model's evaluation is at hand."""

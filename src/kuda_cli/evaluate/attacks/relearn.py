@@ -23,7 +23,13 @@ from kuda_cli.config import bounded, listed
 from kuda_cli.data.fact_set import probes
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError
-from kuda_cli.evaluate.attack_facts import FactsView, halves, removed_beside, with_removed
+from kuda_cli.evaluate.attack_facts import (
+    FactsView,
+    halves,
+    removed_above_floor,
+    removed_beside,
+    with_removed,
+)
 from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack, rescore, restored
 from kuda_cli.evaluate.metrics.facts import Facts, floor_facts
 from kuda_cli.evaluate.relearning import fine_tune
@@ -72,6 +78,13 @@ def relearn_curve(
         ):
             found = with_removed(rescore(actx, view=view, under=f"steps_{steps}"), actx, forget_ids)
             found["loss"] = losses[-1] if losses else None
+            figures = found.get(Facts.name, {})
+            if "floor" in figures and "forget_removed" in found:
+                # fine-tuning on facts' passages also teaches their answers' form: the attacked
+                # model's own floor says how much of a recovery a model that never knew gets
+                found["forget_removed"]["above_attacked_floor"] = removed_above_floor(
+                    actx.before_dir, forget_ids, figures["forget"], figures["floor"]
+                )
             if relearned_ids is not None and "relearned" in found.get(Facts.name, {}):
                 figures = found[Facts.name]["relearned"]
                 removed = removed_beside(actx.before_dir, ctx.out_dir, relearned_ids, figures)
