@@ -283,6 +283,8 @@ def test_kuda_eval_writes_each_attack_beside_the_unattacked_figures(kuda, tmp_pa
         assert set(found["perplexity"]) == set(metrics["perplexity"])
     assert "relearned" in attacks["relearn"]["steps_1"]["facts"]
     assert len(attacks["logit_lens"]["forget"]["mc_acc_by_layer"]) == 4
+    # kuda eval: the lens floor on the evaluated model (no starting model lent)
+    assert len(attacks["logit_lens"]["floor"]["mc_acc_by_layer"]) == 4
     assert (
         attacks["fewshot"]["facts"]["forget"]["n_prompts"]
         == metrics["facts"]["forget"]["n_prompts"]

@@ -104,12 +104,15 @@ class LogitLens(Attack):
         invented = floor_facts(actx.ctx.data, forget)
         floor_args = (loaded.tokenizer, loaded.adapter, probes(invented or [], all_prompts))
         floor_args += (actx.settings.batch_size,)
-        if actx.starting_model is not None:
-            with actx.starting_model() as (model, _, _):
-                out["starting"] = {"forget": lens_figures(lens_correct(model, *args))}
-                if invented:  # the floor belongs to the starting model, as the facts floor does
-                    out["floor"] = lens_figures(lens_correct(model, *floor_args))
-            out["forget_removed"] = lens_removed(out)
+        if actx.starting_model is None:  # kuda eval: the evaluated model's floor, as the
+            if invented:  # facts metric scores it there
+                out["floor"] = lens_figures(lens_correct(loaded.model, *floor_args))
+            return out
+        with actx.starting_model() as (model, _, _):
+            out["starting"] = {"forget": lens_figures(lens_correct(model, *args))}
+            if invented:  # the floor belongs to the starting model, as the facts floor does
+                out["floor"] = lens_figures(lens_correct(model, *floor_args))
+        out["forget_removed"] = lens_removed(out)
         return out
 
 
