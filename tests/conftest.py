@@ -46,6 +46,31 @@ def tiny():
     return model.eval(), tokenizer
 
 
+@pytest.fixture(scope="module")
+def loaded():
+    """The tiny random model, loaded once per test module (attacks give it back unchanged)."""
+    from kuda_cli.config import ModelConfig, TinySpec
+    from kuda_cli.models.loading import load_model
+
+    return load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))
+
+
+@pytest.fixture
+def lm_eval_contexts(monkeypatch) -> list[str]:
+    """The contexts of every loglikelihood request lm-eval makes of a Hugging Face model."""
+    from lm_eval.models.huggingface import HFLM
+
+    contexts: list[str] = []
+    scored = HFLM.loglikelihood
+
+    def spy(self, requests, *args, **kwargs):
+        contexts.extend(r.args[0] for r in requests)
+        return scored(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "loglikelihood", spy)
+    return contexts
+
+
 @pytest.fixture
 def kuda(tmp_path):
     """Run `kuda ARGS...` in tmp_path; returns the CompletedProcess."""

@@ -11,7 +11,6 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
-from kuda_cli.config import ModelConfig, TinySpec
 from kuda_cli.data.fact_set import load_facts, probes, split_facts
 from kuda_cli.evaluate import EvalContext, get_metric
 from kuda_cli.evaluate.attack_facts import _accuracy, _rows, halves
@@ -21,7 +20,6 @@ from kuda_cli.evaluate.attacks.logit_lens import lens_correct, lens_inputs
 from kuda_cli.evaluate.attacks.relearn_general import unrelated
 from kuda_cli.evaluate.floors import forget_removed
 from kuda_cli.evaluate.quantization import linear_weights, quantize_in_place, rtn
-from kuda_cli.models.loading import load_model
 from kuda_cli.unlearn.diagnostics import swapped_in
 
 from conftest import read_json
@@ -36,11 +34,6 @@ FAST = [
     "eval.perplexity.max_texts=2",
     "eval.perplexity.max_length=32",
 ]
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))
 
 
 def attack_context(loaded, out_dir, name, *overrides, judge=None, before_dir=None):

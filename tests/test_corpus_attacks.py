@@ -12,12 +12,10 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
-from kuda_cli.config import ModelConfig, TinySpec
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.evaluate import EvalContext, compute_metrics
 from kuda_cli.evaluate.attacks import AttackContext, get_attack
 from kuda_cli.evaluate.attacks.relearn import digest, text_halves
-from kuda_cli.models.loading import load_model
 
 from conftest import read_json
 
@@ -108,11 +106,6 @@ def muse_overrides(tmp_path: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def loaded():
-    return load_model(ModelConfig(name="t", source="tiny-random", tiny=TinySpec(), device="cpu"))
-
-
 def attack_context(loaded, name, overrides, judge=None):
     cfg = compose(overrides)
     ctx = EvalContext(
@@ -189,17 +182,8 @@ def test_relearn_on_a_corpus_trains_on_one_half_then_gives_the_model_back(
     assert same_state(loaded.model, saved)
 
 
-def test_fewshot_on_wmdp_shows_k_answered_questions_before_each(loaded, tmp_path, monkeypatch):
-    from lm_eval.models.huggingface import HFLM
-
-    contexts = []
-    scored = HFLM.loglikelihood
-
-    def spy(self, requests, *args, **kwargs):
-        contexts.extend(r.args[0] for r in requests)
-        return scored(self, requests, *args, **kwargs)
-
-    monkeypatch.setattr(HFLM, "loglikelihood", spy)
+def test_fewshot_on_wmdp_shows_k_answered_questions_before_each(loaded, tmp_path, lm_eval_contexts):
+    contexts = lm_eval_contexts
     overrides = [*wmdp_overrides(tmp_path), "eval.metrics=[lm_eval,perplexity]"]
     actx = attack_context(loaded, "fewshot", [*overrides, "eval.attack.fewshot.k=3"])
     found = get_attack("fewshot").run(actx)

@@ -296,17 +296,10 @@ def test_limit_and_single_subject(tiny, local_files):
     assert all(0.0 <= s["acc"] <= 1.0 for s in scores.values())
 
 
-def test_num_fewshot_reaches_the_wmdp_task_whose_yaml_pins_zero(tiny, local_files, monkeypatch):
-    from lm_eval.models.huggingface import HFLM
-
-    contexts = []
-    scored = HFLM.loglikelihood
-
-    def spy(self, requests, *args, **kwargs):
-        contexts.extend(r.args[0] for r in requests)
-        return scored(self, requests, *args, **kwargs)
-
-    monkeypatch.setattr(HFLM, "loglikelihood", spy)
+def test_num_fewshot_reaches_the_wmdp_task_whose_yaml_pins_zero(
+    tiny, local_files, lm_eval_contexts
+):
+    contexts = lm_eval_contexts
     model, tokenizer = tiny
     run_lm_eval(model, tokenizer, ["wmdp_bio"], local_files=local_files, limit=2, num_fewshot=2)
     assert len(contexts) == 2 * 4  # two questions, four choices
