@@ -103,6 +103,36 @@ def test_relearn_trains_the_model_then_gives_it_back(loaded, tmp_path):
     assert same_state(loaded.model, saved)
 
 
+def test_lora_relearning_trains_adapters_only_then_removes_them(loaded, tmp_path, monkeypatch):
+    trained = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            trained.append(len(params))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    saved = state(loaded.model)
+    modules = [type(m) for m in loaded.model.modules()]
+    actx = attack_context(
+        loaded,
+        tmp_path,
+        "relearn",
+        "eval.metrics=[perplexity]",
+        "eval.attack.relearn.steps=[0,6]",
+        "eval.attack.relearn.lr=1e-2",
+        "eval.attack.relearn.lora_rank=4",
+    )
+    found = get_attack("relearn").run(actx)
+    before, after = found["steps_0"]["perplexity"], found["steps_6"]["perplexity"]
+    assert after["perplexity"] != before["perplexity"]  # the adapters changed the model
+    assert [type(m) for m in loaded.model.modules()] == modules  # and are gone
+    # an A and a B matrix for each projection of the blocks, nothing else
+    assert trained == [2 * len(linear_weights(loaded.model, loaded.adapter.layers))]
+    assert same_state(loaded.model, saved)
+
+
 def test_halves_split_by_fact_with_the_seed():
     forget, _ = split_facts(load_facts(), ["chemistry"], ["capitals"])
     a, b = halves(forget, 0)
@@ -303,6 +333,16 @@ def test_an_unknown_attack_stops_before_any_work(kuda, tmp_path):
         (
             ["eval.attacks=[relearn_general]", "eval.attack.relearn_general.builtin=nope"],
             "nope",
+        ),
+        (
+            [
+                "stage=unlearn",
+                "unlearn=npo",
+                "unlearn.lora.enabled=true",
+                "eval.attacks=[relearn]",
+                "eval.attack.relearn.lora_rank=8",
+            ],
+            "eval.attack.relearn.lora_rank",
         ),
     ],
 )

@@ -1,18 +1,23 @@
 """Relearning attacks' fine-tuning: the evaluated model fine-tuned in place on a few texts (the
 causal-LM loss on every token, AdamW on every weight, as Unlearn-Simple's relearning attack),
-stopping at each requested step count for the caller to score it. Plain PyTorch."""
+stopping at each requested step count for the caller to score it; or LoRA adapters trained
+instead (Łucki et al.'s relearning), removed afterwards. Plain PyTorch and peft."""
 
 from __future__ import annotations
 
 import logging
 import random
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 from kuda_cli.evaluate.scoring import pad_id, right_padded
 
 log = logging.getLogger(__name__)
+# the linear projections of a Llama-style decoder block (Łucki et al.'s LoRA relearning trains
+# adapters on all of them)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _batch(tokenizer, texts: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
@@ -47,12 +52,50 @@ def fine_tune(
     batch_size: int,
     max_length: int,
     seed: int,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
 ) -> Iterator[tuple[int, list[float]]]:
-    """Fine-tune `model` in place on `texts`; after each step count of `steps` (sorted, one
-    trajectory: 25 steps continue the first 10) yield it and the losses of the steps taken."""
+    """Fine-tune `model` in place on `texts` (every weight, or LoRA adapters of `lora_rank`
+    removed afterwards); after each step count of `steps` (sorted, one trajectory: 25 steps
+    continue the first 10) yield it and the losses of the steps taken."""
+    with ExitStack() as stack:
+        if lora_rank:
+            params, frozen = stack.enter_context(lora_adapters(model, lora_rank, lora_alpha)), []
+        else:
+            params = list(model.parameters())
+            frozen = [p for p in params if not p.requires_grad]  # an unlearning run froze them
+        yield from _train(
+            model, tokenizer, texts, steps, params, frozen, lr, batch_size, max_length, seed
+        )
+
+
+@contextmanager
+def lora_adapters(model, rank: int, alpha: float) -> Iterator[list[torch.nn.Parameter]]:
+    """LoRA adapters of `rank` (peft) on every projection of the decoder blocks, their
+    parameters; the model's own modules are put back afterwards."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(PROJECTIONS), bias="none"
+    )
+    dtype = next(model.parameters()).dtype
+    inject_adapter_in_model(config, model, adapter_name="relearn")
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:  # in the model's dtype, like the weights they add to
+        p.data = p.data.to(dtype)
+    try:
+        yield params
+    finally:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, module.get_base_layer())
+
+
+def _train(model, tokenizer, texts, steps, params, frozen, lr, batch_size, max_length, seed):
+    """fine_tune's loop over `params` (`frozen`: those to unfreeze while it runs)."""
     device = next(model.parameters()).device
-    params = list(model.parameters())
-    frozen = [p for p in params if not p.requires_grad]  # an unlearning run froze them
     for p in frozen:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)

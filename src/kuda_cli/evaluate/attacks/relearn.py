@@ -41,6 +41,23 @@ class RelearnSettings:
     lr: float = bounded(1e-5, gt=0)  # AdamW on every weight (Unlearn-Simple's relearning)
     batch_size: int = bounded(4, ge=1)  # texts per step
     max_length: int = bounded(256, ge=8)  # tokens per text
+    # 0: every weight trains; > 0: LoRA adapters of this rank on every projection instead
+    # (Łucki et al.'s relearning: rank 128, alpha 16, lr 2e-4), removed afterwards
+    lora_rank: int = bounded(0, ge=0)
+    lora_alpha: float = bounded(16.0, gt=0)
+
+
+def check_relearning(name: str, cfg) -> None:
+    """Step counts, and LoRA relearning only on a model without LoRA adapters of its own."""
+    settings = cfg.eval.attack[name]
+    check_steps(name, settings)
+    unlearn_lora = (cfg.get("unlearn") or {}).get("lora") or {}
+    if settings.lora_rank and cfg.get("stage") == "unlearn" and unlearn_lora.get("enabled"):
+        raise ConfigError(
+            f"eval.attack.{name}.lora_rank={settings.lora_rank} adds adapters to a model that "
+            f"trains its own (unlearn.lora.enabled=true); attack the merged checkpoint with kuda "
+            f"eval model.path=RUN/checkpoint, or set eval.attack.{name}.lora_rank=0"
+        )
 
 
 def check_steps(name: str, settings) -> None:
@@ -75,6 +92,8 @@ def relearn_curve(
             batch_size=settings.batch_size,
             max_length=settings.max_length,
             seed=actx.seed,
+            lora_rank=settings.lora_rank,
+            lora_alpha=settings.lora_alpha,
         ):
             found = with_removed(rescore(actx, view=view, under=f"steps_{steps}"), actx, forget_ids)
             found["loss"] = losses[-1] if losses else None
@@ -127,7 +146,7 @@ def check_forget_passages(count: int) -> None:
 class Relearn(Attack):
     @classmethod
     def check(cls, cfg) -> None:
-        check_steps("relearn", cfg.eval.attack.relearn)
+        check_relearning("relearn", cfg)
         kind = kind_of(cfg.data)
         if not kind.provides_facts and kind.forget_passages_at_hand(cfg.data):
             check_forget_passages(len(kind.forget_passages(cfg.data)))

@@ -17,7 +17,7 @@ from kuda_cli.data.kinds import kind_of
 from kuda_cli.data.texts import load_texts
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.attacks import Attack, AttackContext, register_attack
-from kuda_cli.evaluate.attacks.relearn import RelearnSettings, check_steps, relearn_curve
+from kuda_cli.evaluate.attacks.relearn import RelearnSettings, check_relearning, relearn_curve
 
 
 @dataclass
@@ -51,7 +51,7 @@ class RelearnGeneral(Attack):
     @classmethod
     def check(cls, cfg) -> None:
         settings = cfg.eval.attack.relearn_general
-        check_steps("relearn_general", settings)
+        check_relearning("relearn_general", cfg)
         if settings.path and not Path(settings.path).expanduser().exists():
             raise ConfigError(
                 f"eval.attack.relearn_general.path={settings.path} does not exist; pass a text "
