@@ -142,14 +142,15 @@ frontier: $(DEPS)
 # Is the knowledge gone? KUDA, RMU, NPO and GA at their defaults on each of DOMAINS (the
 # traces of table-domains), every attack on every unlearned model (docs/robustness.md): an
 # attacked model is scored on the forget figures alone, relearning at 10 and 30 steps with lr
-# 1e-4 (at the published 1e-5 a 135M model does not even relearn the half it trains on). About
-# 12 minutes a run on 2 CPU cores. Table and PNGs: $(TABLES)/robustness/report/robustness.md.
+# 3e-5: at the published 1e-5 the embedded model does not relearn even the half it trains on,
+# at 1e-4 relearning lowers the starting model's other half (docs/robustness.md). About 12
+# minutes a run on 2 CPU cores. Table and PNGs: $(TABLES)/robustness/report/robustness.md.
 ROBUST_METHODS ?= kuda,rmu,npo,ga
 ATTACKS ?= relearn,relearn_general,quant8,quant4,logit_lens,fewshot
 ROBUST_ARGS ?= eval.attack_figures=forget eval.facts.all_prompts=false \
   eval.facts.retain_greedy=false 'eval.attack.relearn.steps=[10,30]' \
-  'eval.attack.relearn_general.steps=[30]' eval.attack.relearn.lr=1e-4 \
-  eval.attack.relearn_general.lr=1e-4
+  'eval.attack.relearn_general.steps=[30]' eval.attack.relearn.lr=3e-5 \
+  eval.attack.relearn_general.lr=3e-5
 ROBUST_COLUMNS := summary.forget_removed summary.perplexity_ratio \
   facts.retain.other_subjects.mc_acc train.seconds
 define robust_domain
