@@ -252,3 +252,14 @@ def test_muse_reference_attack_scores_against_the_lent_model(tiny, tmp_path):
         )
     )
     assert mia_of(ctx) == expected and set(expected) == {"min_k", "reference"}
+
+
+def test_muse_summary_has_each_attack_auc_before_and_after():
+    from kuda_cli.evaluate import get_metric
+    from kuda_cli.evaluate.metrics.muse import MuseEvalConfig
+
+    before = {"muse": {"mia": {"loss": {"auc": 0.9}}}}
+    after = {"muse": {"mia": {"loss": {"auc": 0.6}, "reference": {"auc": 0.55}}}}
+    summary = get_metric("muse").summarise(before, after, MuseEvalConfig())
+    assert (summary["mia_loss_auc"], summary["mia_loss_auc_before"]) == (0.6, 0.9)
+    assert (summary["mia_reference_auc"], summary["mia_reference_auc_before"]) == (0.55, None)

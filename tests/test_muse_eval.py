@@ -1,6 +1,6 @@
 """eval=muse end to end on local copies of the MUSE splits (the tiny model), checked against a
-hand computation of VerbMem, KnowMem, PrivLeak and the LOSS attack's AUC; and the one-line error for an unreachable hub
-dataset."""
+hand computation of VerbMem, KnowMem, PrivLeak and the LOSS attack's AUC; and the one-line
+error for an unreachable hub dataset."""
 
 from __future__ import annotations
 
