@@ -1,6 +1,6 @@
 """eval=muse end to end on local copies of the MUSE splits (the tiny model), checked against a
-hand computation of VerbMem, KnowMem and PrivLeak; and the one-line error for an unreachable hub
-dataset."""
+hand computation of VerbMem, KnowMem, PrivLeak and the LOSS attack's AUC; and the one-line
+error for an unreachable hub dataset."""
 
 from __future__ import annotations
 
@@ -236,6 +236,16 @@ def test_muse_metric_on_local_splits(tmp_path):
     assert privleak["retrain_auc"] == RETRAIN_AUC and privleak["k"] == MINK_K
     expected_privleak = (expected_auc - RETRAIN_AUC) / RETRAIN_AUC * 100
     assert privleak["privleak"] == pytest.approx(expected_privleak, abs=1e-9)
+    # The attacks beside Min-K% (no reference model lent: no reference attack), LOSS by hand.
+    mia = muse["mia"]
+    assert set(mia) == {"min_k", "loss", "zlib", "min_k_plus_plus"}
+    assert mia["min_k"]["auc"] == privleak["auc"]
+    expected_loss_auc = pairwise_auc(
+        [mean(lp) for lp in forget_lp], [mean(lp) for lp in holdout_lp]
+    )
+    assert mia["loss"]["auc"] == pytest.approx(expected_loss_auc, abs=1e-12)
+    verb = muse["verbmem_forget"]
+    assert verb["n"] == 4 and 0 <= verb["extraction_strength"] <= verb["exact_memorization"] <= 1
 
 
 def test_unreachable_muse_dataset_is_one_line_exit_2(kuda, tmp_path):

@@ -1,19 +1,27 @@
-"""`eval.metrics: [muse]`: VerbMem on the forget set, KnowMem on forget and retain QA (with
-MUSE's in-context examples), and PrivLeak from the Min-K% AUC of forget vs holdout texts; under
-an attack's `KnowMemView`, KnowMem on the forget QA alone, with more pairs shown first."""
+"""`eval.metrics: [muse]`: VerbMem on the forget set (with exact memorisation and extraction
+strength), KnowMem on forget and retain QA (with MUSE's in-context examples), the AUC of each
+membership-inference attack of eval.muse.mia_attacks on forget vs holdout texts, and PrivLeak
+from the Min-K% one; under an attack's `KnowMemView`, KnowMem on the forget QA alone, with more
+pairs shown first."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kuda_cli.config import bounded
 from kuda_cli.data.sources import hub_splits, load_split
+from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import EvalContext, Metric, register_metric
-from kuda_cli.evaluate.muse_scoring import knowmem, mia_min_k, privleak, verbmem
+from kuda_cli.evaluate.memorization import memorization
+from kuda_cli.evaluate.mia_attacks import ATTACKS, attack_aucs, attack_scores, text_nlls
+from kuda_cli.evaluate.muse_scoring import knowmem, privleak, verbmem
 from kuda_cli.hub import HubSource
 from kuda_cli.run import lookup
+
+log = logging.getLogger(__name__)
 
 
 def _cap(records: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
@@ -31,6 +39,12 @@ class MuseEvalConfig:
     max_items: int | None = bounded(None, ge=1)
     max_length: int = bounded(2048, ge=16)
     batch_size: int = bounded(4, ge=1)
+    # membership-inference attacks on forget vs holdout, each reported as muse.mia.<name>.auc;
+    # min_k always runs (PrivLeak). gradnorm (a backward pass per text) is off by default for
+    # its cost on a 7B model; reference needs a reference model (`kuda unlearn`'s starting one)
+    mia_attacks: list[str] = field(
+        default_factory=lambda: ["min_k", "loss", "zlib", "min_k_plus_plus", "reference"]
+    )
 
 
 # the data splits it reads
@@ -54,6 +68,20 @@ class Muse(Metric):
         return {"muse": muse_results(ctx)}
 
     @classmethod
+    def check(cls, cfg) -> None:
+        unknown = [a for a in cfg.eval.muse.mia_attacks if a not in ATTACKS]
+        if unknown:
+            raise ConfigError(
+                f"eval.muse.mia_attacks: unknown attack {unknown[0]!r}; "
+                f"choose from [{', '.join(ATTACKS)}]"
+            )
+
+    @classmethod
+    def for_starting_model(cls, settings):
+        """No reference attack: the reference would be the starting model itself."""
+        return replace(settings, mia_attacks=[a for a in settings.mia_attacks if a != "reference"])
+
+    @classmethod
     def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:
         found = {}
         for name, value in (after.get("muse") or {}).items():
@@ -63,6 +91,10 @@ class Muse(Metric):
                 found[f"{name}_{key}_before"] = lookup(before, f"muse.{name}.{key}")
             if name == "privleak" and isinstance(value, dict):
                 found["privleak"] = value.get("privleak")
+            if name == "mia":
+                for attack, result in value.items():
+                    found[f"mia_{attack}_auc"] = result["auc"]
+                    found[f"mia_{attack}_auc_before"] = lookup(before, f"muse.mia.{attack}.auc")
         return found
 
     @classmethod
@@ -84,7 +116,8 @@ def muse_results(ctx: EvalContext) -> dict[str, Any]:
     results = {"verbmem_forget": verbmem_of(ctx)}
     for role in ("forget", "retain"):
         results[f"knowmem_{role}"] = knowmem_of(ctx, role)
-    results["privleak"] = privleak_of(ctx)
+    results["mia"] = mia_of(ctx)
+    results["privleak"] = privleak_of(ctx, results["mia"]["min_k"]["auc"])
     return results
 
 
@@ -100,6 +133,16 @@ def verbmem_of(ctx: EvalContext) -> dict[str, Any]:
         batch_size=cfg.batch_size,
     )
     found.pop("per_item", None)
+    found.update(
+        memorization(
+            ctx.loaded.model,
+            ctx.loaded.tokenizer,
+            [r["prompt"] for r in verb],
+            [r["gt"] for r in verb],
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+        )
+    )
     return found
 
 
@@ -132,24 +175,48 @@ def knowmem_of(
     return found
 
 
-def privleak_of(ctx: EvalContext) -> dict[str, Any]:
+def mia_of(ctx: EvalContext) -> dict[str, Any]:
+    """Each attack's AUC, forget texts as members and holdout texts as non-members; the
+    reference attack only where a reference model is at hand (ctx.judge)."""
     cfg, data = ctx.eval.muse, ctx.data
-    members = _cap(load_split(data.forget, "data.forget", (data.forget.text_field,)), cfg.max_items)
-    holdout = _cap(
-        load_split(data.holdout, "data.holdout", (data.holdout.text_field,)), cfg.max_items
-    )
-    mia = mia_min_k(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        [r[data.forget.text_field] for r in members],
-        [r[data.holdout.text_field] for r in holdout],
-        k=cfg.mink_k,
-        max_length=cfg.max_length,
-        batch_size=cfg.batch_size,
-    )
+    texts = {
+        "member": _texts(ctx, data.forget, "data.forget"),
+        "nonmember": _texts(ctx, data.holdout, "data.holdout"),
+    }
+    sizes = {"max_length": cfg.max_length, "batch_size": cfg.batch_size}
+    reference: dict[str, list[float]] = {}
+    if "reference" in cfg.mia_attacks and ctx.judge is None:
+        log.info("muse: no reference model at hand, the reference attack is left out")
+    elif "reference" in cfg.mia_attacks:
+        # the judge may be the evaluated model with other weights swapped in: score it apart
+        with ctx.judge() as (model, tokenizer, _):
+            reference = {side: text_nlls(model, tokenizer, t, **sizes) for side, t in texts.items()}
+    scores = {
+        side: attack_scores(
+            ctx.loaded.model,
+            ctx.loaded.tokenizer,
+            t,
+            cfg.mia_attacks,
+            k=cfg.mink_k,
+            reference_nlls=reference.get(side),
+            **sizes,
+        )
+        for side, t in texts.items()
+    }
+    return attack_aucs(scores["member"], scores["nonmember"])
+
+
+def _texts(ctx: EvalContext, split, key: str) -> list[str]:
+    rows = _cap(load_split(split, key, (split.text_field,)), ctx.eval.muse.max_items)
+    return [r[split.text_field] for r in rows]
+
+
+def privleak_of(ctx: EvalContext, min_k_auc: float) -> dict[str, Any]:
+    """MUSE PrivLeak from the Min-K% AUC, against the retrained model's (data.retrain_auc)."""
+    retrain_auc = ctx.data.retrain_auc
     return {
-        "auc": mia["auc"],
-        "retrain_auc": data.retrain_auc,
-        "privleak": None if data.retrain_auc is None else privleak(mia["auc"], data.retrain_auc),
-        "k": cfg.mink_k,
+        "auc": min_k_auc,
+        "retrain_auc": retrain_auc,
+        "privleak": None if retrain_auc is None else privleak(min_k_auc, retrain_auc),
+        "k": ctx.eval.muse.mink_k,
     }
