@@ -8,7 +8,10 @@ with log p(y) the summed log-probability of a forget sequence's non-padding toke
 falls: unlike GA it is bounded. The reference is the starting model; its log-probabilities are
 computed once in `prepare`, for every forget item the trainer will draw, and kept by item index:
 no second model copy. `prepare` runs in `Trainer.setup`, before a resumed run loads its
-checkpoint, so on resume they come from the original weights again.
+checkpoint, so on resume they come from the original weights again. With `retain_loss: kl` the
+retain term is the KL from the starting model's next-token distributions to the current model's
+on the retain batch (open-unlearning's `retain_loss_type: KL`, MUSE's `NPO_KLR`; unlearn/
+retain_kl.py says where the two differ), its reference recorded in `prepare` as well.
 """
 
 from __future__ import annotations
@@ -18,15 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kuda_cli.config import UnlearnConfig, bounded, listed
+from kuda_cli.config import UnlearnConfig, bounded, choice, listed
 from kuda_cli.models.precision import autocast
 from kuda_cli.unlearn.batches import TokenSet
-from kuda_cli.unlearn.methods import (
-    Method,
-    register_method,
-    sequence_logprob,
-    with_retain_nll,
-)
+from kuda_cli.unlearn.methods import Method, register_method, sequence_logprob
+from kuda_cli.unlearn.retain_kl import retain_reference, with_retain_term
 
 
 def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -55,15 +54,19 @@ class NpoMethod(UnlearnConfig):
     trainable: list[str] = listed("all", distinct=True)
     beta: float = bounded(0.1, gt=0)
     retain_weight: float = bounded(1.0, ge=0)
+    retain_loss: str = choice("nll", "nll", "kl")  # kl: to the starting model (retain_kl.py)
 
 
 @register_method("npo", NpoMethod)
 class Npo(Method):
+    retain_reference = None  # built in prepare for retain_loss: kl
+
     def prepare(self) -> None:
         ctx = self.ctx
         self.reference = reference_logprobs(
             ctx.model, ctx.forget, ctx.forget_used, self.cfg.precision, self.cfg.batch_size
         )
+        self.retain_reference = retain_reference(ctx, self.cfg)
 
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         logp, _ = sequence_logprob(self.ctx.model, forget)
@@ -73,11 +76,21 @@ class Npo(Method):
             "npo": float(forget_term.detach()),
             "forget_logratio": float((logp - ref).detach().mean()),
         }
-        return with_retain_nll(
-            self.ctx.model, forget_term, retain, self.cfg.retain_weight, terms
+        weight, reference = self.cfg.retain_weight, self.retain_reference
+        return with_retain_term(
+            self.ctx.model, forget_term, retain, weight, terms, reference
         ), terms
+
+    def close(self) -> None:
+        if self.retain_reference is not None:
+            self.retain_reference.close()
 
     @property
     def precomputes_reference(self) -> bool:  # the memory plan's view (unlearn/memory_plan.py)
         """`prepare` computes the reference log-probabilities of the forget items."""
         return True
+
+    @property
+    def recorded_sites(self) -> int:
+        """The reference's final-norm states of the retain items, for `retain_loss: kl`."""
+        return int(self.cfg.retain_loss == "kl" and self.needs_retain)

@@ -59,16 +59,22 @@ def retain_mse_of(model, site: str, originals, retain: dict) -> torch.Tensor:
 
 
 @dataclass
-class RmuMethod(UnlearnConfig):
+class SteeringConfig(UnlearnConfig):
+    """What RMU and adaptive RMU (adaptive_rmu.py) share: the steered layer, the retain weight."""
+
+    lr: float = bounded(1e-3, gt=0)
+    steer_layer: int | None = bounded(None, ge=0)  # null: the last trained layer
+    alpha: float = bounded(100.0, ge=0)
+
+
+@dataclass
+class RmuMethod(SteeringConfig):
     """Sized for the embedded SmolLM2-135M on data=facts: its residual-stream norms are about 100
     at layers 3-5, so c is far larger than zephyr's 6.5 (docs/baselines.md); unlearn=rmu_zephyr
     is the published zephyr-7b setting."""
 
     method: str = "rmu"
-    lr: float = bounded(1e-3, gt=0)
-    steer_layer: int | None = bounded(None, ge=0)  # null: the last trained layer
     c: float = bounded(300.0, gt=0)
-    alpha: float = bounded(100.0, ge=0)
 
 
 @register_method("rmu", RmuMethod)
@@ -126,7 +132,8 @@ class Rmu(Method):
     def prepare(self) -> None:
         ctx = self.ctx
         device = next(ctx.model.parameters()).device
-        self.control = steering_vector(ctx.model.config.hidden_size, self.cfg.c, ctx.seed)
+        coefficient = self.steering_coefficient()
+        self.control = steering_vector(ctx.model.config.hidden_size, coefficient, ctx.seed)
         self.control = self.control.to(device)
         self.store = None
         if self.needs_retain:
@@ -141,6 +148,10 @@ class Rmu(Method):
                     self.store,
                     desc="original retain activations",
                 )
+
+    def steering_coefficient(self) -> float:
+        """c, the norm of the forget tokens' target (computed in `prepare`)."""
+        return self.cfg.c
 
     def activations(self, batch: dict) -> torch.Tensor:
         """h at `steer_layer` for a batch; the layers after it are not run."""
