@@ -12,6 +12,7 @@ from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import eval_schema
+from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.kuda import KudaMethod
@@ -38,6 +39,7 @@ GROUP_SCHEMAS = {
         "graddiff": GradDiffMethod,
         "npo": NpoMethod,
         "simnpo": SimNpoMethod,
+        "adaptive_rmu": AdaptiveRmuMethod,
     },
     "eval": {None: eval_schema()},
 }

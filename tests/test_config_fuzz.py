@@ -22,6 +22,7 @@ from kuda_cli.data.kinds.corpus import CorpusData
 from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.evaluate import eval_schema
+from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.kuda import KudaMethod
@@ -45,6 +46,7 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (GradDiffMethod, "unlearn.", ["unlearn=graddiff"]),
     (NpoMethod, "unlearn.", ["unlearn=npo"]),
     (SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
+    (AdaptiveRmuMethod, "unlearn.", ["unlearn=adaptive_rmu"]),
     (eval_schema(), "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema
@@ -103,14 +105,16 @@ PATHS: dict[str, list[str]] = {
     "tune.choice": [],
     "eval.attack.relearn_general.path": ["eval.attacks=[relearn_general]"],
 }
-# lists whose items come from a vocabulary: an unknown item is refused
+# lists whose items come from a vocabulary: an unknown item is refused (with what makes the
+# list read)
 VOCABULARY = {
-    "requires",
-    "data.forget_domains",
-    "data.retain_domains",
-    "unlearn.trainable",
-    "eval.metrics",
-    "eval.attacks",
+    "requires": [],
+    "data.forget_domains": [],
+    "data.retain_domains": [],
+    "unlearn.trainable": [],
+    "eval.metrics": [],
+    "eval.attacks": [],
+    "eval.muse.mia_attacks": ["data=muse_news", "eval=muse"],
 }
 # lists of numbers with a range (layer indices of the 4-layer tiny model, forget levels)
 NUMBER_LISTS = {
@@ -188,7 +192,8 @@ def cases() -> list[tuple[str, list[str], str]]:
             elif typing.get_origin(tp) is list:
                 add(f"{path}:type", [*context, f"{path}=5"], path)
                 if path in VOCABULARY:
-                    add(f"{path}:item", [*context, f"{path}=[no_such_item]"], path)
+                    bad = [*VOCABULARY[path], f"{path}=[no_such_item]"]
+                    add(f"{path}:item", [*context, *bad], path)
                 elif path in NUMBER_LISTS:
                     add(f"{path}:range", [*context, *NUMBER_LISTS[path]], path)
                 elif path not in FREE:

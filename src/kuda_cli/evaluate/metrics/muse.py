@@ -72,8 +72,8 @@ class Muse(Metric):
         unknown = [a for a in cfg.eval.muse.mia_attacks if a not in ATTACKS]
         if unknown:
             raise ConfigError(
-                f"eval.muse.mia_attacks: unknown attack {unknown[0]!r}; "
-                f"choose from [{', '.join(ATTACKS)}]"
+                f"eval.muse.mia_attacks has {unknown[0]!r}, not a membership attack; choose "
+                f"one of: {', '.join(ATTACKS)}"
             )
 
     @classmethod
