@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kuda_cli.evaluate.muse_scoring import auc, min_k_score
-from kuda_cli.evaluate.scoring import _batches, _eval_mode, _padding
+from kuda_cli.evaluate.scoring import _eval_mode, text_logits
 
 # the names eval.muse.mia_attacks takes; min_k always runs (PrivLeak is built from it)
 ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "gradnorm", "reference")
@@ -66,24 +66,13 @@ def text_stats(
 ) -> list[TextStats]:
     """Per text, its token log-probabilities (and with `moments`, the vocabulary's mean and
     standard deviation of log p at each position). Texts are cut to `max_length` tokens."""
-    device = next(model.parameters()).device
     out: list[TextStats | None] = [None] * len(texts)
-    with _eval_mode(model), _padding(tokenizer, "right"):
-        for batch in tqdm(_batches(list(map(len, texts)), batch_size), desc=desc, unit="batch"):
-            enc = tokenizer(
-                [texts[i] for i in batch],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-            ).to(device)
-            logits = model(
-                input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False
-            ).logits
-            lengths = enc.attention_mask.sum(-1).tolist()
-            for row, i in enumerate(batch):
-                n = max(int(lengths[row]) - 1, 0)
-                out[i] = _row_stats(logits[row, :n], enc.input_ids[row, 1 : n + 1], moments)
+    for batch, logits, ids, lengths in text_logits(
+        model, tokenizer, texts, max_length=max_length, batch_size=batch_size, desc=desc
+    ):
+        for row, i in enumerate(batch):
+            n = max(int(lengths[row]) - 1, 0)
+            out[i] = _row_stats(logits[row, :n], ids[row, 1 : n + 1], moments)
     return out  # type: ignore[return-value]
 
 

@@ -64,20 +64,12 @@ def _batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-@torch.no_grad()
-def token_logprobs(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    *,
-    max_length: int = 2048,
-    batch_size: int = 4,
-    desc: str = "token log-probs",
-) -> list[torch.Tensor]:
-    """Per text, log p(token_t | tokens_<t) for t >= 1 (the first token has no prefix), as a
-    float32 CPU tensor without padding. Texts longer than `max_length` tokens are truncated."""
+def text_logits(
+    model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int, desc: str
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, list[int]]]:
+    """Per batch of `texts` (grouped by length, right-padded, cut to `max_length` tokens): the
+    texts' indices, the logits, the input ids and each row's length in tokens."""
     device = next(model.parameters()).device
-    out: list[torch.Tensor | None] = [None] * len(texts)
     with _eval_mode(model), _padding(tokenizer, "right"):
         for batch in tqdm(_batches(list(map(len, texts)), batch_size), desc=desc, unit="batch"):
             enc = tokenizer(
@@ -90,14 +82,32 @@ def token_logprobs(
             logits = model(
                 input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False
             ).logits
-            logits = logits[:, :-1].float()
-            targets = enc.input_ids[:, 1:]
-            # logit(target) - logsumexp avoids materialising a second vocab-sized tensor.
-            picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            logprobs = (picked - logits.logsumexp(-1)).cpu()
-            lengths = enc.attention_mask.sum(-1).tolist()
-            for row, i in enumerate(batch):
-                out[i] = logprobs[row, : max(int(lengths[row]) - 1, 0)].clone()
+            yield batch, logits, enc.input_ids, enc.attention_mask.sum(-1).tolist()
+
+
+@torch.no_grad()
+def token_logprobs(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 2048,
+    batch_size: int = 4,
+    desc: str = "token log-probs",
+) -> list[torch.Tensor]:
+    """Per text, log p(token_t | tokens_<t) for t >= 1 (the first token has no prefix), as a
+    float32 CPU tensor without padding. Texts longer than `max_length` tokens are truncated."""
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    for batch, logits, ids, lengths in text_logits(
+        model, tokenizer, texts, max_length=max_length, batch_size=batch_size, desc=desc
+    ):
+        logits = logits[:, :-1].float()
+        targets = ids[:, 1:]
+        # logit(target) - logsumexp avoids materialising a second vocab-sized tensor.
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logprobs = (picked - logits.logsumexp(-1)).cpu()
+        for row, i in enumerate(batch):
+            out[i] = logprobs[row, : max(int(lengths[row]) - 1, 0)].clone()
     return out  # type: ignore[return-value]
 
 
