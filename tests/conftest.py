@@ -92,6 +92,22 @@ def kuda(tmp_path):
     return run
 
 
+def memorise(model, tokenizer, texts: list[str], steps: int = 30, lr: float = 1e-2) -> None:
+    """Fine-tune `model` on `texts` until it has them by heart (a membership attack's members)."""
+    import torch
+
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 

@@ -19,6 +19,8 @@ from kuda_cli.evaluate.memorization import (
 )
 from kuda_cli.evaluate.mia_attacks import ATTACKS, attack_aucs, attack_scores, text_nlls
 
+from conftest import memorise
+
 TEXTS = ["The owl brought a letter at dawn to the tower.", "Seven keys."]
 K = 0.5
 
@@ -105,17 +107,7 @@ def test_every_attack_ranks_memorised_members_higher(tiny):
         "The train left before the bell rang.",
     ]
     starting = copy.deepcopy(model)
-    torch.manual_seed(0)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        enc = tokenizer(members, return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    memorise(model, tokenizer, members)
     scores = {
         side: attack_scores(
             model, tokenizer, texts, ATTACKS, reference_nlls=text_nlls(starting, tokenizer, texts)

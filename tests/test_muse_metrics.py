@@ -26,6 +26,8 @@ from kuda_cli.evaluate.muse_scoring import (
     verbmem,
 )
 
+from conftest import memorise
+
 TEXTS = [
     "Harry looked at the letter.",
     "A",  # shortest: one byte, so no scored token at all
@@ -303,16 +305,7 @@ def test_mia_min_k_detects_memorised_texts(tiny):
     model, tokenizer = tiny
     members = ["The owl brought a letter at dawn.", "Seven keys open the silver door."]
     nonmembers = ["Rain fell on the quiet harbour.", "Bread rises slowly in a warm room."]
-    torch.manual_seed(0)
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        enc = tokenizer(members, return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    memorise(model, tokenizer, members)
     result = mia_min_k(model, tokenizer, members, nonmembers)
     assert result["auc"] == 1.0
     assert result["member_mean"] > result["nonmember_mean"]
