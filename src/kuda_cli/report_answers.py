@@ -29,18 +29,18 @@ def _first_forget_rows(directory: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def strongest_of(figures: dict[str, Any], attacks) -> str | None:
+    """Of `attacks` with a figure, the one that left least removed."""
+    scored = {a: figures.get(a) for a in attacks if isinstance(figures.get(a), (int, float))}
+    return min(scored, key=scored.__getitem__) if scored else None
+
+
 def attacked_dir(run_dir: Path, attack: str, figures: dict[str, Any]) -> Path:
     """Where an attack wrote its attacked model's answers: a relearning attack's last step
     count's directory, the attack's own otherwise."""
     base = run_dir / ATTACKS_DIR / attack
     curve = figures.get(f"{attack}_curve")
     return base / f"steps_{curve[-1][0]}" if curve else base
-
-
-def strongest_answering(figures: dict[str, Any]) -> str | None:
-    """Of the attacks that make the model answer, the one that left least removed."""
-    scored = {a: figures.get(a) for a in ANSWERING if isinstance(figures.get(a), (int, float))}
-    return min(scored, key=scored.__getitem__) if scored else None
 
 
 def answers_under_attack(run_dir: Path, attack: str, figures: dict[str, Any], n: int = 10):
@@ -77,7 +77,7 @@ def answers_markdown(data: str, methods: dict[str, dict[str, Any]]) -> list[str]
     """One table per method: its first ten forget facts under its strongest answering attack."""
     lines = [f"## {data}", ""]
     for method, figures in methods.items():
-        attack = strongest_answering(figures)
+        attack = strongest_of(figures, ANSWERING)  # of those that make the model answer
         rows = answers_under_attack(Path(figures["run"]), attack, figures) if attack else []
         if not rows:
             continue

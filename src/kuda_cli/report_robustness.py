@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kuda_cli.cache import write_json_atomic
-from kuda_cli.report_answers import answers_markdown
+from kuda_cli.report_answers import answers_markdown, strongest_of
 
 ANSWERS_NOTE = (
     "Per method, its first ten forget facts (the data's order) under the attack that left least "
@@ -64,12 +64,9 @@ def robustness_of(row: dict[str, Any]) -> dict[str, Any]:
         curve = relearning_curve(row, attack)
         out[f"{attack}_curve"] = curve
         out[attack] = curve[-1][1] if curve else None
-    attacked = {
-        k: v for k, v in out.items() if k != "none" and isinstance(v, (int, float)) and k in NAMES
-    }
-    weakest = min(attacked, key=attacked.__getitem__) if attacked else None
-    out["strongest_attack"] = weakest
-    out["weakest"] = attacked.get(weakest) if weakest else None
+    strongest = strongest_of(out, NAMES)
+    out["strongest_attack"] = strongest
+    out["weakest"] = out[strongest] if strongest else None
     return out
 
 

@@ -65,6 +65,12 @@ def _accuracy(rows, fact_ids: set[str] | None) -> tuple[float | None, float | No
     return (sum(mc) / len(mc) if mc else None, sum(gen) / len(gen) if gen else None)
 
 
+def _starting_floor(before_dir: Path) -> tuple[float | None, float | None]:
+    """(MC, greedy) never-learned floor of the starting model's evaluation in `before_dir`."""
+    metrics = json.loads((before_dir / "metrics.json").read_text())
+    return lookup(metrics, "facts.floor.mc_acc"), lookup(metrics, "facts.floor.gen_acc")
+
+
 def _removed(before, after, floor) -> dict[str, float | None]:
     mc, gen = (forget_removed(b, a, f) for b, a, f in zip(before, after, floor, strict=True))
     both = mc is not None and gen is not None
@@ -85,8 +91,7 @@ def removed_beside(
     before_rows, after_rows = _rows(before_dir), _rows(unattacked_dir)
     if before_rows is None:
         return None
-    metrics = json.loads((before_dir / "metrics.json").read_text())
-    floor = (lookup(metrics, "facts.floor.mc_acc"), lookup(metrics, "facts.floor.gen_acc"))
+    floor = _starting_floor(before_dir)
     before = _accuracy(before_rows, fact_ids)
     found = (attacked.get("mc_acc"), attacked.get("gen_acc"))
     out = {"attacked": _removed(before, found, floor)}
@@ -104,8 +109,7 @@ def removed_against(before_dir: Path | None, reference: dict, attacked: dict) ->
     attack, e.g. quantized alike), with the starting model's floors; None without them."""
     if before_dir is None or not (before_dir / "metrics.json").is_file():
         return None
-    metrics = json.loads((before_dir / "metrics.json").read_text())
-    floor = (lookup(metrics, "facts.floor.mc_acc"), lookup(metrics, "facts.floor.gen_acc"))
+    floor = _starting_floor(before_dir)
     ref = (reference.get("mc_acc"), reference.get("gen_acc"))
     found = (attacked.get("mc_acc"), attacked.get("gen_acc"))
     return _removed(ref, found, floor)

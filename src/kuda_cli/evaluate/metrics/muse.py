@@ -124,23 +124,20 @@ def muse_results(ctx: EvalContext) -> dict[str, Any]:
 def verbmem_of(ctx: EvalContext) -> dict[str, Any]:
     cfg, data = ctx.eval.muse, ctx.data
     verb = _cap(load_split(data.verbmem, "data.verbmem", ("prompt", "gt")), cfg.max_items)
+    model, tokenizer = ctx.loaded.model, ctx.loaded.tokenizer
+    prompts, truths = [r["prompt"] for r in verb], [r["gt"] for r in verb]
     found = verbmem(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        [r["prompt"] for r in verb],
-        [r["gt"] for r in verb],
+        model,
+        tokenizer,
+        prompts,
+        truths,
         max_new_tokens=cfg.verbmem_max_new_tokens,
         batch_size=cfg.batch_size,
     )
     found.pop("per_item", None)
     found.update(
         memorization(
-            ctx.loaded.model,
-            ctx.loaded.tokenizer,
-            [r["prompt"] for r in verb],
-            [r["gt"] for r in verb],
-            max_length=cfg.max_length,
-            batch_size=cfg.batch_size,
+            model, tokenizer, prompts, truths, max_length=cfg.max_length, batch_size=cfg.batch_size
         )
     )
     return found
