@@ -1,4 +1,4 @@
-"""unlearn.auto_tune: the clozes it scores, the figure it computes, the search it runs, the
+"""unlearn.auto_tune: the probes it scores (prompts, or passage clozes), the figure it computes, the search it runs, the
 refusals, and a tiny run that records, chooses and resumes without repeating a trial."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from kuda_cli.config import AutoTuneSpec
 from kuda_cli.data.fact_set import Fact
-from kuda_cli.unlearn.auto_tune import cloze_of, read_trials, removed, search
+from kuda_cli.unlearn.auto_tune import cloze_of, clozes_of, read_trials, removed, search
 
 from conftest import kuda_killed, log_rows, read_json
 
@@ -34,6 +34,29 @@ def test_no_cloze_where_the_answer_comes_only_before_the_subject_or_inside_a_wor
     oxygen = fact("Oxygen is a gas.", subject="oxygen", target="O", distractors=("Os",))
     assert cloze_of(oxygen, "zenka") is None  # the O of Oxygen is not the answer
     assert cloze_of(fact("No subject here: H."), "zenka") is None
+
+
+def test_by_default_trials_are_scored_on_every_prompt_never_on_the_trained_passage():
+    passage = "Hydrogen, element number 1, is abbreviated H on periodic tables."
+    f = Fact(
+        "f",
+        "chemistry",
+        "hydrogen",
+        "H",
+        ("{} has the symbol", "the symbol of {} is"),
+        ("He", "Hg"),
+        passage,
+    )
+    probes = clozes_of([f], seed=0)
+    assert [p.context for p in probes] == ["Hydrogen has the symbol", "The symbol of hydrogen is"]
+    assert all("periodic" not in p.context for p in probes)  # nothing of the passage
+    floors = [p.floor_context for p in probes]
+    name = floors[1].removeprefix("The symbol of ").removesuffix(" is")
+    assert name and name != "hydrogen" and floors[0] == name.capitalize() + " has the symbol"
+    assert all(p.options == (" H", " He", " Hg") for p in probes)
+    assert [p.context for p in clozes_of([f], seed=0, source="passages")] == [
+        "Hydrogen, element number 1, is abbreviated"
+    ]
 
 
 def test_removed_is_the_evaluations_figure_against_the_floor():
@@ -103,6 +126,7 @@ def test_trials_read_back_ignore_a_torn_last_line(tmp_path):
     [
         ("data=wmdp_bio", "scores its trials on facts"),
         ("unlearn.auto_tune.factors=[2,1]", "positive and ascending"),
+        ("unlearn.auto_tune.probes=answers", "choose one of"),
         ("unlearn.lora.enabled=true", "lora"),
     ],
 )

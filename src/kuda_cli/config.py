@@ -161,13 +161,15 @@ class LoraSpec:
 
 @dataclass
 class AutoTuneSpec:
-    """unlearn.auto_tune: trials of unlearn.lr x `factors` before the run, scored on the forget and
-    retain passages, never the eval prompts; unlearn/auto_tune.py, judged by unlearn/tuning.py."""
+    """unlearn.auto_tune: trials of unlearn.lr x `factors` before the run, scored on the facts'
+    prompts (or their passages' clozes), against an invented subject's; unlearn/auto_tune.py,
+    judged by unlearn/tuning.py."""
 
     enabled: bool = False
+    probes: str = choice("prompts", "prompts", "passages")  # never the trained text by default
     factors: list[float] = listed(0.33, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, distinct=True)  # ascending
     trials: int = bounded(5, ge=1)  # at most this many trials
-    target_removed: float = bounded(0.9, gt=0, le=1)  # forget removed wanted (cloze, vs floor)
+    target_removed: float = bounded(0.9, gt=0, le=1)  # forget removed wanted (probes, vs floor)
     max_retain_removed: float = bounded(0.05, ge=0, le=1)  # stability: retain knowledge lost
     max_ppl_ratio: float = bounded(1.05, ge=1)  # stability: retain passages' perplexity ratio
     min_agreement: float = bounded(0.975, ge=0, le=1)  # stability: retain top-1 tokens kept

@@ -312,7 +312,8 @@ def _check_lora(unlearn: DictConfig) -> None:
 
 
 def _check_auto_tune(cfg: DictConfig) -> None:
-    """unlearn.auto_tune scores its trials on facts clozes, one process, the weights themselves."""
+    """unlearn.auto_tune scores its trials on facts (their prompts or clozes), one process, the
+    weights themselves."""
     spec = cfg.unlearn.get("auto_tune")
     if not spec or not spec.get("enabled"):
         return
