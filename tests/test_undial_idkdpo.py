@@ -20,7 +20,7 @@ from kuda_cli.models.adapter import get_adapter
 from kuda_cli.unlearn.batches import tokenize
 from kuda_cli.unlearn.methods import MethodContext, get_method, method_schemas
 from kuda_cli.validate import validate
-from test_baseline_options import FORGET, RETAIN, gradients, perturb
+from test_baseline_options import FORGET, RETAIN, gradients, open_unlearning_kl, perturb
 from test_baselines import TINY, _forget_objective, _llama_count, starting_model
 
 from conftest import read_json
@@ -46,9 +46,11 @@ def make(name, model, tokenizer, forget=FORGET, seed=0, **overrides):
     return get_method(name)(ctx), forget_set, retain_set
 
 
-def open_unlearning_nll(model, batch) -> torch.Tensor:
-    """The retain NLL of open-unlearning's `retain_loss_type: NLL`: the model's own loss with
-    every token a label (a batch without padding)."""
+def open_unlearning_retain(model, reference, batch, retain_loss) -> torch.Tensor:
+    """GradDiff's `compute_retain_loss` on a batch without padding: `NLL`, the model's own loss
+    with every token a label, or `KL`, compute_kl_divergence (test_baseline_options)."""
+    if retain_loss == "kl":
+        return open_unlearning_kl(model, reference, batch)
     ids = batch["input_ids"]
     return model(input_ids=ids, attention_mask=batch["attention_mask"], labels=ids).loss
 
@@ -94,13 +96,7 @@ def test_undial_loss_and_gradient_equal_open_unlearnings_formula(retain_loss):
     got = gradients(model, loss)
 
     undial = open_unlearning_undial(model, reference, f, 3.0)
-    if retain_loss == "nll":
-        retain_term = open_unlearning_nll(model, r)
-    else:  # checked against compute_kl_divergence in test_baseline_options
-        from test_baseline_options import open_unlearning_kl
-
-        retain_term = open_unlearning_kl(model, reference, r)
-    expected = 1.5 * undial + 2.0 * retain_term
+    expected = 1.5 * undial + 2.0 * open_unlearning_retain(model, reference, r, retain_loss)
     want = gradients(model, expected)
     assert terms["undial"] == pytest.approx(undial.item(), rel=1e-5)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -178,8 +174,8 @@ def idk_pairs(tokenizer, forget, indices, seed, share=0.5):
     return labelled(win, starts), labelled(lose, starts)
 
 
-@pytest.mark.parametrize("seed", [0, 3])
-def test_idkdpo_loss_and_gradient_equal_open_unlearnings_formula(seed):
+@pytest.mark.parametrize(("seed", "retain_loss"), [(0, "nll"), (3, "kl")])
+def test_idkdpo_loss_and_gradient_equal_open_unlearnings_formula(seed, retain_loss):
     model, tokenizer = starting_model()
     reference = copy.deepcopy(model)
     method, forget, retain = make(
@@ -191,6 +187,7 @@ def test_idkdpo_loss_and_gradient_equal_open_unlearnings_formula(seed):
         beta=0.5,
         forget_weight=1.5,
         retain_weight=2.0,
+        retain_loss=retain_loss,
     )
     method.prepare()
     perturb(model)
@@ -205,7 +202,7 @@ def test_idkdpo_loss_and_gradient_equal_open_unlearnings_formula(seed):
     win_log_ratio = -(compute_batch_nll(model, win) - win_ref)
     lose_log_ratio = -(compute_batch_nll(model, lose) - lose_ref)
     dpo = -2 / 0.5 * F.logsigmoid(0.5 * (win_log_ratio - lose_log_ratio)).mean()
-    expected = 1.5 * dpo + 2.0 * open_unlearning_nll(model, r)
+    expected = 1.5 * dpo + 2.0 * open_unlearning_retain(model, reference, r, retain_loss)
     want = gradients(model, expected)
     assert terms["dpo"] == pytest.approx(dpo.item(), rel=1e-5)
     assert terms["forget_logratio"] == pytest.approx(lose_log_ratio.mean().item(), rel=1e-4)
