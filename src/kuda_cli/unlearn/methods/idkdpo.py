@@ -130,9 +130,10 @@ class IdkDpo(Method):
             self.preferred[index] = ids[:start] + answers[idk_choice(ctx.seed, index, len(answers))]
         self.reference: dict[int, tuple[float, float]] = {}
         order = sorted(self.starts, key=lambda i: len(ctx.forget.ids[i]))
+        per_forward = max(cfg.batch_size // 2, 1)  # two rows an item: a batch's rows a forward
         with torch.no_grad():
-            for first in range(0, len(order), cfg.batch_size):
-                chunk = order[first : first + cfg.batch_size]
+            for first in range(0, len(order), per_forward):
+                chunk = order[first : first + per_forward]
                 preferred, dispreferred = self.pair_logprobs(chunk)
                 pairs = zip(preferred.tolist(), dispreferred.tolist(), strict=True)
                 self.reference.update(zip(chunk, pairs, strict=True))
