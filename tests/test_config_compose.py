@@ -15,10 +15,12 @@ from kuda_cli.evaluate import eval_schema
 from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
+from kuda_cli.unlearn.methods.idkdpo import IdkDpoMethod
 from kuda_cli.unlearn.methods.kuda import KudaMethod
 from kuda_cli.unlearn.methods.npo import NpoMethod
 from kuda_cli.unlearn.methods.rmu import RmuMethod
 from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
+from kuda_cli.unlearn.methods.undial import UndialMethod
 from kuda_cli.validate import validate
 
 GROUP_SCHEMAS = {
@@ -40,6 +42,8 @@ GROUP_SCHEMAS = {
         "npo": NpoMethod,
         "simnpo": SimNpoMethod,
         "adaptive_rmu": AdaptiveRmuMethod,
+        "undial": UndialMethod,
+        "idkdpo": IdkDpoMethod,
     },
     "eval": {None: eval_schema()},
 }

@@ -25,10 +25,12 @@ from kuda_cli.evaluate import eval_schema
 from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
+from kuda_cli.unlearn.methods.idkdpo import IdkDpoMethod
 from kuda_cli.unlearn.methods.kuda import KudaMethod
 from kuda_cli.unlearn.methods.npo import NpoMethod
 from kuda_cli.unlearn.methods.rmu import RmuMethod
 from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
+from kuda_cli.unlearn.methods.undial import UndialMethod
 
 # schema -> (the key prefix it lives at, the overrides that compose it); each nested dataclass
 # field is walked at its own prefix
@@ -47,6 +49,8 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (NpoMethod, "unlearn.", ["unlearn=npo"]),
     (SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
     (AdaptiveRmuMethod, "unlearn.", ["unlearn=adaptive_rmu"]),
+    (UndialMethod, "unlearn.", ["unlearn=undial"]),
+    (IdkDpoMethod, "unlearn.", ["unlearn=idkdpo"]),
     (eval_schema(), "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema
@@ -85,6 +89,7 @@ FREE = {
     "tune.carry": "dotted config keys",
     "eval.wmdp.tasks": "any lm-eval task name (lm-eval resolves it; offline, the local files)",
     "unlearn.lora.target_modules": "module names of the architecture (peft refuses unknown ones)",
+    "unlearn.idk_answers": "any sentences (an empty one is refused: test_undial_idkdpo)",
 }
 # paths that must exist, with the overrides under which they are read
 PATHS: dict[str, list[str]] = {

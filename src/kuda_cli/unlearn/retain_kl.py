@@ -1,7 +1,7 @@
-"""The KL retain term of GradDiff and NPO (`unlearn.retain_loss=kl`): the KL divergence from the
-starting model's next-token distributions to the current model's on the retain batch, in place
-of the retain NLL, as open-unlearning's `retain_loss_type: KL` (src/trainer/utils.py,
-`compute_kl_divergence`):
+"""The KL retain term (`unlearn.retain_loss=kl`: GradDiff, NPO, UNDIAL, IdkDPO): the KL
+divergence from the starting model's next-token distributions to the current model's on the
+retain batch, in place of the retain NLL, as open-unlearning's `retain_loss_type: KL`
+(src/trainer/utils.py, `compute_kl_divergence`):
 
     mean over the non-padding positions t of  KL(p_ref(. | x_<=t) || p_theta(. | x_<=t))
 
@@ -12,10 +12,11 @@ masks padding, so the two agree on a batch without padding. MUSE's `GA_KLR` / `N
 were log-probabilities (no log-softmax: not a divergence between distributions) and sum over the
 positions before the mean over the batch.
 
-The reference is the starting model, without a second copy of it: `prepare` records its final
-norm's output (the LM head's input, hidden size per token) at every retain item the trainer will
-draw, in a `RepresentationStore` (`unlearn.originals`: memory or disk), and keeps a copy of the
-LM head's starting weights; its logits are the head applied to the stored rows.
+The reference is the starting model, without a second copy of it (`ReferenceLogits`, also
+UNDIAL's teacher on the forget items): `prepare` records its final norm's output (the LM head's
+input, hidden size per token) at every item the trainer will draw, in a `RepresentationStore`
+(`unlearn.originals`: memory or disk), and keeps a copy of the LM head's starting weights; its
+logits are the head applied to the stored rows.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import MethodContext, with_retain_nll
 from kuda_cli.unlearn.representations import RepresentationStore, record_sites
 
@@ -43,38 +45,45 @@ def whole(param: torch.Tensor) -> torch.Tensor:
     return (value.full_tensor() if hasattr(value, "full_tensor") else value).clone()
 
 
-class RetainReference:
-    """The starting model's retain logits, as its final norm's output and its LM head's weights.
-    Built in a method's `prepare` (on the starting weights, under the loss's autocast)."""
+class ReferenceLogits:
+    """The starting model's logits on the items of a token set, as its final norm's output and
+    its LM head's weights. Built in a method's `prepare` (on the starting weights, under the
+    loss's autocast); `head`: another one's `head`, so that one copy of the LM head serves
+    both."""
 
-    def __init__(self, ctx: MethodContext, originals: str):
+    def __init__(
+        self,
+        ctx: MethodContext,
+        tokens: TokenSet,
+        indices: list[int],
+        originals: str,
+        name: str,
+        head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ):
         self.site = ctx.adapter.final_norm
-        directory = ctx.work_dir / "retain_reference" if ctx.work_dir else None
+        directory = ctx.work_dir / f"{name}_reference" if ctx.work_dir else None
         self.store = RepresentationStore(originals, directory)
         record_sites(
-            ctx.model,
-            ctx.retain,
-            ctx.retain_used,
-            [self.site],
-            self.store,
-            desc="reference retain states",
+            ctx.model, tokens, indices, [self.site], self.store, desc=f"reference {name} states"
         )
-        head = ctx.model.get_submodule(ctx.adapter.lm_head)
-        self.weight = whole(head.weight)
-        self.bias = None if head.bias is None else whole(head.bias)
+        if head is None:
+            module = ctx.model.get_submodule(ctx.adapter.lm_head)
+            head = whole(module.weight), None if module.bias is None else whole(module.bias)
+        self.head = head
 
-    def logits(self, retain: dict) -> torch.Tensor:
-        """(batch, width, vocab): the starting model's logits on a retain batch (any value at
-        padding)."""
-        mask = retain["attention_mask"]
-        states = self.store.padded(retain["index"], self.site, mask.shape[1], mask.device)
-        return F.linear(states.to(self.weight.dtype), self.weight, self.bias)
+    def logits(self, batch: dict) -> torch.Tensor:
+        """(batch, width, vocab): the starting model's logits on a batch of the token set's
+        items (any value at padding)."""
+        mask = batch["attention_mask"]
+        states = self.store.padded(batch["index"], self.site, mask.shape[1], mask.device)
+        weight, bias = self.head
+        return F.linear(states.to(weight.dtype), weight, bias)
 
     def close(self) -> None:
         self.store.close()
 
 
-def retain_kl(model, reference: RetainReference, retain: dict) -> torch.Tensor:
+def retain_kl(model, reference: ReferenceLogits, retain: dict) -> torch.Tensor:
     """The KL retain term on a retain batch (see the module's docstring)."""
     logits = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
     return token_kl(logits, reference.logits(retain), retain["attention_mask"])
@@ -86,7 +95,7 @@ def with_retain_term(
     retain: dict | None,
     weight: float,
     terms: dict[str, float],
-    reference: RetainReference | None,
+    reference: ReferenceLogits | None,
 ) -> torch.Tensor:
     """`loss + weight * retain term`: the KL to `reference` (logging `retain_kl`) when there is
     one, else the retain NLL; `loss` alone without a retain batch."""
@@ -99,9 +108,11 @@ def with_retain_term(
     return loss + weight * kl
 
 
-def retain_reference(ctx: MethodContext, cfg) -> RetainReference | None:
-    """The reference a method with `cfg.retain_loss` builds in `prepare`: one for `kl` with a
-    retain term, else None."""
+def retain_reference(
+    ctx: MethodContext, cfg, head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+) -> ReferenceLogits | None:
+    """The reference a method with `cfg.retain_loss` builds in `prepare`: one on the retain
+    items for `kl` with a retain term, else None (`head`: as `ReferenceLogits`)."""
     if cfg.retain_loss != "kl" or cfg.retain_weight == 0:
         return None
-    return RetainReference(ctx, cfg.originals)
+    return ReferenceLogits(ctx, ctx.retain, ctx.retain_used, cfg.originals, "retain", head)

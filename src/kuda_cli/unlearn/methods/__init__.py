@@ -201,13 +201,18 @@ def sequence_nll(model, batch: dict) -> torch.Tensor:
 def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed log-probability of each token given the ones before it, over
     the non-padding tokens, and how many tokens that is (|y|)."""
+    mask = batch["attention_mask"][:, 1:].bool()
+    return token_logprobs(model, batch).masked_fill(~mask, 0.0).sum(1), mask.sum(1)
+
+
+def token_logprobs(model, batch: dict) -> torch.Tensor:
+    """(batch, width - 1): the float32 log-probability of each token from the second on, given
+    the ones before it (any value at padding)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["input_ids"][:, 1:]
-    mask = batch["attention_mask"][:, 1:].bool()
-    logp = -torch.nn.functional.cross_entropy(
+    return -torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
     ).view_as(targets)
-    return logp.masked_fill(~mask, 0.0).sum(1), mask.sum(1)
 
 
 def with_retain_nll(
