@@ -1,4 +1,4 @@
-"""unlearn.auto_tune: the probes it scores (prompts, or passage clozes), the figure it computes, the search it runs, the
+"""unlearn.auto_tune: the probes it scores (prompts or passage clozes), the figure it computes,
 refusals, and a tiny run that records, chooses and resumes without repeating a trial."""
 
 from __future__ import annotations
