@@ -167,7 +167,8 @@ def differs(f: dataclasses.Field, shared: dict[str, dataclasses.Field]) -> bool:
     base = shared.get(f.name)
     if base is None:
         return True
-    return (f.type, f.metadata) != (base.type, base.metadata) or default_of(f) != default_of(base)
+    mine, its = (type_name(f, None), f.metadata), (type_name(base, None), base.metadata)
+    return mine != its or default_of(f) != default_of(base)
 
 
 # ----------------------------------------------------------------------------- conf/
@@ -219,6 +220,8 @@ def group_schemas() -> dict[str, dict[str, type]]:
     """Group ("" for the root) -> schema name -> schema, as the ConfigStore gets them."""
     found: dict[str, dict[str, type]] = {}
     for (store_group, name), cls in all_schemas().items():
+        if cls is None:  # a plug-in without settings
+            continue
         found.setdefault(store_group.removeprefix("schema").strip("/"), {})[name] = cls
     return found
 
