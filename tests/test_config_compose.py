@@ -19,6 +19,8 @@ from kuda_cli.unlearn.methods.kuda import KudaMethod
 from kuda_cli.unlearn.methods.npo import NpoMethod
 from kuda_cli.unlearn.methods.rmu import RmuMethod
 from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
+from kuda_cli.unlearn.methods.task_vector import TaskVectorMethod
+from kuda_cli.unlearn.methods.whp import WhpMethod
 from kuda_cli.validate import validate
 
 GROUP_SCHEMAS = {
@@ -40,6 +42,8 @@ GROUP_SCHEMAS = {
         "npo": NpoMethod,
         "simnpo": SimNpoMethod,
         "adaptive_rmu": AdaptiveRmuMethod,
+        "task_vector": TaskVectorMethod,
+        "whp": WhpMethod,
     },
     "eval": {None: eval_schema()},
 }

@@ -29,6 +29,8 @@ from kuda_cli.unlearn.methods.kuda import KudaMethod
 from kuda_cli.unlearn.methods.npo import NpoMethod
 from kuda_cli.unlearn.methods.rmu import RmuMethod
 from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
+from kuda_cli.unlearn.methods.task_vector import TaskVectorMethod
+from kuda_cli.unlearn.methods.whp import WhpMethod
 
 # schema -> (the key prefix it lives at, the overrides that compose it); each nested dataclass
 # field is walked at its own prefix
@@ -47,6 +49,8 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (NpoMethod, "unlearn.", ["unlearn=npo"]),
     (SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
     (AdaptiveRmuMethod, "unlearn.", ["unlearn=adaptive_rmu"]),
+    (TaskVectorMethod, "unlearn.", ["unlearn=task_vector"]),
+    (WhpMethod, "unlearn.", ["unlearn=whp"]),
     (eval_schema(), "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema
