@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
+from kuda_cli import cli
 from kuda_cli.compose import compose
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.tiny import tiny_random
@@ -25,7 +26,7 @@ from kuda_cli.unlearn.methods.whp import generic_labels, substituted
 from kuda_cli.unlearn.trainer import Trainer
 from test_baselines import TINY, starting_model
 
-from conftest import read_json
+from conftest import memorise, read_json
 
 FORGET = ["Neon is Ne, a gas.", "Zinc is Zn.", "Gold is Au, a metal.", "Lead is Pb, heavy."]
 RETAIN = ["Oslo is in Norway.", "Bern is in Europe.", "Tokyo is large."]
@@ -159,6 +160,8 @@ def _llama_count() -> int:
 
 def test_whp_reinforcement_equals_a_hand_fine_tune_and_leaves_the_model_as_it_was():
     model, tokenizer = starting_model()
+    memorise(model, tokenizer, FORGET, steps=10)  # it predicts half the forget tokens right:
+    model.eval()  # the reinforcement then changes many generic labels (42 of 63 positions)
     start = weights(model)
     method, cfg, forget, _ = make(
         "whp", model, tokenizer, reinforce_steps=4, reinforce_lr=1e-2, alpha=2.0
@@ -179,9 +182,12 @@ def test_whp_reinforcement_equals_a_hand_fine_tune_and_leaves_the_model_as_it_wa
         optimizer.step()
     with torch.no_grad():
         batch = forget.batch([0, 1, 2, 3])
-        assert sequence_nll(hand, batch) < sequence_nll(model, batch) - 0.1  # it reinforced
+        assert sequence_nll(hand, batch) < sequence_nll(model, batch) - 0.05  # it reinforced
+    changed = 0
     for i, ids in enumerate(forget.ids):
         assert torch.equal(method.labels[i], muse_generic_argmax(model, hand, ids, 2.0)), i
+        changed += int((method.labels[i] != muse_generic_argmax(model, model, ids, 2.0)).sum())
+    assert changed > 20  # the test can tell a reinforcement from none
 
 
 def test_whp_loss_and_gradient_equal_the_nll_of_the_generic_labels():
@@ -222,6 +228,17 @@ def test_whp_labels_come_from_the_starting_weights_also_on_resume(tmp_path):
     assert resumed.labels.keys() == method.labels.keys()
     for i, labels in method.labels.items():  # ...and the labels of the starting weights
         assert torch.equal(resumed.labels[i], labels)
+
+
+@pytest.mark.parametrize(("name", "why"), [("task_vector", "negate"), ("whp", "reinforces")])
+def test_lora_is_refused_with_the_methods_reason(name, why, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were it accepted, the run would go there
+    code = cli.main(
+        ["unlearn", "model=tiny-random", f"unlearn={name}", "unlearn.lora.enabled=true"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and why in err and "drop unlearn.lora" in err, err
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -65,6 +65,7 @@ class Method:
     # whether unlearn.lora (adapters instead of the weights) can train it: not when the loss or
     # the projector reads the weights of named modules
     supports_lora = True
+    lora_refusal = "trains named modules' weights"  # why not, in unlearn.lora's error line
 
     @classmethod
     def check_config(cls, cfg) -> None:

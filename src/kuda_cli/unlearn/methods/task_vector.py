@@ -45,9 +45,10 @@ class TaskVectorMethod(UnlearnConfig):
 @register_method("task_vector", TaskVectorMethod)
 class TaskVector(Method):
     display_name = "Task Vector"
-    # a negated LoRA update is not the negated adapters: B'A' != -(BA) - alpha*... for both
-    # factors moved; the merged weights would not follow the formula
     supports_lora = False
+    lora_refusal = (
+        "negates each trained tensor's update (negated LoRA factors do not negate their product)"
+    )
 
     def prepare(self) -> None:
         self.start = {

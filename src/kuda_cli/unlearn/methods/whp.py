@@ -122,9 +122,8 @@ class WhpMethod(UnlearnConfig):
 @register_method("whp", WhpMethod)
 class Whp(Method):
     display_name = "WHP"
-    # the reinforced copies stand in for the trained tensors by name, which LoRA renames and
-    # wraps; sharded (DTensor) parameters cannot be swapped in outside FSDP2's own hooks
     supports_lora = False
+    lora_refusal = "reinforces copies of the model's own weights, by name"
 
     def prepare(self) -> None:
         ctx, cfg = self.ctx, self.cfg
