@@ -24,6 +24,7 @@ from kuda_cli.unlearn.batches import batch_indices, tokenize, unlearn_texts
 from kuda_cli.unlearn.methods import MethodContext, get_method, method_schemas, sequence_nll
 from kuda_cli.unlearn.methods.whp import generic_labels, substituted
 from kuda_cli.unlearn.trainer import Trainer
+from kuda_cli.validate import validate
 from test_baselines import TINY, starting_model
 
 from conftest import memorise, read_json
@@ -239,6 +240,17 @@ def test_lora_is_refused_with_the_methods_reason(name, why, capsys, tmp_path, mo
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and why in err and "drop unlearn.lora" in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_whp_refuses_sharding_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --num_processes 2` sets it
+    code = cli.main(["unlearn", "model=tiny-random", "unlearn=whp"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "unlearn.shard=none" in err, err
+    assert not list(tmp_path.iterdir())
+    for fine in (["unlearn.trainable=[mlp]"], ["unlearn.shard=none"]):  # replicated: accepted
+        validate(compose(["model=tiny-random", "unlearn=whp", "stage=unlearn", *fine]))
 
 
 # ----------------------------------------------------------------------------- end to end

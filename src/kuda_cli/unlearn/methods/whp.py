@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from kuda_cli import distributed
 from kuda_cli.config import MAX_STEPS, STEPS_WHY, UnlearnConfig, bounded, listed
-from kuda_cli.errors import UserError
+from kuda_cli.errors import ConfigError, UserError
+from kuda_cli.unlearn import sharding
 from kuda_cli.unlearn.batches import TokenSet, batch_indices
 from kuda_cli.unlearn.methods import Method, register_method, sequence_nll
 from kuda_cli.unlearn.trainer import make_optimizer, make_schedule
@@ -125,16 +127,23 @@ class Whp(Method):
     supports_lora = False
     lora_refusal = "reinforces copies of the model's own weights, by name"
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """The reinforced copies replace whole tensors in the forward: FSDP2's shards, gathered
+        by its own hooks, cannot be replaced so."""
+        if sharding.wanted(cfg.unlearn):
+            raise ConfigError(
+                f"unlearn=whp cannot reinforce parameters sharded over the "
+                f"{distributed.world_size()} processes (FSDP2): set unlearn.shard=none, or train "
+                "module kinds (e.g. unlearn.trainable=[mlp])"
+            )
+
     def prepare(self) -> None:
         ctx, cfg = self.ctx, self.cfg
-        params = self.trainable_parameters()
-        if any(hasattr(p, "to_local") for p in params.values()):
-            raise UserError(
-                "unlearn=whp cannot reinforce sharded parameters (FSDP2); set unlearn.shard=none "
-                "or train module kinds (unlearn.trainable=[mlp])"
-            )
         with torch.enable_grad():
-            reinforced = reinforce(ctx.model, params, ctx.forget, cfg, ctx.seed)
+            reinforced = reinforce(
+                ctx.model, self.trainable_parameters(), ctx.forget, cfg, ctx.seed
+            )
         self.labels = generic_labels(
             ctx.model,
             substituted(ctx.model, reinforced),
