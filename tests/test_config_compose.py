@@ -20,7 +20,9 @@ from kuda_cli.unlearn.methods.kuda import KudaMethod
 from kuda_cli.unlearn.methods.npo import NpoMethod
 from kuda_cli.unlearn.methods.rmu import RmuMethod
 from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
+from kuda_cli.unlearn.methods.task_vector import TaskVectorMethod
 from kuda_cli.unlearn.methods.undial import UndialMethod
+from kuda_cli.unlearn.methods.whp import WhpMethod
 from kuda_cli.validate import validate
 
 GROUP_SCHEMAS = {
@@ -44,6 +46,8 @@ GROUP_SCHEMAS = {
         "adaptive_rmu": AdaptiveRmuMethod,
         "undial": UndialMethod,
         "idkdpo": IdkDpoMethod,
+        "task_vector": TaskVectorMethod,
+        "whp": WhpMethod,
     },
     "eval": {None: eval_schema()},
 }

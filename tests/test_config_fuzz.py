@@ -30,7 +30,9 @@ from kuda_cli.unlearn.methods.kuda import KudaMethod
 from kuda_cli.unlearn.methods.npo import NpoMethod
 from kuda_cli.unlearn.methods.rmu import RmuMethod
 from kuda_cli.unlearn.methods.simnpo import SimNpoMethod
+from kuda_cli.unlearn.methods.task_vector import TaskVectorMethod
 from kuda_cli.unlearn.methods.undial import UndialMethod
+from kuda_cli.unlearn.methods.whp import WhpMethod
 
 # schema -> (the key prefix it lives at, the overrides that compose it); each nested dataclass
 # field is walked at its own prefix
@@ -51,6 +53,8 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (AdaptiveRmuMethod, "unlearn.", ["unlearn=adaptive_rmu"]),
     (UndialMethod, "unlearn.", ["unlearn=undial"]),
     (IdkDpoMethod, "unlearn.", ["unlearn=idkdpo"]),
+    (TaskVectorMethod, "unlearn.", ["unlearn=task_vector"]),
+    (WhpMethod, "unlearn.", ["unlearn=whp"]),
     (eval_schema(), "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema

@@ -303,10 +303,13 @@ def _check_lora(unlearn: DictConfig) -> None:
     from kuda_cli.unlearn.methods import get_method, lora_methods
 
     lora = unlearn.get("lora")
-    if lora is not None and lora.enabled and not get_method(unlearn.method).supports_lora:
+    if lora is None or not lora.enabled:
+        return
+    method = get_method(unlearn.method)
+    if not method.supports_lora:
         raise ConfigError(
             f"unlearn.lora.enabled=true is for the full-parameter baselines "
-            f"({', '.join(lora_methods())}); {unlearn.method} trains named modules' weights: "
+            f"({', '.join(lora_methods())}); {unlearn.method} {method.lora_refusal}: "
             "drop unlearn.lora"
         )
 

@@ -2,12 +2,14 @@
 
 Per step: `grad_accum` forget micro-batches (and retain ones when the method asks), the method's
 loss, backward, clipping, the optional null-space projection around the optimiser step, the
-schedule, one row of `train_log.jsonl`. Intermediate checkpoints (`checkpoint-<step>/`: the
-trained tensors, optimiser and schedule) are written every `save_every` steps, the final one
-(`checkpoint/`: the Hugging Face model) at the end, each through a temporary directory and a
-rename, so a kill at any moment leaves the last complete one (unlearn/checkpoint_files.py). A
-run that finds a checkpoint in its directory continues from it; data order is a function of
-(seed, step), so the resumed run ends with the weights an uninterrupted run would have.
+schedule, one row of `train_log.jsonl`; after the last step, the method's `finalise` (a last
+change of the trained weights, e.g. negating what training added). Intermediate checkpoints
+(`checkpoint-<step>/`: the trained tensors, optimiser and schedule) are written every
+`save_every` steps, the final one (`checkpoint/`: the Hugging Face model) at the end, each
+through a temporary directory and a rename, so a kill at any moment leaves the last complete one
+(unlearn/checkpoint_files.py). A run that finds a checkpoint in its directory continues from it;
+data order is a function of (seed, step), so the resumed run ends with the weights an
+uninterrupted run would have.
 
 Trained tensors of a half-precision model keep float32 master copies (`master_weights`); with
 several processes the trained gradients are averaged (`kuda_cli.distributed`), or, when every
@@ -248,6 +250,8 @@ class Trainer(Checkpointing):
         finally:
             self._collecting = False
         bar.close()
+        if start < self.cfg.steps:  # a run resumed from its final checkpoint has finalised
+            self._finalise()
         if self.out_dir is not None and not checkpoint_files.is_final(self.out_dir / CHECKPOINT):
             self.save_final(self.cfg.steps, row)
         distributed.shutdown()
@@ -259,6 +263,13 @@ class Trainer(Checkpointing):
             seconds=round(time.perf_counter() - started, 3),
             last=row,
         )
+
+    @torch.no_grad()
+    def _finalise(self) -> None:
+        """The method's change to the trained weights after the last step, on the optimised
+        tensors; the model gets them rounded, as after a step."""
+        self.method.finalise(self.optimised)
+        self._sync_from_masters()
 
     def _step(self, step: int, optimised: list[torch.Tensor], t0: float) -> dict[str, Any]:
         self.optimizer.zero_grad(set_to_none=True)

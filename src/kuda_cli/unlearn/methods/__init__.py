@@ -8,7 +8,8 @@ everything about the method: its display name, its checks across config groups, 
 train it, the settings `kuda report` shows, the memory planner's terms. The method says which
 parameters train, precomputes what it compares against (original representations, reference
 log-probabilities) in `prepare`, and returns its loss and the loss terms to log for a forget
-batch (and a retain batch when `needs_retain` is set). The trainer does everything else.
+batch (and a retain batch when `needs_retain` is set); `finalise` may change the trained weights
+once after the last step. The trainer does everything else.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Method:
     # whether unlearn.lora (adapters instead of the weights) can train it: not when the loss or
     # the projector reads the weights of named modules
     supports_lora = True
+    lora_refusal = "trains named modules' weights"  # why not, in unlearn.lora's error line
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -113,6 +115,12 @@ class Method:
 
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def finalise(self, params: dict[str, torch.Tensor]) -> None:
+        """Change the trained weights after the last step, before the final checkpoint is saved
+        and the model evaluated (`params`: what the optimiser updated, float32 master copies
+        where kept). Not called when a run resumes from its final checkpoint: that holds the
+        finalised weights already."""
 
     def diagnostics(self, params: dict[str, nn.Parameter]) -> dict[str, Any]:
         """Method-specific figures computed after training (e.g. KUDA's KRD)."""
