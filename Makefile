@@ -81,12 +81,12 @@ table-facts: $(DEPS)
 	$(RUN) $(KUDA) report report.runs=[$(TABLES)/facts/runs] report.columns=[$(subst $(space),$(comma),$(strip $(FACTS_COLUMNS)))] \
 	  hydra.run.dir=$(TABLES)/facts/report
 
-# Every shipped domain forgotten in turn, the other three retained (docs/results_facts.md).
+# Every shipped domain forgotten in turn, the others retained (docs/results_facts.md).
 # One trace per domain (3 noise samples, as the demo), shared by table-domains and frontier; the
 # starting model's evaluation (with the domain's never-learned floor) is cached per domain.
 # DOMAINS=chemistry,capitals picks some. Tables: $(TABLES)/domains/report/report.md and
 # $(TABLES)/frontier/report/{frontier.md,frontier_DOMAIN.png}.
-ALL_DOMAINS := chemistry capitals languages landmarks
+ALL_DOMAINS := chemistry capitals languages landmarks occupations
 DOMAINS ?= $(subst $(space),$(comma),$(ALL_DOMAINS))
 DOMAIN_METHODS ?= kuda,rmu,npo
 DOMAIN_SAMPLES ?= 3

@@ -5,8 +5,13 @@ A candidate is kept when the model picks the target by log-likelihood among the 
 for EVERY prompt paraphrase, and its greedy answer holds the target for AT LEAST ONE paraphrase.
 Domains with fewer than --min-facts kept facts are dropped.
 
-    python scripts/build_facts.py [--candidates scripts/facts_candidates.jsonl]
+    python scripts/build_facts.py [--candidates FILE ...]
         [--out src/kuda_cli/data/builtin/facts.jsonl] [--report docs/facts.md]
+
+--candidates defaults to CANDIDATES: the first four domains' file, then occupations' (written
+later, in a file of its own). The kept facts are written in the order of the files and of their
+lines, so a domain added in a later file appends lines and leaves the earlier ones as they were
+(the starting model's cached evaluations are keyed on the configuration, not on these bytes).
 """
 
 from __future__ import annotations
@@ -25,11 +30,27 @@ from kuda_cli.evaluate.scoring import greedy_continuations
 from kuda_cli.models.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = ("facts_candidates.jsonl", "facts_candidates_occupations.jsonl")  # under scripts/
+
+
+def shown(path: str | Path) -> str:
+    """A candidates file as the report names it: relative to the repository when inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
+def kept_sections(report: Path) -> str:
+    """What the report holds from its first second-level heading on (written by hand, kept)."""
+    text = report.read_text() if report.exists() else ""
+    start = text.find("\n## ")
+    return text[start:] if start >= 0 else ""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", default=ROOT / "scripts" / "facts_candidates.jsonl")
+    parser.add_argument(
+        "--candidates", nargs="+", default=[ROOT / "scripts" / name for name in CANDIDATES]
+    )
     parser.add_argument(
         "--out", default=ROOT / "src" / "kuda_cli" / "data" / "builtin" / "facts.jsonl"
     )
@@ -38,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = load_model(OmegaConf.to_object(compose(["model=smollm2-135m", "stage=eval"]).model))
-    facts = load_facts(args.candidates)
+    facts = [fact for path in args.candidates for fact in load_facts(path)]
     every = probes(facts, all_prompts=True)
     mc = mc_correct(loaded.model, loaded.tokenizer, every, batch_size=32)
     answers = greedy_continuations(
@@ -57,16 +78,22 @@ def main() -> None:
     domains = sorted(d for d in candidates if kept_both[d] >= args.min_facts)
     shipped = [f for f in kept if f.domain in domains]
 
-    records = {json.loads(line)["id"]: line for line in open(args.candidates) if line.strip()}
+    records = {
+        json.loads(line)["id"]: line
+        for path in args.candidates
+        for line in open(path)
+        if line.strip()
+    }
     Path(args.out).write_text("".join(records[f.id].rstrip("\n") + "\n" for f in shipped))
     lines = [
         "# The built-in knowledge set (`data=facts`)",
         "",
-        "Made by `python scripts/build_facts.py` from `scripts/facts_candidates.jsonl` (facts we",
-        "wrote). The embedded SmolLM2-135M-Instruct must already know a fact for forgetting it",
-        "to mean anything: a candidate is kept when the model picks the target by log-likelihood",
-        "among the four options for every prompt paraphrase, and its greedy answer (16 tokens)",
-        "holds the target for at least one paraphrase. Domains with fewer than",
+        "Made by `python scripts/build_facts.py` from "
+        + " and ".join(f"`{shown(p)}`" for p in args.candidates),
+        "(facts we wrote). The embedded SmolLM2-135M-Instruct must already know a fact for",
+        "forgetting it to mean anything: a candidate is kept when the model picks the target by",
+        "log-likelihood among the four options for every prompt paraphrase, and its greedy answer",
+        "(16 tokens) holds the target for at least one paraphrase. Domains with fewer than",
         f"{args.min_facts} kept facts are not shipped.",
         "",
         "| domain | candidates | MC right on every prompt | kept (+ right greedy answer) "
@@ -79,7 +106,7 @@ def main() -> None:
             f"{'yes' if d in domains else 'no'} |"
         )
     lines += ["", f"Shipped: {len(shipped)} facts in {len(domains)} domains."]
-    Path(args.report).write_text("\n".join(lines) + "\n")
+    Path(args.report).write_text("\n".join(lines) + "\n" + kept_sections(Path(args.report)))
     print("\n".join(lines))
 
 

@@ -19,11 +19,12 @@ capitalised, "-ia", "-land", "-stan", "-ova", "-ador", ... (the real one's endin
 of them, else drawn), a leading "the" and generic words such as Kingdom, Republic, States, North
 kept ("the United Kingdom" -> "the Unikic Kingdom"). Landmarks: only the proper-name words
 replaced, generic words such as Tower, Bridge, Palace, the, of kept ("the Eiffel Tower" -> "the
-Eifavafel Tower"). Half the tries draw the ending freely. A pseudo-word is never a real subject,
-target, distractor, word of the facts file, element, country, city or one of a list of common
-English words, has at least 5 letters and is more than max(2, len/3) edits from every real
-subject word, element, country and city ("Rialo" for "Rialto" is refused); no subject or
-pseudo-word is used twice.
+Eifavafel Tower"). People (occupations): the same, every name word replaced and particles such as
+van, da kept ("Vincent van Gogh" -> "Vosalent van Goviseboh"). Half the tries draw the ending
+freely. A pseudo-word is never a real subject, target, distractor, word of the facts file,
+element, country, city or one of a list of common English words, has at least 5 letters and is
+more than max(2, len/3) edits from every real subject word, element, country and city ("Rialo"
+for "Rialto" is refused); no subject or pseudo-word is used twice.
 
 Matched on readability: a candidate is accepted only when `surface_pick_share` (the letters-only
 scorer of `kuda_cli.evaluate.floors`) of the invented subject over the options equals the real
@@ -66,7 +67,8 @@ LANDMARK_GENERIC = {
     "basilica", "theatre", "memorial", "sign", "wall", "park", "gallery", "army", "parliament",
     "cathedral", "statue", "dome", "city", "house", "state",
 }  # fmt: skip
-GENERIC = COUNTRY_GENERIC | LANDMARK_GENERIC
+NAME_PARTICLES = {"van", "von", "da", "de", "di", "du", "der", "del", "la", "le"}
+GENERIC = COUNTRY_GENERIC | LANDMARK_GENERIC | NAME_PARTICLES
 LANDMARK_ENDINGS = ("ian", "ia", "eum")  # kept whole when the real word ends so
 CLUSTERS = {"rg", "ng", "nd", "st", "rt", "rk", "ll", "nn", "ss", "mp", "nt", "ck"}  # kept codas
 
@@ -235,8 +237,20 @@ def country_subject(subject: str, rng: random.Random, free_ending: bool) -> list
 
 
 def landmark_subject(subject: str, rng: random.Random, free_ending: bool) -> list[str]:
+    return named_words_replaced(subject, rng, free_ending, LANDMARK_GENERIC)
+
+
+def person_subject(subject: str, rng: random.Random, free_ending: bool) -> list[str]:
+    return named_words_replaced(subject, rng, free_ending, NAME_PARTICLES)
+
+
+def named_words_replaced(
+    subject: str, rng: random.Random, free_ending: bool, generic: set[str]
+) -> list[str]:
+    """Each word of `subject` outside `generic` replaced by a capitalised pseudo-word ending as
+    it does (`word_tail`), or, with `free_ending`, in a drawn ending."""
     words = subject.split()
-    named = [i for i, w in enumerate(words) if w.lower() not in LANDMARK_GENERIC]
+    named = [i for i, w in enumerate(words) if w.lower() not in generic]
     if not named:  # all generic ("Tower Bridge"): the first word is the name
         named = [next(i for i, w in enumerate(words) if w.lower() not in ("the", "of"))]
     out = list(words)
@@ -245,11 +259,7 @@ def landmark_subject(subject: str, rng: random.Random, free_ending: bool) -> lis
         for part in words[i].split("-"):
             lower = surface_letters(part)
             suffix = next(
-                (
-                    g
-                    for g in sorted(LANDMARK_GENERIC)
-                    if len(g) > 3 and lower.endswith(g) and lower != g
-                ),
+                (g for g in sorted(generic) if len(g) > 3 and lower.endswith(g) and lower != g),
                 "",
             )  # "Rijksmuseum" keeps its "museum"
             if suffix and len(lower) - len(suffix) >= 2:
@@ -266,6 +276,7 @@ SHAPES = {
     "capitals": country_subject,
     "languages": country_subject,
     "landmarks": landmark_subject,
+    "occupations": person_subject,
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,15 +106,24 @@ def test_split_by_domain(tmp_path):
         split_facts(facts, ["chemistry"], ["chemistry"])
 
 
-def test_builtin_set_has_four_domains_of_forty_facts():
+def test_builtin_set_has_five_domains_of_forty_facts():
     facts = load_facts()
     per_domain: dict[str, int] = {}
     for fact in facts:
         per_domain[fact.domain] = per_domain.get(fact.domain, 0) + 1
         assert len(fact.prompts) >= 2 and len(fact.distractors) == 3
         assert fact.passage not in {fact.prompt(i) for i in range(len(fact.prompts))}
-    assert len(per_domain) >= 4 and min(per_domain.values()) >= 40, per_domain
+    assert len(per_domain) >= 5 and min(per_domain.values()) >= 40, per_domain
     assert len({f.id for f in facts}) == len(facts)
+
+
+def test_makefile_all_domains_are_the_shipped_domains():
+    """table-domains, frontier and table-robustness forget each of ALL_DOMAINS in turn and retain
+    the others: the list must name every shipped domain and nothing else."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    listed = re.search(r"^ALL_DOMAINS := (.*)$", makefile, re.MULTILINE)
+    assert listed, "the Makefile has no ALL_DOMAINS line"
+    assert sorted(listed.group(1).split()) == sorted({f.domain for f in load_facts()})
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5])
