@@ -23,6 +23,7 @@ from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.evaluate import eval_schema
 from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
+from kuda_cli.unlearn.methods.elm import ElmMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.kuda import KudaMethod
@@ -47,6 +48,7 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (NpoMethod, "unlearn.", ["unlearn=npo"]),
     (SimNpoMethod, "unlearn.", ["unlearn=simnpo"]),
     (AdaptiveRmuMethod, "unlearn.", ["unlearn=adaptive_rmu"]),
+    (ElmMethod, "unlearn.", ["unlearn=elm", "unlearn.layers=[1,2]"]),  # 4-7: the tiny has 4
     (eval_schema(), "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema
@@ -85,6 +87,10 @@ FREE = {
     "tune.carry": "dotted config keys",
     "eval.wmdp.tasks": "any lm-eval task name (lm-eval resolves it; offline, the local files)",
     "unlearn.lora.target_modules": "module names of the architecture (peft refuses unknown ones)",
+    "unlearn.concept": "words filled into ELM's prefixes",
+    "unlearn.expert_prefixes": "texts",
+    "unlearn.novice_prefixes": "texts",
+    "unlearn.fluency_bridges": "texts",
 }
 # paths that must exist, with the overrides under which they are read
 PATHS: dict[str, list[str]] = {
