@@ -29,7 +29,8 @@ class ItemPrompts:
 
 
 def item_prompts(cfg, concept: str, items: list[int], seed: int) -> dict[int, ItemPrompts]:
-    """Each item's prefixes, drawn from the schema's lists by (seed, item)."""
+    """Each item's prefixes (each followed by a newline, as the reference's end), drawn from
+    the schema's lists by (seed, item)."""
     out = {}
     for item in dict.fromkeys(items):
         rng = np.random.default_rng([seed, item])
@@ -38,7 +39,9 @@ def item_prompts(cfg, concept: str, items: list[int], seed: int) -> dict[int, It
             for options in (cfg.expert_prefixes, cfg.novice_prefixes, cfg.fluency_bridges)
         )
         out[item] = ItemPrompts(
-            expert.replace("{concept}", concept), novice.replace("{concept}", concept), bridge
+            expert.replace("{concept}", concept) + "\n",
+            novice.replace("{concept}", concept) + "\n",
+            bridge,
         )
     return out
 

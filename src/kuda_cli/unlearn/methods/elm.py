@@ -34,19 +34,19 @@ from kuda_cli.unlearn.methods import Method, register_method
 
 EXPERT = (
     "The passage below was written by a leading expert on {concept}, and gives precise, "
-    "detailed technical knowledge of it:\n",
+    "detailed technical knowledge of it:",
     "An experienced specialist in {concept} wrote the following, sharing in-depth facts and "
-    "know-how:\n",
+    "know-how:",
     "What follows is an authoritative technical account of {concept} by a seasoned "
-    "professional in the field:\n",
+    "professional in the field:",
 )
 NOVICE = (
     "The passage below was written by someone who knows nothing about {concept}, and drifts "
-    "off to unrelated everyday topics:\n",
+    "off to unrelated everyday topics:",
     "A writer with no knowledge of {concept} wrote the following, wandering away to random "
-    "harmless subjects:\n",
+    "harmless subjects:",
     "What follows comes from a person unfamiliar with {concept}, who changes the subject to "
-    "something light:\n",
+    "something light:",
 )
 BRIDGES = (
     "I cannot say much about this, so let us talk about something else entirely,",
@@ -72,7 +72,7 @@ class ElmMethod(UnlearnConfig):
     lora: LoraSpec = field(default_factory=elm_lora)
     # null: what the data names (data=facts: its forget domains); WMDP: set it (docs/baselines.md)
     concept: str | None = None
-    expert_prefixes: list[str] = listed(*EXPERT, min_items=1)  # `{concept}` is filled in
+    expert_prefixes: list[str] = listed(*EXPERT, min_items=1)  # `{concept}` filled in; + "\n"
     novice_prefixes: list[str] = listed(*NOVICE, min_items=1)
     eta: float = bounded(1000.0, ge=0)  # the guidance at a text's last token
     eta_start: float = bounded(1.0, ge=0)  # ... at its first token (linear in between)
