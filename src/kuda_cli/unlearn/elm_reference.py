@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kuda_cli.evaluate.scoring import right_padded
 from kuda_cli.locate.restore import cache_keyword, returned_cache
@@ -96,7 +97,7 @@ def erase_targets(
     device = next(model.parameters()).device
     bos = tokenizer.bos_token_id
     out = {}
-    for chunk in _chunks(tokens, items, cfg.batch_size):
+    for chunk in tqdm(_chunks(tokens, items, cfg.batch_size), desc="ELM targets", unit="batch"):
         texts = [tokens.ids[i] for i in chunk]
         heads = {
             side: [
@@ -137,7 +138,7 @@ def greedy_tokens(model, tokens: TokenSet, items: list[int], batch_size: int) ->
     """Item -> the starting model's most likely next token at each of its positions."""
     device = next(model.parameters()).device
     out = {}
-    for chunk in _chunks(tokens, items, batch_size):
+    for chunk in tqdm(_chunks(tokens, items, batch_size), desc="ELM retain tokens", unit="batch"):
         logits = _logits(model, [tokens.ids[i] for i in chunk], tokens.pad_id, device)
         for row, item in enumerate(chunk):
             out[item] = logits[row, : len(tokens.ids[item])].argmax(-1).tolist()
@@ -183,7 +184,7 @@ def fluency_sequences(
     """Item -> (its text, ". " and its bridge sentence, the guided continuation; where the
     trained tokens start)."""
     out = {}
-    for item in dict.fromkeys(items):
+    for item in tqdm(list(dict.fromkeys(items)), desc="ELM continuations", unit="item"):
         p = prompts[item]
         text = tokens.ids[item]
         bridge = tokenizer(f". {p.bridge} ", add_special_tokens=False)["input_ids"]

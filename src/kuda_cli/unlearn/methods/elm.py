@@ -82,7 +82,7 @@ class ElmMethod(UnlearnConfig):
     retain_weight: float = bounded(1.0, ge=0)
     fluency_weight: float = bounded(1.0, ge=0)  # 0: no guided continuations generated
     fluency_bridges: list[str] = listed(*BRIDGES, min_items=1)
-    fluency_tokens: int = bounded(64, ge=1)  # sampled per forget item in prepare
+    fluency_tokens: int = bounded(32, ge=1)  # sampled per forget item in prepare
     fluency_gamma: float = bounded(3.0, ge=0)  # the guidance of that sampling
 
 
