@@ -13,6 +13,7 @@ from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import eval_schema
 from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
+from kuda_cli.unlearn.methods.elm import ElmMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.idkdpo import IdkDpoMethod
@@ -48,6 +49,7 @@ GROUP_SCHEMAS = {
         "idkdpo": IdkDpoMethod,
         "task_vector": TaskVectorMethod,
         "whp": WhpMethod,
+        "elm": ElmMethod,
     },
     "eval": {None: eval_schema()},
 }

@@ -23,6 +23,7 @@ from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.evaluate import eval_schema
 from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
+from kuda_cli.unlearn.methods.elm import ElmMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
 from kuda_cli.unlearn.methods.graddiff import GradDiffMethod
 from kuda_cli.unlearn.methods.idkdpo import IdkDpoMethod
@@ -55,6 +56,7 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (IdkDpoMethod, "unlearn.", ["unlearn=idkdpo"]),
     (TaskVectorMethod, "unlearn.", ["unlearn=task_vector"]),
     (WhpMethod, "unlearn.", ["unlearn=whp"]),
+    (ElmMethod, "unlearn.", ["unlearn=elm", "unlearn.layers=[1,2]"]),  # 4-7: the tiny has 4
     (eval_schema(), "eval.", []),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema
@@ -94,6 +96,10 @@ FREE = {
     "eval.wmdp.tasks": "any lm-eval task name (lm-eval resolves it; offline, the local files)",
     "unlearn.lora.target_modules": "module names of the architecture (peft refuses unknown ones)",
     "unlearn.idk_answers": "any sentences (an empty one is refused: test_undial_idkdpo)",
+    "unlearn.concept": "words filled into ELM's prefixes",
+    "unlearn.expert_prefixes": "texts",
+    "unlearn.novice_prefixes": "texts",
+    "unlearn.fluency_bridges": "texts",
 }
 # paths that must exist, with the overrides under which they are read
 PATHS: dict[str, list[str]] = {

@@ -139,7 +139,7 @@ def _swap_cache(value, cache: Cache):
     return cache if isinstance(value, Cache) else value
 
 
-def _cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str:
     """The keyword the model's forward takes a KV cache by: `cache` from transformers 5.x on,
     `past_key_values` before (5.x still accepts it, with a deprecation warning)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -179,7 +179,7 @@ def _block_arguments(model, adapter, enc, runs, t: int) -> list[tuple[tuple, dic
     )
     try:
         ids = torch.tensor([enc.input_ids[t:]], device=device)
-        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_keyword(model): prefix})
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): prefix})
     except StopForward:
         pass
     finally:

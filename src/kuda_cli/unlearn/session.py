@@ -93,6 +93,7 @@ class UnlearnSession:
             cache_dir=resolve_cache_root(cfg.cache_dir),
             model_key=model_key,
             seed=cfg.seed,
+            data=OmegaConf.to_object(cfg.data),
         )
 
     def auto_tune(self) -> dict[str, Any]:

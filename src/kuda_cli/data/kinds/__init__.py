@@ -86,6 +86,12 @@ class DataKind:
         return data.get("name")
 
     @classmethod
+    def concept(cls, data) -> str | None:
+        """What the forget texts are about, in words (ELM's concept prefixes), when the data
+        names it; None: the method asks the user (unlearn.concept)."""
+        return None
+
+    @classmethod
     def fact_sets(cls, data) -> tuple[list, list]:
         """(forget facts, retain facts), for a kind that provides_facts."""
         raise NotImplementedError(f"data kind {cls.name} holds no facts")

@@ -47,6 +47,11 @@ class Facts(DataKind):
         )
 
     @classmethod
+    def concept(cls, data) -> str | None:
+        """The forget domains: `chemistry`, `capitals, languages`."""
+        return ", ".join(str(d) for d in data.forget_domains)
+
+    @classmethod
     def label(cls, data: dict[str, Any]) -> str | None:
         """`facts:capitals` for the set with capitals forgotten: each forget set has its own
         starting-model row."""

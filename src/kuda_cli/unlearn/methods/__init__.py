@@ -54,6 +54,7 @@ class MethodContext:
     cache_dir: Path | None = None  # shared caches (null-space spectra)
     model_key: str = ""  # content fingerprint of the starting model
     seed: int = 0
+    data: Any = None  # the data group's config (a dataclass): what a method may ask its kind
 
 
 class Method:
