@@ -150,7 +150,8 @@ def test_a_missing_tracker_package_is_one_line_with_the_fix_exit_2_no_run_direct
 ):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # what import finds when not installed
     monkeypatch.chdir(tmp_path)
-    code = cli.main(["unlearn", "model=tiny-random", "logger=tensorboard"])
+    # what would run without the check is short (a bug costs seconds, not a failed suite)
+    code = cli.main(["unlearn", *TINY_RUN, "eval=none", "logger=tensorboard"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(lines) == 1 and "logger=tensorboard" in lines[0], lines
