@@ -121,8 +121,10 @@ def test_wandb_offline_run_holds_each_steps_loss_the_metrics_and_the_config(
     ]
     losses = [(h["_step"], h["train/loss"]) for h in history if "train/loss" in h]
     assert losses == train_losses(run_dir)
-    after = [h["perplexity.perplexity"] for h in history if "perplexity.perplexity" in h]
-    assert after == [pytest.approx(after_perplexity(run_dir))]
+    after = [
+        (h["_step"], h["perplexity.perplexity"]) for h in history if "perplexity.perplexity" in h
+    ]
+    assert after == [(2, pytest.approx(after_perplexity(run_dir)))]  # at the last step
     config = {
         wandb_key(item): json.loads(item.value_json)
         for r in records
