@@ -12,6 +12,11 @@ from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import eval_schema
+from kuda_cli.trackers.csv import CsvLogger
+from kuda_cli.trackers.mlflow import MlflowLogger
+from kuda_cli.trackers.none import NoLogger
+from kuda_cli.trackers.tensorboard import TensorBoardLogger
+from kuda_cli.trackers.wandb import WandbLogger
 from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
 from kuda_cli.unlearn.methods.elm import ElmMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
@@ -52,6 +57,13 @@ GROUP_SCHEMAS = {
         "elm": ElmMethod,
     },
     "eval": {None: eval_schema()},
+    "logger": {
+        "none": NoLogger,
+        "csv": CsvLogger,
+        "tensorboard": TensorBoardLogger,
+        "wandb": WandbLogger,
+        "mlflow": MlflowLogger,
+    },
 }
 # what an option needs besides itself to be runnable
 EXTRA = {
@@ -81,7 +93,8 @@ def test_defaults_are_the_documented_ones():
         cfg.locate.method,
         cfg.unlearn.method,
         cfg.eval.name,
-    ) == ("smollm2-135m", "facts", "causal_tracing", "kuda", "facts")
+        cfg.logger.name,
+    ) == ("smollm2-135m", "facts", "causal_tracing", "kuda", "facts", "none")
     validate(cfg)
 
 

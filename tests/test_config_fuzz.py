@@ -22,6 +22,11 @@ from kuda_cli.data.kinds.corpus import CorpusData
 from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
 from kuda_cli.evaluate import eval_schema
+from kuda_cli.trackers.csv import CsvLogger
+from kuda_cli.trackers.mlflow import MlflowLogger
+from kuda_cli.trackers.none import NoLogger
+from kuda_cli.trackers.tensorboard import TensorBoardLogger
+from kuda_cli.trackers.wandb import WandbLogger
 from kuda_cli.unlearn.methods.adaptive_rmu import AdaptiveRmuMethod
 from kuda_cli.unlearn.methods.elm import ElmMethod
 from kuda_cli.unlearn.methods.ga import GaMethod
@@ -58,9 +63,14 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (WhpMethod, "unlearn.", ["unlearn=whp"]),
     (ElmMethod, "unlearn.", ["unlearn=elm", "unlearn.layers=[1,2]"]),  # 4-7: the tiny has 4
     (eval_schema(), "eval.", []),
+    (NoLogger, "logger.", []),
+    (CsvLogger, "logger.", ["logger=csv"]),
+    (TensorBoardLogger, "logger.", ["logger=tensorboard"]),
+    (WandbLogger, "logger.", ["logger=wandb"]),
+    (MlflowLogger, "logger.", ["logger=mlflow"]),
 ]
 # fields composed from a group option, walked through ROOTS' entry for their schema
-GROUP_NODES = {"model", "data", "locate", "unlearn", "eval"}
+GROUP_NODES = {"model", "data", "locate", "unlearn", "eval", "logger"}
 # free text: any string is a valid value, nothing to refuse (the reason is the case)
 FREE = {
     "name": "a word, checked by its own rule (test_cli_validation)",
@@ -100,6 +110,14 @@ FREE = {
     "unlearn.expert_prefixes": "texts",
     "unlearn.novice_prefixes": "texts",
     "unlearn.fluency_bridges": "texts",
+    "logger.save_dir": "a directory, created by the tracker",
+    "logger.project": "a W&B project name",
+    "logger.entity": "a W&B team or user",
+    "logger.run_name": "a label",
+    "logger.group": "a label",
+    "logger.tags": "labels",
+    "logger.experiment_name": "an MLflow experiment name, created when missing",
+    "logger.tracking_uri": "any MLflow tracking URI (MLflow resolves it)",
 }
 # paths that must exist, with the overrides under which they are read
 PATHS: dict[str, list[str]] = {
@@ -147,7 +165,10 @@ NUMBER_LISTS = {
     ],
 }
 # strings from a registry, refused when unknown
-REGISTERED = {"unlearn.method": "unlearn.method=no_such_method"}
+REGISTERED = {
+    "unlearn.method": "unlearn.method=no_such_method",
+    "logger.name": "logger.name=no_such_logger",
+}
 BASE = ["unlearn", "model=tiny-random"]
 
 

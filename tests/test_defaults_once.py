@@ -54,7 +54,7 @@ def _options_with_schema() -> list[Path]:
 
 def test_every_group_option_starts_from_a_schema():
     found = {p.parent.name for p in _options_with_schema()}
-    assert {"model", "data", "locate", "unlearn", "eval"} <= found
+    assert {"model", "data", "locate", "unlearn", "eval", "logger"} <= found
 
 
 @pytest.mark.parametrize(

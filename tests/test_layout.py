@@ -104,6 +104,8 @@ NOT_PLUGIN_NAMES = {
     ("cli.py", "kuda"),
     ("compose.py", "kuda"),
     ("run.py", "kuda"),
+    ("trackers/wandb.py", "kuda"),  # the default W&B project
+    ("trackers/mlflow.py", "kuda"),  # the default MLflow experiment
     ("evaluate/metrics/facts.py", "facts"),
     ("evaluate/metrics/muse.py", "muse"),
 }

@@ -24,7 +24,7 @@ from kuda_cli.errors import ConfigError, UserError
 if TYPE_CHECKING:
     from hydra.core.config_loader import ConfigLoader
 
-GROUPS = ("model", "data", "locate", "unlearn", "eval", "experiment")
+GROUPS = ("model", "data", "locate", "unlearn", "eval", "logger", "experiment")
 
 
 def conf_dir() -> Path:
@@ -59,14 +59,16 @@ def register_resolvers() -> None:
 def all_schemas() -> dict[tuple[str, str], type]:
     """(group in the ConfigStore, name) -> schema: config.SCHEMAS, the eval group's (built from
     the metrics' settings), and each plug-in's own (a method's as schema/unlearn/<name>, a data
-    kind's as schema/data/<name>)."""
+    kind's as schema/data/<name>, a tracker's as schema/logger/<name>)."""
     from kuda_cli.data.kinds import kind_schemas
     from kuda_cli.evaluate import eval_schema
+    from kuda_cli.trackers import tracker_schemas
     from kuda_cli.unlearn.methods import method_schemas
 
     found = {**SCHEMAS, ("schema/eval", "eval"): eval_schema()}
     found |= {("schema/unlearn", name): node for name, node in method_schemas().items()}
     found |= {("schema/data", name): node for name, node in kind_schemas().items()}
+    found |= {("schema/logger", name): node for name, node in tracker_schemas().items()}
     return found
 
 

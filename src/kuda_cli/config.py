@@ -270,6 +270,7 @@ class RootConfig:
     locate: LocateConfig = MISSING
     unlearn: Any = MISSING
     eval: Any = MISSING  # kuda_cli.evaluate.eval_schema(): one section per metric
+    logger: Any = MISSING  # the tracker's schema (kuda_cli.trackers): where figures are mirrored
     report: ReportConfig = field(default_factory=ReportConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     # what the run cannot do without (gpu: a CUDA device; hub: the Hugging Face hub, for whatever
@@ -281,7 +282,8 @@ class RootConfig:
 # `defaults: [/schema/<group>/<name>@_here_, _self_]`, kept out of the option lists. A plug-in's
 # schema is defined with it and stored by kuda_cli.compose.register: each method's
 # (kuda_cli.unlearn.methods.<name>) as schema/unlearn/<name>, each data kind's
-# (kuda_cli.data.kinds.<name>) as schema/data/<name>.
+# (kuda_cli.data.kinds.<name>) as schema/data/<name>, each tracker's (kuda_cli.trackers.<name>)
+# as schema/logger/<name>.
 SCHEMAS: dict[tuple[str, str], type] = {
     ("schema", "root"): RootConfig,
     ("schema/model", "model"): ModelConfig,

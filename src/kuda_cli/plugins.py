@@ -1,9 +1,11 @@
-"""Plug-in registries: methods, metrics, attacks and data kinds are each found the same way.
+"""Plug-in registries: methods, metrics, attacks, data kinds and trackers are each found the same
+way.
 
 A plug-in is one module of its package (`unlearn/methods/`, `evaluate/metrics/`,
-`evaluate/attacks/`, `data/kinds/`), found by file name without importing it, or a module outside
-kuda named by an entry point of the registry's group (`kuda_cli.methods`, `kuda_cli.metrics`,
-`kuda_cli.attacks`, `kuda_cli.data_kinds`) of any installed distribution. Importing the module
+`evaluate/attacks/`, `data/kinds/`, `trackers/`), found by file name without importing it, or a
+module outside kuda named by an entry point of the registry's group (`kuda_cli.methods`,
+`kuda_cli.metrics`, `kuda_cli.attacks`, `kuda_cli.data_kinds`, `kuda_cli.trackers`) of any
+installed distribution. Importing the module
 registers what it defines (a decorator calls `add`); the registry imports a module only when its
 plug-in is asked for.
 """

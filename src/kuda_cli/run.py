@@ -1,6 +1,7 @@
 """The run directory: resolved config, meta (provenance and status), metrics (atomic writes), seeds.
 
-Everything a run produces goes under its directory; `Run` owns the files every stage shares.
+Everything a run produces goes under its directory; `Run` owns the files every stage shares, and
+mirrors the config, the training log's rows and the metrics into the chosen tracker (`logger`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import __version__, distributed
 from kuda_cli.cache import write_json_atomic
+from kuda_cli.trackers import Tracking, params_of
 
 STATUSES = ("running", "completed", "failed")
 BOOTSTRAP_FILES = {"config.yaml", "meta.json", "kuda.log", ".hydra"}
@@ -55,12 +57,17 @@ def set_seed(seed: int) -> None:
 UNUSED_BY_STAGE = {"trace": ("unlearn", "eval", "report", "tune")}
 
 
+# what does not change a run's results: where it continues, Hydra's node, the tracker it is
+# mirrored to (a sweep re-run with logger=wandb skips its completed jobs)
+NOT_HASHED = ("hydra", "resume", "logger")
+
+
 def config_hash(cfg: DictConfig, *, whole: bool = False) -> str:
-    """sha256 of the resolved job config, keys sorted: equal configs hash equal. `resume` and
-    Hydra's own node do not count (a resumed run has the config of the run it continues), nor
+    """sha256 of the resolved job config, keys sorted: equal configs hash equal. NOT_HASHED
+    keys do not count (a resumed run has the config of the run it continues), nor
     the groups the stage does not use (`whole=True`: they do, as before 2026-12-01)."""
     unused = () if whole else UNUSED_BY_STAGE.get(str(cfg.get("stage")), ())
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("hydra", "resume", *unused)])
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in NOT_HASHED + unused])
     resolved = OmegaConf.to_container(job, resolve=True)
     blob = json.dumps(resolved, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -141,6 +148,7 @@ class Run:
         self.cfg = cfg
         self.meta: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
+        self.tracking: Tracking | None = None  # the tracker (logger) mirroring the run
 
     @classmethod
     def start(cls, directory: Path, cfg: DictConfig, overrides: list[str] | None = None) -> Run:
@@ -172,6 +180,9 @@ class Run:
                 {k: previous.get(k) for k in ("start_time", "end_time", "status", "error")},
             ]
         run.write_meta()
+        if distributed.is_main() and cfg.get("logger") is not None:
+            params = params_of(OmegaConf.to_container(cfg, resolve=True))  # config.yaml's
+            run.tracking = Tracking(OmegaConf.to_object(cfg.logger), run.dir, params)
         set_seed(cfg.seed)
         return run
 
@@ -188,6 +199,14 @@ class Run:
         _deep_merge(self.metrics, metrics)
         if distributed.is_main():
             write_json_atomic(self.dir / "metrics.json", self.metrics)
+        if self.tracking is not None:
+            self.tracking.log_metrics(flatten(metrics))
+
+    def log_step(self, row: dict[str, Any]) -> None:
+        """One row of the training log (train_log.jsonl, written by the trainer), to the
+        tracker."""
+        if self.tracking is not None:
+            self.tracking.log_step(row)
 
     def finish(self, status: str, error: str | None = None) -> None:
         assert status in STATUSES
@@ -201,6 +220,8 @@ class Run:
             duration_s=round((end - start).total_seconds(), 3),
             error=error,
         )
+        if self.tracking is not None:
+            self.tracking.close(status)
 
     def discard(self) -> bool:
         """Undo a run refused by a check found while running: remove what this command made

@@ -19,6 +19,7 @@ from kuda_cli.data.texts import refuse_blank_file
 from kuda_cli.errors import ConfigError
 from kuda_cli.locate.layers import LAYERS_FILE, TRACE_DIR
 from kuda_cli.models.adapter import TRAINABLE_KINDS
+from kuda_cli.trackers import check_logger
 
 
 def validate(cfg: DictConfig) -> None:
@@ -39,6 +40,7 @@ def validate(cfg: DictConfig) -> None:
     _check_requires(cfg)
     _check_tune(cfg)
     _check_frontier_range(cfg.report)
+    check_logger(cfg.get("logger"))
 
 
 def _check_domains(data: DictConfig) -> None:

@@ -40,7 +40,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     if starting is not None:
         run.log_metrics({"before": starting.metrics})
 
-    session = UnlearnSession(cfg, loaded, layers, data, run.dir, model_key)
+    session = UnlearnSession(cfg, loaded, layers, data, run.dir, model_key, on_step=run.log_step)
     if session.ucfg.auto_tune.enabled:  # trials from the starting weights choose the lr
         run.log_metrics({"auto_tune": session.auto_tune()})
         set_seed(cfg.seed)

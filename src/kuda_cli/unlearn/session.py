@@ -9,6 +9,7 @@ values and computes the diagnostics, and is the only one that goes on after trai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,7 +66,9 @@ class UnlearnSession:
         data: UnlearnData,
         run_dir: Path,
         model_key: str,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
     ):
+        self.on_step = on_step  # given each row of train_log.jsonl (the run's tracker)
         self.cfg, self.loaded, self.layers, self.data = cfg, loaded, layers, data
         self.adapter = loaded.adapter
         self.run_dir = Path(run_dir)
@@ -117,6 +120,7 @@ class UnlearnSession:
             self.data.retain,
             out_dir=self.run_dir,
             seed=self.cfg.seed,
+            on_step=self.on_step,
         )
         trained_layers = method.trained_layers
         main = distributed.is_main()

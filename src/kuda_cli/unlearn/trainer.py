@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,14 @@ class Trainer(Checkpointing):
         out_dir: Path | None,
         seed: int = 0,
         progress: bool = True,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.model, self.tokenizer, self.method, self.cfg = model, tokenizer, method, cfg
         self.forget, self.retain = forget, retain
         self.out_dir = Path(out_dir) if out_dir else None
         self.seed = seed
         self.progress = progress
+        self.on_step = on_step  # given each log row after it is written (a tracker)
         self.device = next(model.parameters()).device
         self.params: dict[str, torch.nn.Parameter] = {}  # the model's trained parameters
         self.master: dict[str, torch.nn.Parameter] = {}  # their float32 copies, where kept
@@ -239,6 +242,8 @@ class Trainer(Checkpointing):
                 if log_path is not None:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    if self.on_step is not None:
+                        self.on_step(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 done = step + 1
                 if (
