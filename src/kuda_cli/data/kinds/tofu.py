@@ -15,7 +15,7 @@ from kuda_cli.config import SplitSource, choice
 from kuda_cli.data.kinds import DataKind, UnlearnTexts, register_kind, split_heldout
 from kuda_cli.data.probes import QA_PREFIX, QA_SUFFIX, from_qa
 from kuda_cli.data.sources import load_split
-from kuda_cli.errors import UserError
+from kuda_cli.errors import ConfigError, UserError
 
 QA_FIELDS = ("question", "answer")
 # the fields each split's rows carry (TOFU's own), checked when a split is read
@@ -77,10 +77,12 @@ class Tofu(DataKind):
 
     @classmethod
     def check(cls, data) -> None:
-        if data.retain_truth_ratios is not None and len(data.retain_truth_ratios) == 0:
-            raise UserError(
-                "data.retain_truth_ratios is empty; pass the retain model's "
-                "tofu.forget.truth_ratios, or null to leave forget quality out"
+        ratios = data.retain_truth_ratios
+        if ratios is not None and (not ratios or min(ratios) < 0):
+            found = f"has {min(ratios)}" if ratios else "is empty"
+            raise ConfigError(
+                f"data.retain_truth_ratios {found}; pass the retain model's "
+                "tofu.forget.truth_ratios (none negative), or null to leave forget quality out"
             )
 
     @classmethod
