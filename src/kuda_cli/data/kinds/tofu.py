@@ -84,6 +84,9 @@ class Tofu(DataKind):
                 f"data.retain_truth_ratios {found}; pass the retain model's "
                 "tofu.forget.truth_ratios (none negative), or null to leave forget quality out"
             )
+        for key in FIELDS:  # local files are read now: a wrong file costs no model load
+            if getattr(data, key).path:
+                qa_rows(data, key)
 
     @classmethod
     def unlearn_texts(cls, data) -> UnlearnTexts:

@@ -139,7 +139,11 @@ def split_figures(ctx: EvalContext, fmt: QaFormat, name: str) -> dict[str, Any]:
     cfg, model, tokenizer = ctx.eval.tofu, ctx.loaded.model, ctx.loaded.tokenizer
     rows = _rows(ctx, key)
     answers = [[r["answer"], r[correct_key], *_listed(r["perturbed_answer"])] for r in rows]
-    pairs = [qa_pair(tokenizer, fmt, r["question"], a) for r, row in zip(rows, answers) for a in row]
+    pairs = [
+        qa_pair(tokenizer, fmt, r["question"], a)
+        for r, row in zip(rows, answers, strict=True)
+        for a in row
+    ]
     losses = iter(answer_losses(model, tokenizer, pairs, batch_size=cfg.batch_size))
     per_item = [[next(losses) for _ in row] for row in answers]
     if name in ("forget", "retain"):
@@ -178,7 +182,9 @@ def mia_of(ctx: EvalContext, fmt: QaFormat) -> dict[str, Any]:
     texts = {}
     for side, key in (("member", "forget"), ("nonmember", "holdout")):
         pairs = [qa_pair(tokenizer, fmt, r["question"], r["answer"]) for r in _rows(ctx, key)]
-        texts[side] = [prompt + rest.removesuffix(tokenizer.eos_token or "") for prompt, rest in pairs]
+        texts[side] = [
+            prompt + rest.removesuffix(tokenizer.eos_token or "") for prompt, rest in pairs
+        ]
     sizes = {"max_length": cfg.max_length, "batch_size": cfg.batch_size}
     reference: dict[str, list[float]] = {}
     if "reference" in cfg.mia_attacks and ctx.judge is None:
