@@ -106,6 +106,7 @@ NOT_PLUGIN_NAMES = {
     ("run.py", "kuda"),
     ("evaluate/metrics/facts.py", "facts"),
     ("evaluate/metrics/muse.py", "muse"),
+    ("evaluate/metrics/tofu.py", "tofu"),
 }
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import read_json
 from kuda_cli import cli
 from kuda_cli.compose import compose
 from kuda_cli.data.kinds import kind_of
+
+from conftest import read_json
 
 FIXTURE = Path(__file__).parent / "tofu"
 SPLITS = ("forget", "retain", "holdout", "forget_perturbed", "retain_perturbed")
@@ -48,11 +49,8 @@ def test_kuda_unlearn_on_local_tofu_files_scores_tofu_before_and_after(kuda, tmp
         assert 0 <= found["model_utility"] <= 1 and 0 <= found["mia"]["loss"]["auc"] <= 1
     summary = metrics["summary"]
     assert {"forget_truth_ratio", "forget_truth_ratio_before", "mia_loss_auc"} <= set(summary)
-    # only the unlearned model has a reference model (the starting one) to attack with
-    assert (
-        "reference" in metrics["tofu"]["mia"]
-        and "reference" not in metrics["before"]["tofu"]["mia"]
-    )
+    # the unlearned model is attacked with a reference model too: the starting one
+    assert "reference" in metrics["tofu"]["mia"]
 
 
 def test_the_forget_and_retain_items_are_trained_on_as_question_answer_documents():

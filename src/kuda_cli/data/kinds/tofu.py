@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import OmegaConf
 
 from kuda_cli.config import SplitSource, choice
 from kuda_cli.data.kinds import DataKind, UnlearnTexts, register_kind, split_heldout
@@ -17,6 +17,7 @@ from kuda_cli.data.probes import QA_PREFIX, QA_SUFFIX, from_qa
 from kuda_cli.data.sources import load_split
 from kuda_cli.errors import ConfigError, UserError
 
+HUB_ID = "locuslab/TOFU"
 QA_FIELDS = ("question", "answer")
 # the fields each split's rows carry (TOFU's own), checked when a split is read
 FIELDS = {
@@ -31,21 +32,28 @@ FIELDS = {
 }
 
 
+def _hub(config: str):
+    """A split read from config `config` of locuslab/TOFU (its only split is "train")."""
+    return field(default_factory=lambda: SplitSource(hub_id=HUB_ID, hub_config=config))
+
+
 @dataclass
 class TofuData:
-    name: str = MISSING
+    """TOFU forget10 (data=tofu); data=tofu_forget05 and tofu_forget01 change the splits."""
+
+    name: str = "tofu"
     kind: str = choice("tofu", "tofu")
     # Forget quality is the KS-test p-value of the forget truth ratios against those of a model
     # never trained on the forget split (TOFU's retain model): its `tofu.forget.truth_ratios`
-    # from `kuda eval` (README.md, "TOFU"). null: forget quality is not reported.
+    # from `kuda eval` (README.md, "tofu"). null: forget quality is not reported.
     retain_truth_ratios: list[float] | None = None
-    forget: SplitSource = field(default_factory=SplitSource)
-    retain: SplitSource = field(default_factory=SplitSource)
-    holdout: SplitSource = field(default_factory=SplitSource)
-    forget_perturbed: SplitSource = field(default_factory=SplitSource)
-    retain_perturbed: SplitSource = field(default_factory=SplitSource)
-    real_authors: SplitSource = field(default_factory=SplitSource)
-    world_facts: SplitSource = field(default_factory=SplitSource)
+    forget: SplitSource = _hub("forget10")
+    retain: SplitSource = _hub("retain90")
+    holdout: SplitSource = _hub("holdout10")
+    forget_perturbed: SplitSource = _hub("forget10_perturbed")
+    retain_perturbed: SplitSource = _hub("retain_perturbed")
+    real_authors: SplitSource = _hub("real_authors_perturbed")
+    world_facts: SplitSource = _hub("world_facts_perturbed")
     # tracing probes (rows: question, answer); unset: the forget questions, the ones trained on
     probes: SplitSource = field(default_factory=SplitSource)
 
