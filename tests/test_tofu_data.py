@@ -38,6 +38,7 @@ def test_kuda_unlearn_on_local_tofu_files_scores_tofu_before_and_after(kuda, tmp
         "eval.tofu.max_new_tokens=4",
         "eval.tofu.max_items=2",
         "hydra.run.dir=run",
+        f"cache_dir={tmp_path / 'cache'}",  # the starting model's evaluation scored here, now
         check=True,
     )
     metrics = read_json(tmp_path / "run" / "metrics.json")
@@ -45,6 +46,8 @@ def test_kuda_unlearn_on_local_tofu_files_scores_tofu_before_and_after(kuda, tmp
         for split in ("forget", "retain", "real_authors", "world_facts"):
             assert set(found[split]) >= {"prob", "rouge", "truth_ratio", "n"}
             assert found[split]["n"] == 2
+        forget = found["forget"]
+        assert 0 <= forget["extraction_strength"] <= forget["exact_memorization"] <= 1
         assert found["forget_quality"] is None  # no retain model's truth ratios given
         assert 0 <= found["model_utility"] <= 1 and 0 <= found["mia"]["loss"]["auc"] <= 1
     summary = metrics["summary"]

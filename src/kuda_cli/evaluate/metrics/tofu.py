@@ -14,6 +14,7 @@ from kuda_cli.data.kinds.tofu import qa_rows
 from kuda_cli.data.sources import hub_splits
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import EvalContext, Metric, register_metric
+from kuda_cli.evaluate.memorization import memorization
 from kuda_cli.evaluate.mia_attacks import ATTACKS, attack_aucs, attack_scores, text_nlls
 from kuda_cli.evaluate.tofu_scoring import (
     QaFormat,
@@ -134,7 +135,8 @@ def _rows(ctx: EvalContext, key: str) -> list[dict[str, Any]]:
 def split_figures(ctx: EvalContext, fmt: QaFormat, name: str) -> dict[str, Any]:
     """Probability (normalised over the perturbed answers on real authors and world facts),
     ROUGE-L recall and truth ratio of one split; the forget split keeps its items' truth ratios
-    (a retain model's are what forget quality compares with)."""
+    (a retain model's are what forget quality compares with) and adds open-unlearning's exact
+    memorisation and extraction strength of its answers."""
     key, correct_key, form = SPLITS[name]
     cfg, model, tokenizer = ctx.eval.tofu, ctx.loaded.model, ctx.loaded.tokenizer
     rows = _rows(ctx, key)
@@ -151,7 +153,8 @@ def split_figures(ctx: EvalContext, fmt: QaFormat, name: str) -> dict[str, Any]:
     else:
         probs = [normalised_probability(item[0], item[2:]) for item in per_item]
     ratios = [truth_ratio(item[1], item[2:]) for item in per_item]
-    prompts = [qa_pair(tokenizer, fmt, r["question"], r["answer"])[0] for r in rows]
+    answered = [qa_pair(tokenizer, fmt, r["question"], r["answer"]) for r in rows]
+    prompts = [prompt for prompt, _ in answered]
     generated = greedy_answers(
         model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
     )
@@ -164,6 +167,16 @@ def split_figures(ctx: EvalContext, fmt: QaFormat, name: str) -> dict[str, Any]:
     }
     if name == "forget":
         found["truth_ratios"] = ratios
+        found.update(
+            memorization(
+                model,
+                tokenizer,
+                prompts,
+                [rest for _, rest in answered],
+                max_length=cfg.max_length,
+                batch_size=cfg.batch_size,
+            )
+        )
     return found
 
 
