@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 QUIET := 2> >(grep -v '^WARNING: Location' >&2)
 
 .PHONY: install test demo lint clean-outputs table-facts ablation-kuda table-wmdp table-muse tune \
-  tune-stage1 tune-stage2 bench-unlearn table-domains frontier table-robustness
+  table-tofu tune-stage1 tune-stage2 bench-unlearn table-domains frontier table-robustness
 
 install: $(VENV)/.installed
 
@@ -248,6 +248,25 @@ table-muse: $(DEPS)
 	$(RUN) rm -rf $(TABLES)/muse/report
 	$(RUN) $(KUDA) report report.runs=[$(TABLES)/muse/news,$(TABLES)/muse/books] \
 	  report.metric_prefix=muse hydra.run.dir=$(TABLES)/muse/report
+
+# TOFU forget10 on open-unlearning's Llama-3.2-1B target: forget probability, ROUGE and truth
+# ratio, forget quality, model utility, membership attacks. The retain90 model is evaluated
+# first: its forget truth ratios, read back from its metrics.json, are forget quality's reference.
+TOFU_RETAIN := $(TABLES)/tofu/retain90
+TOFU_RATIOS := $(if $(DRY),'data.retain_truth_ratios=[tofu.forget.truth_ratios of $(TOFU_RETAIN)]',\
+  "$$($(BIN)/python scripts/tofu_retain_ratios.py $(TOFU_RETAIN))")
+table-tofu: $(DEPS)
+	$(RUN) $(KUDA) eval experiment=table_tofu model=tofu-llama3.2-1b-retain90 $(ARGS) \
+	  hydra.run.dir=$(TOFU_RETAIN)
+	$(RUN) $(KUDA) eval -m experiment=table_tofu $(TOFU_RATIOS) $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/tofu/start
+	$(RUN) $(KUDA) unlearn -m experiment=table_tofu $(TOFU_RATIOS) unlearn=$(BASELINES) $(ARGS) \
+	  hydra.sweep.dir=$(TABLES)/tofu/baselines $(SWEEP_OK)
+	$(RUN) $(KUDA) unlearn -m experiment=table_tofu $(TOFU_RATIOS) unlearn=kuda \
+	  locate=causal_tracing $(ARGS) hydra.sweep.dir=$(TABLES)/tofu/kuda $(SWEEP_OK)
+	$(RUN) rm -rf $(TABLES)/tofu/report
+	$(RUN) $(KUDA) report report.runs=[$(TABLES)/tofu] report.metric_prefix=tofu \
+	  hydra.run.dir=$(TABLES)/tofu/report
 
 # Two-stage tuning of KUDA (docs/scale.md): trace once; stage 1 sweeps tau and lr and picks the
 # largest change keeping utility within 3%; stage 2 sweeps beta from that choice and picks again.

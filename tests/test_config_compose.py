@@ -10,6 +10,7 @@ from kuda_cli.compose import compose, group_options
 from kuda_cli.data.kinds.corpus import CorpusData
 from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
+from kuda_cli.data.kinds.tofu import TofuData
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import eval_schema
 from kuda_cli.trackers.csv import CsvLogger
@@ -39,6 +40,9 @@ GROUP_SCHEMAS = {
         "wmdp_cyber": CorpusData,
         "muse_news": MuseData,
         "muse_books": MuseData,
+        "tofu": TofuData,
+        "tofu_forget01": TofuData,
+        "tofu_forget05": TofuData,
     },
     "locate": {None: config.LocateConfig},
     "unlearn": {
@@ -76,6 +80,10 @@ EXTRA = {
     ("data", "wmdp_cyber"): ["eval=wmdp"],
     ("data", "muse_news"): ["eval=muse"],
     ("data", "muse_books"): ["eval=muse"],
+    ("eval", "tofu"): ["data=tofu"],
+    ("data", "tofu"): ["eval=tofu"],
+    ("data", "tofu_forget01"): ["eval=tofu"],
+    ("data", "tofu_forget05"): ["eval=tofu"],
     ("experiment", "tune_stage2"): ["tune.choice={tmp}/choice.yaml"],
 }
 NOT_YET: set[tuple[str, str]] = set()
@@ -126,11 +134,15 @@ def test_paper_models_carry_their_hub_ids():
             "iclm-7b",
             "muse-news-llama2-7b",
             "muse-books-iclm-7b",
+            "tofu-llama3.2-1b",
+            "tofu-llama3.2-1b-retain90",
         )
     }
     assert ids["zephyr-7b"] == "HuggingFaceH4/zephyr-7b-beta"
     assert ids["llama2-7b"] == "meta-llama/Llama-2-7b-hf"
     assert all("/" in hub_id for hub_id in ids.values())
+    assert ids["tofu-llama3.2-1b"] == "open-unlearning/tofu_Llama-3.2-1B-Instruct_full"
+    assert ids["tofu-llama3.2-1b-retain90"] == "open-unlearning/tofu_Llama-3.2-1B-Instruct_retain90"
 
 
 def test_rmu_zephyr_is_the_published_setting():

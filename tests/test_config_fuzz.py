@@ -21,6 +21,7 @@ from kuda_cli import cli, config
 from kuda_cli.data.kinds.corpus import CorpusData
 from kuda_cli.data.kinds.facts import FactsData
 from kuda_cli.data.kinds.muse import MuseData
+from kuda_cli.data.kinds.tofu import TofuData
 from kuda_cli.evaluate import eval_schema
 from kuda_cli.trackers.csv import CsvLogger
 from kuda_cli.trackers.mlflow import MlflowLogger
@@ -49,6 +50,7 @@ ROOTS: list[tuple[type, str, list[str]]] = [
     (FactsData, "data.", []),
     (CorpusData, "data.", ["data=wmdp_bio"]),
     (MuseData, "data.", ["data=muse_news"]),
+    (TofuData, "data.", ["data=tofu"]),
     (config.LocateConfig, "locate.", []),
     (KudaMethod, "unlearn.", ["unlearn=kuda"]),
     (RmuMethod, "unlearn.", ["unlearn=rmu"]),
@@ -91,6 +93,8 @@ FREE = {
     "data.SPLIT.text_field": "a column name",
     "eval.name": "a label",
     "eval.perplexity.builtin": "a built-in text set's name",
+    "eval.tofu.system_prompt": "free text (the chat template's system message)",
+    "eval.tofu.date_string": "free text (a date, as the chat template prints it)",
     "eval.attack.relearn_general.builtin": "a built-in text set's name",
     "eval.perplexity.hub_id": "a hub dataset id",
     "eval.perplexity.hub_config": "a hub dataset config",
@@ -148,11 +152,13 @@ VOCABULARY = {
     "eval.metrics": [],
     "eval.attacks": [],
     "eval.muse.mia_attacks": ["data=muse_news", "eval=muse"],
+    "eval.tofu.mia_attacks": ["data=tofu", "eval=tofu"],
 }
 # lists of numbers with a range (layer indices of the 4-layer tiny model, forget levels)
 NUMBER_LISTS = {
     "locate.layers": ["locate=fixed", "locate.layers=[7]"],
     "unlearn.layers": ["unlearn.layers=[7]"],
+    "data.retain_truth_ratios": ["data=tofu", "data.retain_truth_ratios=[0.5,-1]"],
     "report.frontier_range": ["report.frontier_range=[0.9,0.5]"],
     "unlearn.auto_tune.factors": [
         "unlearn.auto_tune.enabled=true",

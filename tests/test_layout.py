@@ -108,6 +108,7 @@ NOT_PLUGIN_NAMES = {
     ("trackers/mlflow.py", "kuda"),  # the default MLflow experiment
     ("evaluate/metrics/facts.py", "facts"),
     ("evaluate/metrics/muse.py", "muse"),
+    ("evaluate/metrics/tofu.py", "tofu"),
 }
 
 

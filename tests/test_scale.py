@@ -47,6 +47,7 @@ def in_tmp(tmp_path, monkeypatch):
         ],
         ["eval", "-m", "experiment=table_muse"],
         ["unlearn", "experiment=table_muse", "model=muse-books-iclm-7b", "data=muse_books"],
+        ["eval", "experiment=table_tofu", "model=tofu-llama3.2-1b-retain90"],
     ],
 )
 def test_table_experiments_stop_before_loading_without_a_gpu(capsys, in_tmp, argv, monkeypatch):
@@ -137,6 +138,11 @@ def test_make_dry_prints_every_command_and_runs_nothing(in_tmp):
     muse = dry("table-muse")
     assert sum("model=muse-books-iclm-7b" in line for line in muse) == 3
     assert "report.metric_prefix=muse" in muse[-1]
+    tofu = dry("table-tofu")
+    # the retain model first: its truth ratios are every later run's forget-quality reference
+    assert "model=tofu-llama3.2-1b-retain90" in tofu[0]
+    assert all("data.retain_truth_ratios=" in line for line in tofu[1:4])
+    assert "report.metric_prefix=tofu" in tofu[-1]
     tune = dry("tune")
     assert [line.split()[1] for line in tune if "kuda " in line] == [
         "trace",
