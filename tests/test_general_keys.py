@@ -106,9 +106,9 @@ def test_retain_plus_general_mixes_per_token_moments_by_share(tiny, tmp_path, sh
 def test_general_keys_stop_at_the_token_budget_and_hold_the_next_texts_out(tiny, tmp_path):
     model, tokenizer = tiny
     texts = [f"{t} Number {i}." for i, t in enumerate(GENERAL * 12)]
-    first = len(tokenizer(texts[0]).input_ids)
-    ctx = context(model, tokenizer, tmp_path, "general", local_source(tmp_path, texts, first + 1))
-    chosen = general_texts(ctx, ctx.cfg.nullspace.general, first + 1)
+    budget = sum(len(tokenizer(t).input_ids) for t in texts[:2])  # met by the first two
+    ctx = context(model, tokenizer, tmp_path, "general", local_source(tmp_path, texts, budget))
+    chosen = general_texts(ctx, ctx.cfg.nullspace.general, budget)
     assert chosen.keys == texts[:2]
     assert chosen.heldout == texts[2 : 2 + general_keys.TUNER_TEXTS]
 
@@ -144,7 +144,8 @@ def test_self_written_text_is_the_same_for_a_seed_and_written_once(tiny, tmp_pat
     assert general_texts(ctx, source, 60) == first  # read back from the cache
     other = GeneralTextConfig(source="self", new_tokens=8, batch_size=4, tokens=60, seed=1)
     monkeypatch.undo()
-    assert general_texts(context(model, tokenizer, tmp_path, "general", other), other, 60) != first
+    reseeded = general_texts(context(model, tokenizer, tmp_path, "general", other), other, 60)
+    assert reseeded.keys != first.keys
 
 
 def test_spectra_cache_tells_key_sources_and_shares_apart(tiny, tmp_path):
@@ -206,3 +207,36 @@ def test_a_hub_general_source_is_listed_for_the_offline_check():
     ]
     assert "unlearn.nullspace.general (wikitext)" in listed
     assert not any("general" in s for s in map(str, requires.hub_sources(compose(hub))))
+
+
+@pytest.mark.parametrize("keys", ["retain", "general", "retain+general"])
+def test_auto_tune_reads_its_stability_figure_on_held_out_general_text(
+    tiny, tmp_path, monkeypatch, keys
+):
+    """With general keys, the tuner's perplexity and agreement texts are the general source's
+    held-out texts, none of them a key; with retain keys, the retain passages (None)."""
+    from kuda_cli.compose import compose
+    from kuda_cli.unlearn import auto_tune
+
+    model, tokenizer = tiny
+    texts = [f"{t} Number {i}." for i, t in enumerate(GENERAL * 12)]
+    ctx = context(model, tokenizer, tmp_path, keys, local_source(tmp_path, texts, 40))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def scorer(*args, texts=None, **kwargs):
+        seen.append(texts)
+        raise Stop
+
+    monkeypatch.setattr(auto_tune, "Scorer", scorer)
+    data = compose(["stage=unlearn", "model=tiny-random"]).data
+    with pytest.raises(Stop):
+        auto_tune.tune(ctx.cfg, data, ctx, None, None)
+    if keys == "retain":
+        assert seen == [None]
+        return
+    chosen = general_texts(ctx, ctx.cfg.nullspace.general, 40)
+    assert seen == [chosen.heldout] and len(chosen.heldout) == general_keys.TUNER_TEXTS
+    assert not set(chosen.heldout) & set(chosen.keys)
