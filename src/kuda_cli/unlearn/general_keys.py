@@ -95,7 +95,7 @@ class GeneralTextConfig:
     new_tokens: int = bounded(128, ge=1)
     temperature: float = bounded(1.0, gt=0)
     top_p: float = bounded(0.95, gt=0, le=1)
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     batch_size: int = bounded(16, ge=1)
     # hub
     hub_id: str = "wikitext"
