@@ -84,26 +84,27 @@ PROMPTS = (
 class GeneralTextConfig:
     """unlearn.nullspace.general: the general text of the keys (module docstring)."""
 
+    # `self` (the starting model's own text, sampled from varied openings; cached), `hub` (a
+    # dataset through datasets.load_dataset), `path` (a local JSONL/JSON/parquet/txt file)
     source: str = choice("self", "self", "hub", "path")
-    tokens: int | None = bounded(None, ge=1)  # keys; None: KEYS_PER_DIM x d_ff
+    # general-text keys (tokens after truncation at unlearn.max_length); None: 7 x the down_proj
+    # input width (AlphaEdit's ~100k at d_ff 14336, ~10.7k at SmolLM2-135M's 1536)
+    tokens: int | None = bounded(None, ge=1)
     # retain+general: general text's share of the combined key moment, each set's moment being
     # a per-token mean; 0.5 weighs the two sets alike, whatever their token counts (pooling
     # every key once would give ~100k general keys 95% of the weight against a few thousand
     # retain keys: set share to n_general / (n_general + n_retain) for that)
     share: float = bounded(0.5, gt=0, lt=1)
-    # self: sampled continuations of PROMPTS
-    new_tokens: int = bounded(128, ge=1)
-    temperature: float = bounded(1.0, gt=0)
-    top_p: float = bounded(0.95, gt=0, le=1)
-    seed: int = bounded(0, ge=0)
-    batch_size: int = bounded(16, ge=1)
-    # hub
-    hub_id: str = "wikitext"
-    hub_config: str | None = "wikitext-103-raw-v1"
-    split: str = "train"
-    # path: a JSONL/JSON/parquet/txt file or a directory of them
-    path: str | None = None
-    text_field: str = "text"  # hub and path records' text
+    new_tokens: int = bounded(128, ge=1)  # self: tokens sampled after each opening
+    temperature: float = bounded(1.0, gt=0)  # self: sampling temperature
+    top_p: float = bounded(0.95, gt=0, le=1)  # self: nucleus sampling's probability mass
+    seed: int = bounded(0, ge=0)  # self: the sampling seed (one text set per seed and model)
+    batch_size: int = bounded(16, ge=1)  # self: openings continued at once
+    hub_id: str = "wikitext"  # hub: the dataset id
+    hub_config: str | None = "wikitext-103-raw-v1"  # hub: the dataset's config
+    split: str = "train"  # hub: the split read, row by row until the budget is met
+    path: str | None = None  # path: a JSONL/JSON/parquet/txt file or a directory of them
+    text_field: str = "text"  # hub and path: the records' text field
 
 
 @dataclass(frozen=True)
@@ -231,14 +232,14 @@ class SelfWriter:
             batch += 1
 
     def save(self) -> None:
-        """Whole batches only (a batch cut short is written again the same way next time)."""
-        whole = len(self.cached) - len(self.cached) % self.general.batch_size
-        if self.path is None or whole <= self.written:
+        """The texts, when more than the cache held, written beside it and renamed into place:
+        concurrent runs read the old file or the new one."""
+        if self.path is None or len(self.cached) <= self.written:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = shared_temp_file(self.path)
         with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps({"text": t}) + "\n" for t in self.cached[:whole])
+            f.writelines(json.dumps({"text": t}) + "\n" for t in self.cached)
         os.replace(tmp, self.path)
 
 
