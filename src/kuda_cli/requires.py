@@ -60,6 +60,10 @@ def hub_sources(cfg: DictConfig) -> list[HubSource]:
         if not cfg.locate.get("from_run") and kind.probe_split(cfg.data):
             splits.append(kind.probe_split(cfg.data))
     found += hub_splits(cfg.data, splits)
+    if cfg.stage == "unlearn":
+        from kuda_cli.unlearn.methods import get_method
+
+        found += get_method(cfg.unlearn.method).hub_sources(cfg)
     if cfg.stage in ("eval", "unlearn"):
         for metric in metrics_of(cfg.eval):
             found += metric.hub_sources(cfg)

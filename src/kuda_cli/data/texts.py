@@ -66,10 +66,15 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def hub_records(hub_id: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    return hub_dataset(hub_id, config, split).to_list()
+
+
+def hub_dataset(hub_id: str, config: str | None, split: str):
+    """The `datasets.Dataset` of a hub split (memory-mapped: rows can be read one at a time)."""
     import datasets
 
     try:
-        return datasets.load_dataset(hub_id, config, split=split).to_list()
+        return datasets.load_dataset(hub_id, config, split=split)
     except Exception as err:  # datasets raises many types for offline, gated or missing sets
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         gated = "gated" in str(err).lower() or "401" in str(err)

@@ -92,6 +92,12 @@ class Metric:
         return {}
 
     @classmethod
+    def scored_texts(cls, cfg) -> list[str]:
+        """The general texts it scores (`cfg`: the whole config), which training must never
+        read: KUDA's general null-space keys leave them out."""
+        return []
+
+    @classmethod
     def hub_sources(cls, cfg) -> list[HubSource]:
         """Each hub dataset it would fetch for `cfg` (none where a local path is given): checked
         before any work against the local cache and a hub that answers."""
@@ -151,6 +157,11 @@ def eval_schema() -> type:
 
 def metrics_of(eval_cfg) -> list[type[Metric]]:
     return [get_metric(name) for name in eval_cfg.metrics]
+
+
+def scored_texts(cfg) -> list[str]:
+    """The general texts the metrics of `cfg.eval` score (the perplexity set): never keys."""
+    return [text for metric in metrics_of(cfg.eval) for text in metric.scored_texts(cfg)]
 
 
 def compute_metrics(ctx: EvalContext) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -18,7 +18,9 @@ likely next one (teacher-forced: the greedy answer's figure). The never-learned 
 probe with an invented name in the subject's place. Per probe `(before - after) / (before -
 floor)` clipped to [0, 1], averaged over the probes the starting model knows better than the
 floor (as the evaluation's removed figure). Stability: the same figure on a sample of the retain
-facts (knowledge lost), and the perplexity ratio and top-1 agreement of the retain passages.
+facts (knowledge lost), and the perplexity ratio and top-1 agreement of the retain passages, or of
+the texts the method names (`Method.tuning_texts`: KUDA with general null-space keys reads general
+text of the keys' source that the keys left out; the figures keep their `retain_` names).
 
 The choice, in unlearn/tuning.py's terms (shared with kuda pick): a trial is stable when retain
 removed <= `max_retain_removed`, the perplexity ratio <= `max_ppl_ratio` and the agreement >=
@@ -150,7 +152,14 @@ class Scorer:
     """The starting model's figures, then any trained model's against them."""
 
     def __init__(
-        self, model, tokenizer, forget_facts, retain_facts, seed: int, source: str = "prompts"
+        self,
+        model,
+        tokenizer,
+        forget_facts,
+        retain_facts,
+        seed: int,
+        source: str = "prompts",
+        texts: list[str] | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.forget = clozes_of(forget_facts, seed, source)
@@ -164,7 +173,8 @@ class Scorer:
                 f"{len(self.forget)} there are: set unlearn.lr yourself and "
                 f"unlearn.auto_tune.enabled=false"
             )
-        self.retain_texts = [f.passage for f in retain_facts]
+        # perplexity and agreement: the given texts, else the retain facts' passages
+        self.retain_texts = texts if texts is not None else [f.passage for f in retain_facts]
         self.start = self._now()
         self.floor = {
             "forget": knowledge(model, tokenizer, self.forget, floor=True),
@@ -263,11 +273,19 @@ def tune(ucfg, data_cfg, ctx, run_dir: Path | None, train_trial) -> tuple[object
     trains a method from the starting weights with `cfg` and leaves the model trained; the
     trained tensors are put back after each trial's score."""
     from kuda_cli.data.kinds import kind_of
+    from kuda_cli.unlearn.methods import get_method
 
     spec = ucfg.auto_tune
     forget_facts, retain_facts = kind_of(data_cfg).fact_sets(data_cfg)
+    texts = get_method(ucfg.method)(replace(ctx, cfg=ucfg)).tuning_texts()
     scorer = Scorer(
-        ctx.model, ctx.tokenizer, forget_facts, retain_facts, ctx.seed, source=spec.probes
+        ctx.model,
+        ctx.tokenizer,
+        forget_facts,
+        retain_facts,
+        ctx.seed,
+        source=spec.probes,
+        texts=texts,
     )
     done = read_trials(run_dir)
     path = run_dir / TUNE_DIR / TRIALS_FILE if run_dir else None
@@ -302,6 +320,7 @@ def tune(ucfg, data_cfg, ctx, run_dir: Path | None, train_trial) -> tuple[object
         "lr": chosen,
         "factor": spec.factors[index],
         "why": why,
+        "stability_texts": "retain passages" if texts is None else f"{len(texts)} method texts",
         "trials": [rows[i] for i in sorted(rows)],
     }
     if not rows[index]["stable"]:

@@ -9,8 +9,10 @@ accumulated in a streaming way (float64), then eigen-decomposed. With threshold 
 
 and `t` is `tau` itself (`absolute`), `tau` times the largest eigenvalue (`max`), or the
 eigenvalue below which the smallest directions hold a fraction `tau` of the keys' energy
-(`energy`). Eigen-decompositions are cached on disk per (model, layer, retain tokens), so
-sweeps over tau reuse them.
+(`energy`). The keys are the retain tokens' by default; general text can join or replace them
+(unlearn/key_moments.py, unlearn/general_keys.py). Eigen-decompositions are cached on disk per
+(model, layer, key sets: their names, sources, shares and tokens), so sweeps over tau reuse
+them.
 
 Memory, with d_ff = 14336 (a 7B Llama/Mistral): each layer's moment is one d_ff x d_ff float64
 matrix (1.6 GB) on the model's device, summed in place batch after batch (on a CPU through one
@@ -31,12 +33,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from kuda_cli.cache import shared_mode, shared_temp_file
 from kuda_cli.models.adapter import Adapter
-from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import TokenSet
+from kuda_cli.unlearn.key_moments import KeySet, mixed_key_moments
+from kuda_cli.unlearn.key_moments import key_moments as key_moments  # where callers look
 
 log = logging.getLogger(__name__)
 STREAM_ROWS = 2048  # rows of a host-resident projector moved to the GPU at a time (14336 wide:
@@ -48,50 +50,6 @@ class Spectrum:
     eigenvalues: torch.Tensor  # ascending, float64, >= 0
     eigenvectors: torch.Tensor  # columns, float32
     tokens: int  # keys the moment was estimated from
-
-
-@torch.no_grad()
-def key_moments(
-    model,
-    adapter: Adapter,
-    layers: list[int],
-    tokens: TokenSet,
-    *,
-    batch_size: int = 8,
-    desc: str = "retain keys",
-) -> tuple[dict[int, torch.Tensor], int]:
-    """`C_l = K_l K_l^T / n` (float64) of the down_proj inputs of `layers` over every
-    non-padding token of `tokens`; the forward pass stops after the last of them.
-
-    One float64 sum per layer, allocated once and added to in place: on CUDA by `addmm_`; on a
-    CPU through one product buffer shared by the layers (`addmm_` rounds differently from a
-    product then a sum there, and the sums stay bit-identical to `sum + keys.T @ keys`)."""
-    device = next(model.parameters()).device
-    names = {layer: adapter.module_name("down_proj", layer) for layer in layers}
-    last = names[max(layers)]
-    sums: dict[int, torch.Tensor] = {}
-    product: torch.Tensor | None = None
-    count = 0
-    for start in tqdm(range(0, len(tokens), batch_size), desc=desc, unit="batch"):
-        batch = tokens.batch(list(range(start, min(start + batch_size, len(tokens)))), device)
-        mask = batch["attention_mask"].bool()
-        with trace(model, list(names.values()), outputs=False, inputs=True, stop_after=last) as rec:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        for layer, name in names.items():
-            keys = rec[name].input[mask].double()
-            if layer not in sums:
-                d_ff = keys.shape[-1]
-                sums[layer] = torch.zeros(d_ff, d_ff, dtype=torch.float64, device=keys.device)
-            if keys.device.type == "cuda":
-                sums[layer].addmm_(keys.T, keys)
-            else:
-                if product is None or product.shape != sums[layer].shape:
-                    product = torch.empty_like(sums[layer])
-                sums[layer].add_(torch.matmul(keys.T, keys, out=product))
-            del keys
-        count += int(mask.sum())
-    del product
-    return {layer: s.div_(count) for layer, s in sums.items()}, count
 
 
 def decomposition_device(
@@ -180,11 +138,21 @@ def tokens_fingerprint(tokens: TokenSet) -> str:
     return hashlib.sha256(json.dumps(tokens.ids).encode()).hexdigest()
 
 
+def keys_fingerprint(sets: list[KeySet]) -> str:
+    """What the cached spectra of `sets` are keyed by: the retain tokens alone as ever (caches
+    written before general keys stay valid); otherwise each set's name, source, share and
+    tokens, so that no other key source or mix reads them."""
+    if len(sets) == 1 and sets[0].name == "retain" and not sets[0].label:
+        return tokens_fingerprint(sets[0].tokens)
+    parts = [[s.name, s.label, s.share, tokens_fingerprint(s.tokens)] for s in sets]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
 def retain_spectra(
     model,
     adapter: Adapter,
     layers: list[int],
-    tokens: TokenSet,
+    keys: TokenSet | list[KeySet],
     *,
     cache_dir: Path | None,
     model_key: str,
@@ -192,13 +160,15 @@ def retain_spectra(
     eigh_device: str | torch.device | None = "auto",
     on_host: bool = False,
 ) -> dict[int, Spectrum]:
-    """Per layer, the spectrum of the retain keys' second moment, from the cache when there;
+    """Per layer, the spectrum of the keys' second moment (`keys`: the retain tokens, or key
+    sets mixed as `mixed_key_moments`), from the cache when there;
     the eigendecompositions run on `eigh_device` (see spectrum_of), one layer at a time, each
     moment freed once decomposed. `on_host` (a model on a GPU, `nullspace.device=host`): one
     key pass per layer, its moment moved to the host as soon as it is summed, so the GPU holds
     one float64 d_ff x d_ff sum at a time and no spectrum (the projector then stays on the host
     too, UpdateProjector streams it)."""
-    data_key = tokens_fingerprint(tokens)
+    sets = [KeySet("retain", keys)] if isinstance(keys, TokenSet) else list(keys)
+    data_key = keys_fingerprint(sets)
     paths = {
         layer: _cache_path(cache_dir, model_key, layer, data_key) if cache_dir else None
         for layer in layers
@@ -207,13 +177,13 @@ def retain_spectra(
     missing = [layer for layer in layers if spectra.get(layer) is None]
     if missing and on_host:
         for layer in missing:
-            moments, count = key_moments(model, adapter, [layer], tokens, batch_size=batch_size)
+            moments, count = mixed_key_moments(model, adapter, [layer], sets, batch_size=batch_size)
             moment = moments.pop(layer).cpu()
             spectra[layer] = spectrum_of(moment, count, device="cpu")
             if paths[layer]:
                 _save(paths[layer], spectra[layer])
     elif missing:
-        moments, count = key_moments(model, adapter, missing, tokens, batch_size=batch_size)
+        moments, count = mixed_key_moments(model, adapter, missing, sets, batch_size=batch_size)
         for layer in missing:
             spectra[layer] = spectrum_of(moments.pop(layer), count, device=eigh_device)
             if paths[layer]:

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from kuda_cli import distributed
-from kuda_cli.evaluate import STARTING_JUDGE
+from kuda_cli.evaluate import STARTING_JUDGE, scored_texts
 from kuda_cli.models.loading import LoadedModel, load_model, resolve_cache_root
 from kuda_cli.unlearn import auto_tune, sharding
 from kuda_cli.unlearn.batches import TokenSet, tokenize, unlearn_texts
@@ -97,6 +98,7 @@ class UnlearnSession:
             model_key=model_key,
             seed=cfg.seed,
             data=OmegaConf.to_object(cfg.data),
+            eval_texts=partial(scored_texts, cfg),
         )
 
     def auto_tune(self) -> dict[str, Any]:

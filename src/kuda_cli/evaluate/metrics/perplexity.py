@@ -80,6 +80,10 @@ class Perplexity(Metric):
         return {"perplexity_ratio": ratio(before, after, "perplexity.perplexity")}
 
     @classmethod
+    def scored_texts(cls, cfg) -> list[str]:
+        return perplexity_texts(cfg.eval.perplexity, every=True)
+
+    @classmethod
     def hub_sources(cls, cfg) -> list[HubSource]:
         ppl = cfg.eval.perplexity
         local = "eval.perplexity.source=path eval.perplexity.path=FILE"
@@ -88,7 +92,17 @@ class Perplexity(Metric):
 
 def text_perplexity(ppl: PerplexityConfig, loaded) -> dict[str, Any]:
     """The perplexity of the text set `ppl` names, and where it came from."""
-    texts = load_texts(
+    texts = perplexity_texts(ppl)
+    result = perplexity(
+        loaded.model, loaded.tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size
+    )
+    source = {"builtin": f"builtin:{ppl.builtin}", "path": ppl.path, "hub": ppl.hub_id}[ppl.source]
+    return {**result, "source": source}
+
+
+def perplexity_texts(ppl: PerplexityConfig, every: bool = False) -> list[str]:
+    """The texts `ppl` names: the first `max_texts` (the ones scored), or `every` one."""
+    return load_texts(
         source=ppl.source,
         builtin=ppl.builtin,
         path=ppl.path,
@@ -96,10 +110,5 @@ def text_perplexity(ppl: PerplexityConfig, loaded) -> dict[str, Any]:
         hub_config=ppl.hub_config,
         split=ppl.split,
         text_field=ppl.text_field,
-        max_items=ppl.max_texts,
+        max_items=None if every else ppl.max_texts,
     )
-    result = perplexity(
-        loaded.model, loaded.tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size
-    )
-    source = {"builtin": f"builtin:{ppl.builtin}", "path": ppl.path, "hub": ppl.hub_id}[ppl.source]
-    return {**result, "source": source}

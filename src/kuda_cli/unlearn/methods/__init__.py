@@ -14,6 +14,7 @@ once after the last step. The trainer does everything else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -55,6 +56,8 @@ class MethodContext:
     model_key: str = ""  # content fingerprint of the starting model
     seed: int = 0
     data: Any = None  # the data group's config (a dataclass): what a method may ask its kind
+    # the evaluation's texts (perplexity), read when called: a method never keeps them as keys
+    eval_texts: Callable[[], list[str]] | None = None
 
 
 class Method:
@@ -77,6 +80,12 @@ class Method:
     def layer_options(cls, unlearn) -> list[tuple[str, list[int]]]:
         """(key, layers) of the layer indices this method's options name, checked against the
         model's depth with locate.layers and unlearn.layers."""
+        return []
+
+    @classmethod
+    def hub_sources(cls, cfg) -> list:
+        """Each hub dataset its options name (`HubSource`s), for the offline checks before any
+        work (kuda_cli.requires)."""
         return []
 
     @classmethod
@@ -109,6 +118,11 @@ class Method:
 
     def projector(self, params: dict[str, nn.Parameter]):
         """An UpdateProjector for `params`, or None."""
+        return None
+
+    def tuning_texts(self) -> list[str] | None:
+        """The texts unlearn.auto_tune reads its perplexity and agreement on (None: the retain
+        facts' passages)."""
         return None
 
     def initialise(self, params: dict[str, nn.Parameter], projector) -> None:

@@ -32,7 +32,16 @@ from kuda_cli.config import UnlearnConfig, bounded, choice
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.errors import ConfigError, UserError
 from kuda_cli.models.hooks import trace
-from kuda_cli.unlearn.batches import TokenSet
+from kuda_cli.unlearn.general_keys import (
+    GeneralTextConfig,
+    check_general,
+    general_hub_sources,
+    general_texts,
+    key_budget,
+    key_dims,
+    key_sets,
+    uses_general,
+)
 from kuda_cli.unlearn.methods import Method, register_method, with_retain_nll
 from kuda_cli.unlearn.methods.rmu import retain_mse_of
 from kuda_cli.unlearn.nullspace import UpdateProjector, projector, retain_spectra
@@ -75,6 +84,11 @@ class NullspaceConfig:
     tau_mode: str = choice("p99", "energy", "max", "p99", "absolute")
     project_on: str = choice("update", "update", "grad")
     samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
+    # whose down_proj inputs the projection keeps out of the update's way: `retain` (the first
+    # `samples` retain sequences), `general` (general text, from `general`), `retain+general`
+    # (both moments mixed, general.share of it general's): docs/unlearn.md
+    keys: str = choice("retain", "retain", "general", "retain+general")
+    general: GeneralTextConfig = field(default_factory=GeneralTextConfig)
     # where the d_ff x d_ff key moments, spectra and projectors live: `host` (one key pass per
     # layer, the eigendecomposition and the projectors on the CPU, each projector streamed to
     # the GPU in row blocks at every step: about 0.8 GB less GPU memory per trained layer at
@@ -124,6 +138,7 @@ class Kuda(Method):
         """The subject-token options need data that names subjects: refused before anything
         loads, not after tracing."""
         unlearn, data = cfg.unlearn, cfg.data
+        check_general(cfg)
         if kind_of(data).names_subjects:
             return
         if unlearn.get("target") == "unknown":
@@ -138,6 +153,10 @@ class Kuda(Method):
             )
 
     @classmethod
+    def hub_sources(cls, cfg) -> list:
+        return general_hub_sources(cfg)
+
+    @classmethod
     def report_settings(cls, unlearn: dict[str, Any]) -> list[tuple[str, Any]]:
         nullspace = unlearn.get("nullspace")
         if not isinstance(nullspace, dict):
@@ -145,7 +164,10 @@ class Kuda(Method):
         if not nullspace.get("enabled", True):
             return [("nullspace", "off")]
         shown = ("form", "tau", "tau_mode", "project_on")
-        return [(f"ns.{k}", nullspace[k]) for k in shown if k in nullspace]
+        out = [(f"ns.{k}", nullspace[k]) for k in shown if k in nullspace]
+        if nullspace.get("keys", "retain") != "retain":
+            out.append(("ns.keys", f"{nullspace['keys']}:{nullspace['general']['source']}"))
+        return out
 
     def sites(self) -> dict[int, str]:
         kind = "mlp" if self.cfg.site == "mlp_out" else "layer"
@@ -253,14 +275,13 @@ class Kuda(Method):
         if not ns.enabled:
             return None
         ctx = self.ctx
-        retain = TokenSet(ctx.retain.ids[: ns.samples], ctx.retain.pad_id)
         model_device = next(ctx.model.parameters()).device
         on_host = model_device.type != "cpu" and ns.device in ("auto", "host")
         spectra = retain_spectra(
             ctx.model,
             ctx.adapter,
             self.trained_layers,
-            retain,
+            key_sets(ctx, ns, self.trained_layers[0]),
             cache_dir=ctx.cache_dir,
             model_key=ctx.model_key,
             on_host=on_host,
@@ -284,6 +305,14 @@ class Kuda(Method):
             info["device"] = "host" if on_host else str(param.device)
             self.projector_info[f"l{layer}"] = info
         return UpdateProjector(projectors, ns.project_on)
+
+    def tuning_texts(self) -> list[str] | None:
+        """With general keys, auto_tune's stability texts: the same source's held out ones."""
+        ns, ctx = self.cfg.nullspace, self.ctx
+        if not uses_general(ns):
+            return None
+        budget = key_budget(ns.general, key_dims(ctx, self.trained_layers[0]))
+        return general_texts(ctx, ns.general, budget).heldout
 
     @torch.no_grad()
     def initialise(self, params: dict[str, nn.Parameter], projector) -> None:
