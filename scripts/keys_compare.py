@@ -1,5 +1,5 @@
 """KUDA with each null-space key source side by side, on one facts domain at one learning rate:
-`unlearn.nullspace.keys=retain`, `general` and `retain+general` (general text from
+`unlearn.nullspace.key_source=retain`, `general` and `retain+general` (general text from
 `--source`), one `kuda unlearn` run each, then one table of forget removed, general-text
 perplexity ratio and agreement on the retain domains (other subjects, same subjects). A
 comparison, not a test: compare settings at matched forgetting (run it at several `--lr`).
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, keys: str) -> dict:
             f"model={args.model}",
             f"data.forget_domains=[{args.domain}]",
             f"unlearn.lr={args.lr}",
-            f"unlearn.nullspace.keys={keys}",
+            f"unlearn.nullspace.key_source={keys}",
             f"unlearn.nullspace.general.source={args.source}",
             f"hydra.run.dir={directory}",
             *args.overrides,

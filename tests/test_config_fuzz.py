@@ -137,7 +137,7 @@ PATHS: dict[str, list[str]] = {
     "locate.from_run": [],
     "eval.perplexity.path": ["eval.perplexity.source=path"],
     "unlearn.nullspace.general.path": [
-        "unlearn.nullspace.keys=general",
+        "unlearn.nullspace.key_source=general",
         "unlearn.nullspace.general.source=path",
     ],
     "eval.facts.reference": [],

@@ -1,6 +1,7 @@
-"""KUDA's null-space keys from general text (`unlearn.nullspace.keys`): the moment they give, how
-retain and general keys mix, the model's own text written once per seed, the spectra cache told
-apart by key source, a missing local source refused, the evaluation's text never a key."""
+"""KUDA's null-space keys from general text (`unlearn.nullspace.key_source`): the moment they
+give, how retain and general keys mix, the model's own text written once per seed, the spectra
+cache told apart by key source, a missing local source refused, the evaluation's text never a
+key."""
 
 import json
 
@@ -41,7 +42,7 @@ def keys_of(model, adapter, layer, tokens: TokenSet) -> torch.Tensor:
 
 
 def context(model, tokenizer, tmp_path, keys: str, general: GeneralTextConfig, eval_texts=()):
-    cfg = KudaMethod(max_length=64, nullspace=NullspaceConfig(keys=keys, general=general))
+    cfg = KudaMethod(max_length=64, nullspace=NullspaceConfig(key_source=keys, general=general))
     retain = tokenize(tokenizer, RETAIN, 64, "retain")
     return MethodContext(
         model,
@@ -177,7 +178,7 @@ def test_a_missing_local_general_source_is_refused_in_one_line(tmp_path, monkeyp
     from kuda_cli import cli
 
     monkeypatch.chdir(tmp_path)
-    keys = ["unlearn.nullspace.keys=general", "unlearn.nullspace.general.source=path"]
+    keys = ["unlearn.nullspace.key_source=general", "unlearn.nullspace.general.source=path"]
     code = cli.main(
         ["unlearn", "model=tiny-random", *keys, "unlearn.nullspace.general.path=no.txt"]
     )
@@ -203,7 +204,8 @@ def test_a_hub_general_source_is_listed_for_the_offline_check():
 
     hub = ["stage=unlearn", "unlearn.nullspace.general.source=hub"]
     listed = [
-        str(s) for s in requires.hub_sources(compose([*hub, "unlearn.nullspace.keys=general"]))
+        str(s)
+        for s in requires.hub_sources(compose([*hub, "unlearn.nullspace.key_source=general"]))
     ]
     assert "unlearn.nullspace.general (wikitext)" in listed
     assert not any("general" in s for s in map(str, requires.hub_sources(compose(hub))))

@@ -1,4 +1,4 @@
-"""General text for KUDA's null-space keys (`unlearn.nullspace.keys=general` or
+"""General text for KUDA's null-space keys (`unlearn.nullspace.key_source=general` or
 `retain+general`): where it comes from, how much of it, and what is held out of it.
 
 `unlearn.nullspace.general.source`:
@@ -115,8 +115,8 @@ class GeneralTexts:
 
 
 def keys_option(ns) -> str:
-    """`unlearn.nullspace.keys`, of the schema or of a DictConfig (whose `.keys` is a method)."""
-    return str(ns["keys"] if isinstance(ns, DictConfig) else ns.keys)
+    """`unlearn.nullspace.key_source`, of the schema or of a DictConfig."""
+    return str(ns.key_source)
 
 
 def uses_general(ns) -> bool:
@@ -181,7 +181,7 @@ def key_dims(ctx, layer: int) -> int:
 
 
 def key_sets(ctx, ns, layer: int) -> list[KeySet]:
-    """The key sets of `unlearn.nullspace` (`ns.keys`), for a method context `ctx`; the budget
+    """The key sets of `unlearn.nullspace` (`key_source`), for a method context `ctx`; the budget
     of general keys from the width of `layer`'s down_proj input."""
     retain = KeySet("retain", TokenSet(ctx.retain.ids[: ns.samples], ctx.retain.pad_id))
     if not uses_general(ns):

@@ -1,6 +1,6 @@
 """The second moments of `down_proj` inputs ("keys") that the null-space projection reads
 (unlearn/nullspace.py): over one token set, or several mixed by their shares (retain and general
-text: `unlearn.nullspace.keys`)."""
+text: `unlearn.nullspace.key_source`)."""
 
 from __future__ import annotations
 

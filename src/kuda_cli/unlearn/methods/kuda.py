@@ -87,7 +87,7 @@ class NullspaceConfig:
     # whose down_proj inputs the projection keeps out of the update's way: `retain` (the first
     # `samples` retain sequences), `general` (general text, from `general`), `retain+general`
     # (both moments mixed, general.share of it general's): docs/unlearn.md
-    keys: str = choice("retain", "retain", "general", "retain+general")
+    key_source: str = choice("retain", "retain", "general", "retain+general")
     general: GeneralTextConfig = field(default_factory=GeneralTextConfig)
     # where the d_ff x d_ff key moments, spectra and projectors live: `host` (one key pass per
     # layer, the eigendecomposition and the projectors on the CPU, each projector streamed to
@@ -165,8 +165,10 @@ class Kuda(Method):
             return [("nullspace", "off")]
         shown = ("form", "tau", "tau_mode", "project_on")
         out = [(f"ns.{k}", nullspace[k]) for k in shown if k in nullspace]
-        if nullspace.get("keys", "retain") != "retain":
-            out.append(("ns.keys", f"{nullspace['keys']}:{nullspace['general']['source']}"))
+        if nullspace.get("key_source", "retain") != "retain":
+            out.append(
+                ("ns.key_source", f"{nullspace['key_source']}:{nullspace['general']['source']}")
+            )
         return out
 
     def sites(self) -> dict[int, str]:
