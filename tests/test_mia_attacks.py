@@ -188,9 +188,11 @@ def test_unknown_mia_attack_is_one_line_exit_2(kuda):
 def test_starting_model_runs_no_reference_attack():
     from kuda_cli.evaluate import get_metric
     from kuda_cli.evaluate.metrics.muse import MuseEvalConfig
+    from kuda_cli.evaluate.metrics.tofu import TofuEvalConfig
 
-    settings = MuseEvalConfig(mia_attacks=["loss", "reference", "gradnorm"])
-    assert get_metric("muse").for_starting_model(settings).mia_attacks == ["loss", "gradnorm"]
+    for name, schema in (("muse", MuseEvalConfig), ("tofu", TofuEvalConfig)):
+        settings = schema(mia_attacks=["loss", "reference", "gradnorm"])
+        assert get_metric(name).for_starting_model(settings).mia_attacks == ["loss", "gradnorm"]
     assert "gradnorm" not in MuseEvalConfig().mia_attacks  # costly on a 7B model: opt in
 
 

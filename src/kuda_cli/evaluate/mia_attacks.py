@@ -12,12 +12,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.muse_scoring import auc, min_k_score
 from kuda_cli.evaluate.scoring import _eval_mode, text_logits
 
@@ -38,6 +39,22 @@ class TextStats:
     @property
     def nll(self) -> float:
         return -self.logprobs.double().mean().item()
+
+
+def check_attack_names(key: str, names: Sequence[str]) -> None:
+    """A metric's `mia_attacks` setting (config key `key`) names only known attacks."""
+    unknown = [a for a in names if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(
+            f"{key} has {unknown[0]!r}, not a membership attack; choose one of: "
+            f"{', '.join(ATTACKS)}"
+        )
+
+
+def without_reference(settings):
+    """A metric's settings for the starting model: no reference attack (its reference model
+    would be the starting model itself)."""
+    return replace(settings, mia_attacks=[a for a in settings.mia_attacks if a != "reference"])
 
 
 def _row_stats(logits: torch.Tensor, targets: torch.Tensor, moments: bool) -> TextStats:

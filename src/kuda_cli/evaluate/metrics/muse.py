@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from kuda_cli.config import bounded
 from kuda_cli.data.sources import hub_splits, load_split
-from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import EvalContext, Metric, register_metric
 from kuda_cli.evaluate.memorization import memorization
-from kuda_cli.evaluate.mia_attacks import ATTACKS, attack_aucs, attack_scores, text_nlls
+from kuda_cli.evaluate.mia_attacks import (
+    attack_aucs,
+    attack_scores,
+    check_attack_names,
+    text_nlls,
+    without_reference,
+)
 from kuda_cli.evaluate.muse_scoring import knowmem, privleak, verbmem
 from kuda_cli.hub import HubSource
 from kuda_cli.run import lookup
@@ -69,17 +74,11 @@ class Muse(Metric):
 
     @classmethod
     def check(cls, cfg) -> None:
-        unknown = [a for a in cfg.eval.muse.mia_attacks if a not in ATTACKS]
-        if unknown:
-            raise ConfigError(
-                f"eval.muse.mia_attacks has {unknown[0]!r}, not a membership attack; choose "
-                f"one of: {', '.join(ATTACKS)}"
-            )
+        check_attack_names("eval.muse.mia_attacks", cfg.eval.muse.mia_attacks)
 
     @classmethod
     def for_starting_model(cls, settings):
-        """No reference attack: the reference would be the starting model itself."""
-        return replace(settings, mia_attacks=[a for a in settings.mia_attacks if a != "reference"])
+        return without_reference(settings)
 
     @classmethod
     def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:

@@ -6,16 +6,21 @@ eval.tofu.mia_attacks on forget vs holdout items."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from kuda_cli.config import bounded, choice
 from kuda_cli.data.kinds.tofu import qa_rows
 from kuda_cli.data.sources import hub_splits
-from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate import EvalContext, Metric, register_metric
 from kuda_cli.evaluate.memorization import memorization
-from kuda_cli.evaluate.mia_attacks import ATTACKS, attack_aucs, attack_scores, text_nlls
+from kuda_cli.evaluate.mia_attacks import (
+    attack_aucs,
+    attack_scores,
+    check_attack_names,
+    text_nlls,
+    without_reference,
+)
 from kuda_cli.evaluate.tofu_scoring import (
     QaFormat,
     answer_losses,
@@ -78,17 +83,11 @@ class Tofu(Metric):
 
     @classmethod
     def check(cls, cfg) -> None:
-        unknown = [a for a in cfg.eval.tofu.mia_attacks if a not in ATTACKS]
-        if unknown:
-            raise ConfigError(
-                f"eval.tofu.mia_attacks has {unknown[0]!r}, not a membership attack; choose "
-                f"one of: {', '.join(ATTACKS)}"
-            )
+        check_attack_names("eval.tofu.mia_attacks", cfg.eval.tofu.mia_attacks)
 
     @classmethod
     def for_starting_model(cls, settings):
-        """No reference attack: the reference would be the starting model itself."""
-        return replace(settings, mia_attacks=[a for a in settings.mia_attacks if a != "reference"])
+        return without_reference(settings)
 
     @classmethod
     def summarise(cls, before: dict, after: dict, settings) -> dict[str, Any]:
