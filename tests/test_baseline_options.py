@@ -175,3 +175,20 @@ def test_kl_retain_and_adaptive_rmu_run_end_to_end(kuda, tmp_path, monkeypatch):
     assert '"retain_kl"' in (tmp_path / "kl" / "train_log.jsonl").read_text()
     diagnostics = read_json(tmp_path / "adaptive" / "metrics.json")["diagnostics"]
     assert diagnostics["steering_coefficient"] > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "own_sites"), [("graddiff", 0), ("npo", 0), ("idkdpo", 0), ("undial", 1)]
+)
+def test_memory_plan_counts_the_kl_reference_only_under_retain_loss_kl(method, own_sites):
+    from types import SimpleNamespace
+
+    from kuda_cli.unlearn.methods import get_method, method_schemas
+
+    def sites(**settings) -> int:
+        cfg = method_schemas()[method](**settings)
+        return get_method(method)(SimpleNamespace(cfg=cfg)).recorded_sites
+
+    assert sites(retain_loss="kl", retain_weight=1.0) == own_sites + 1
+    assert sites(retain_loss="nll", retain_weight=1.0) == own_sites
+    assert sites(retain_loss="kl", retain_weight=0.0) == own_sites  # no retain batches

@@ -108,6 +108,27 @@ def with_retain_term(
     return loss + weight * kl
 
 
+class RetainKl:
+    """Mixed into a method with `retain_loss: nll|kl` (before `Method`): the reference that
+    `retain_reference` builds in `prepare`, closed at the end, and the memory plan's count of
+    the sites it records."""
+
+    retain_reference = None  # built in prepare for retain_loss: kl
+
+    def close(self) -> None:
+        if self.retain_reference is not None:
+            self.retain_reference.close()
+
+    @property
+    def retain_kl_sites(self) -> int:
+        """The reference's final-norm states of the retain items, for `retain_loss: kl`."""
+        return int(self.cfg.retain_loss == "kl" and self.needs_retain)
+
+    @property
+    def recorded_sites(self) -> int:  # the memory plan's view (unlearn/memory_plan.py)
+        return self.retain_kl_sites
+
+
 def retain_reference(
     ctx: MethodContext, cfg, head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 ) -> ReferenceLogits | None:

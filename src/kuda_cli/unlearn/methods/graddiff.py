@@ -13,7 +13,7 @@ import torch
 from kuda_cli.config import UnlearnConfig, bounded, choice, listed
 from kuda_cli.unlearn.methods import Method, register_method, sequence_logprob
 from kuda_cli.unlearn.methods.ga import ga_loss
-from kuda_cli.unlearn.retain_kl import retain_reference, with_retain_term
+from kuda_cli.unlearn.retain_kl import RetainKl, retain_reference, with_retain_term
 
 
 @dataclass
@@ -27,9 +27,8 @@ class GradDiffMethod(UnlearnConfig):
 
 
 @register_method("graddiff", GradDiffMethod)
-class GradDiff(Method):
+class GradDiff(RetainKl, Method):
     display_name = "GradDiff"
-    retain_reference = None  # built in prepare for retain_loss: kl
 
     def prepare(self) -> None:
         self.retain_reference = retain_reference(self.ctx, self.cfg)
@@ -42,12 +41,3 @@ class GradDiff(Method):
         return with_retain_term(
             self.ctx.model, loss, retain, self.cfg.retain_weight, terms, self.retain_reference
         ), terms
-
-    def close(self) -> None:
-        if self.retain_reference is not None:
-            self.retain_reference.close()
-
-    @property
-    def recorded_sites(self) -> int:  # the memory plan's view (unlearn/memory_plan.py)
-        """The reference's final-norm states of the retain items, for `retain_loss: kl`."""
-        return int(self.cfg.retain_loss == "kl" and self.needs_retain)

@@ -32,7 +32,7 @@ from kuda_cli.config import UnlearnConfig, bounded, choice, listed
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.scoring import right_padded
 from kuda_cli.unlearn.methods import Method, register_method, token_logprobs
-from kuda_cli.unlearn.retain_kl import retain_reference, with_retain_term
+from kuda_cli.unlearn.retain_kl import RetainKl, retain_reference, with_retain_term
 
 # kuda's own list: short, plain refusals of knowledge, none naming a topic
 IDK_ANSWERS = (
@@ -99,9 +99,8 @@ class IdkDpoMethod(UnlearnConfig):
 
 
 @register_method("idkdpo", IdkDpoMethod)
-class IdkDpo(Method):
+class IdkDpo(RetainKl, Method):
     display_name = "IdkDPO"
-    retain_reference = None  # built in prepare for retain_loss: kl
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -164,16 +163,7 @@ class IdkDpo(Method):
         weight, reference = self.cfg.retain_weight, self.retain_reference
         return with_retain_term(self.ctx.model, loss, retain, weight, terms, reference), terms
 
-    def close(self) -> None:
-        if self.retain_reference is not None:
-            self.retain_reference.close()
-
     @property
     def precomputes_reference(self) -> bool:  # the memory plan's view (unlearn/memory_plan.py)
         """`prepare` computes the reference log-probabilities of both answers of each item."""
         return True
-
-    @property
-    def recorded_sites(self) -> int:
-        """The reference's final-norm states of the retain items, for `retain_loss: kl`."""
-        return int(self.cfg.retain_loss == "kl" and self.needs_retain)

@@ -25,7 +25,7 @@ from kuda_cli.config import UnlearnConfig, bounded, choice, listed
 from kuda_cli.models.precision import autocast
 from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import Method, register_method, sequence_logprob
-from kuda_cli.unlearn.retain_kl import retain_reference, with_retain_term
+from kuda_cli.unlearn.retain_kl import RetainKl, retain_reference, with_retain_term
 
 
 def npo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -58,9 +58,7 @@ class NpoMethod(UnlearnConfig):
 
 
 @register_method("npo", NpoMethod)
-class Npo(Method):
-    retain_reference = None  # built in prepare for retain_loss: kl
-
+class Npo(RetainKl, Method):
     def prepare(self) -> None:
         ctx = self.ctx
         self.reference = reference_logprobs(
@@ -81,16 +79,7 @@ class Npo(Method):
             self.ctx.model, forget_term, retain, weight, terms, reference
         ), terms
 
-    def close(self) -> None:
-        if self.retain_reference is not None:
-            self.retain_reference.close()
-
     @property
     def precomputes_reference(self) -> bool:  # the memory plan's view (unlearn/memory_plan.py)
         """`prepare` computes the reference log-probabilities of the forget items."""
         return True
-
-    @property
-    def recorded_sites(self) -> int:
-        """The reference's final-norm states of the retain items, for `retain_loss: kl`."""
-        return int(self.cfg.retain_loss == "kl" and self.needs_retain)

@@ -29,7 +29,7 @@ import torch
 
 from kuda_cli.config import UnlearnConfig, bounded, choice, listed
 from kuda_cli.unlearn.methods import Method, register_method
-from kuda_cli.unlearn.retain_kl import ReferenceLogits, retain_reference, with_retain_term
+from kuda_cli.unlearn.retain_kl import ReferenceLogits, RetainKl, retain_reference, with_retain_term
 
 
 def undial_loss(
@@ -62,10 +62,9 @@ class UndialMethod(UnlearnConfig):
 
 
 @register_method("undial", UndialMethod)
-class Undial(Method):
+class Undial(RetainKl, Method):
     display_name = "UNDIAL"
     teacher: ReferenceLogits | None = None  # built in prepare
-    retain_reference = None  # built in prepare for retain_loss: kl
 
     def prepare(self) -> None:
         ctx = self.ctx
@@ -86,12 +85,12 @@ class Undial(Method):
         return with_retain_term(self.ctx.model, loss, retain, weight, terms, reference), terms
 
     def close(self) -> None:
-        for reference in (self.teacher, self.retain_reference):
-            if reference is not None:
-                reference.close()
+        if self.teacher is not None:
+            self.teacher.close()
+        super().close()
 
     @property
     def recorded_sites(self) -> int:  # the memory plan's view (unlearn/memory_plan.py)
         """The starting model's final-norm states of the forget items, and of the retain items
         for `retain_loss: kl`."""
-        return 1 + int(self.cfg.retain_loss == "kl" and self.needs_retain)
+        return 1 + self.retain_kl_sites
