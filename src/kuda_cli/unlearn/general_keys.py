@@ -114,13 +114,8 @@ class GeneralTexts:
     label: str  # the source and its settings, as the spectra cache key reads them
 
 
-def keys_option(ns) -> str:
-    """`unlearn.nullspace.key_source`, of the schema or of a DictConfig."""
-    return str(ns.key_source)
-
-
 def uses_general(ns) -> bool:
-    return bool(ns.enabled) and "general" in keys_option(ns).split("+")
+    return bool(ns.enabled) and "general" in ns.key_source.split("+")
 
 
 def source_label(general: GeneralTextConfig) -> str:
@@ -188,7 +183,7 @@ def key_sets(ctx, ns, layer: int) -> list[KeySet]:
         return [retain]
     texts = general_texts(ctx, ns.general, key_budget(ns.general, key_dims(ctx, layer)))
     tokens = tokenize(ctx.tokenizer, texts.keys, ctx.cfg.max_length, "general keys")
-    if keys_option(ns) == "general":
+    if ns.key_source == "general":
         return [KeySet("general", tokens, 1.0, texts.label)]
     share = ns.general.share
     return [replace(retain, share=1 - share), KeySet("general", tokens, share, texts.label)]
