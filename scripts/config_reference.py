@@ -122,6 +122,11 @@ def anchor(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in text.lower())
 
 
+def heading_anchor(text: str) -> str:
+    """The anchor GitHub gives a heading: punctuation other than '-' and '_' dropped."""
+    return "".join(c for c in text.lower() if c.isalnum() or c in "-_ ").replace(" ", "-")
+
+
 def schema_table(
     cls: type, prefix: str, keep=lambda f: True, groups=(), tag: str = "", seen=None
 ) -> list[str]:
@@ -331,7 +336,7 @@ def render() -> str:
     schemas = group_schemas()
     groups = groups_in_order(schemas)
     lines = [HEADER, "Sections: [top-level keys](#top-level-keys)"]
-    lines[-1] += "".join(f", [`{g}`](#{anchor(g)})" for g in groups) + "."
+    lines[-1] += "".join(f", [`{g}`](#{heading_anchor(g)})" for g in groups) + "."
     lines += ["", *root_section(schemas.get("", {}), groups)]
     for group in groups:
         lines += group_section(group, schemas.get(group, {}))

@@ -80,13 +80,13 @@ class NullspaceConfig:
     form: str = choice("relaxed", "relaxed", "hard")
     tau: float = bounded(4e-3, gt=0)
     # tau x the retain keys' eigenvalue at the 99th percentile: robust to the massive-activation
-    # directions of some layers (docs/unlearn.md)
+    # directions of some layers (docs/kuda_measurements.md)
     tau_mode: str = choice("p99", "energy", "max", "p99", "absolute")
     project_on: str = choice("update", "update", "grad")
     samples: int = bounded(256, ge=1)  # retain sequences used to estimate the key covariance
     # whose down_proj inputs the projection keeps out of the update's way: `retain` (the first
     # `samples` retain sequences), `general` (general text, from `general`), `retain+general`
-    # (both moments mixed, general.share of it general's): docs/unlearn.md
+    # (both moments mixed, general.share of it general's): docs/kuda_measurements.md
     key_source: str = choice("retain", "retain", "general", "retain+general")
     general: GeneralTextConfig = field(default_factory=GeneralTextConfig)
     # where the d_ff x d_ff key moments, spectra and projectors live: `host` (one key pass per
@@ -100,7 +100,7 @@ class NullspaceConfig:
 @dataclass
 class KudaMethod(UnlearnConfig):
     """Settings the paper does not state are our defaults, chosen on the embedded model
-    (docs/unlearn.md)."""
+    (docs/kuda_measurements.md)."""
 
     method: str = "kuda"
     lr: float = bounded(3e-3, gt=0)
@@ -111,7 +111,7 @@ class KudaMethod(UnlearnConfig):
     # forget tokens the loss reads: `subject` (the subject's tokens, where the data names one:
     # facts), `last` (the last token of each subject mention: ROME's site), `all` (every
     # non-padding token), `auto` (last when subjects are known, else all; the subject's tokens
-    # were the default until 2026-12-03: docs/unlearn.md)
+    # were the default until 2026-12-03: docs/kuda_measurements.md)
     tokens: str = choice("auto", "auto", "subject", "last", "all")
     # what the loss does with them: `away` (push from the original: the cosine forms above),
     # `unknown` (pull each subject mention's last token towards what the starting model writes
