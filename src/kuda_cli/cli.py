@@ -105,6 +105,9 @@ def help_text() -> str:
         "again continues: completed jobs are skipped; it exits 1 when a job failed. A pinned",
         "hydra.run.dir must be new, empty, or an unfinished run of the same config (it resumes).",
         "SIGTERM marks the run failed with its end time and exits 143.",
+        "",
+        "Guides by task (getting started, each method, each metric, attacks, reports, paper",
+        "tables, scale, plug-ins): docs/index.md; every config key: docs/config.md.",
     ]
     return "\n".join(lines)
 
