@@ -74,6 +74,7 @@ def test_default_columns_are_the_headline_figures_in_reading_order(tmp_path):
         "summary.forget_removed_mc",  # no run has forget_removed_gen: no column
         f"1 - {AGREEMENT}",
         "summary.perplexity_ratio",
+        "facts.forget.mc_acc",  # the starting model's too
         "fluency.forget.nll_vs_fluent_wrong",
         "summary.fluency_entropy_ratio",
         "fluency.forget.repetition",

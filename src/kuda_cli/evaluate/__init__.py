@@ -29,8 +29,9 @@ from kuda_cli.run import lookup
 
 REGISTRY = Registry("metric", f"{__name__}.metrics", "kuda_cli.metrics", "eval.metrics")
 # what each column `kuda report` shows by default tells, in the order its table reads them: how
-# much of the forget set is gone, what the rest of the model lost, a benchmark's own headline
-# figures, how fluent the answers to forget prompts stay
+# much of the forget set is gone, what the rest of the model lost (unlearn runs), the figures a
+# benchmark scores any model on (accuracy, perplexity: eval runs and the starting model too), how
+# fluent the answers to forget prompts stay
 REPORT_ROLES = ("removed", "damage", "benchmark", "fluency")
 COMPLEMENT = "1 - "  # a report column "1 - KEY": 1 minus the share at KEY
 STARTING_JUDGE = "starting model"  # the name of the judge `kuda unlearn` lends

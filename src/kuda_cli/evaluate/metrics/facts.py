@@ -167,6 +167,8 @@ class Facts(Metric):
         ("removed", "summary.forget_removed_mc"),
         ("removed", "summary.forget_removed_gen"),
         ("damage", COMPLEMENT + "facts.retain.other_subjects.token_agreement"),
+        ("benchmark", "facts.forget.mc_acc"),
+        ("benchmark", "facts.retain.mc_acc"),
         ("fluency", "fluency.forget.nll_vs_fluent_wrong"),
         ("fluency", "summary.fluency_entropy_ratio"),
         ("fluency", "fluency.forget.repetition"),

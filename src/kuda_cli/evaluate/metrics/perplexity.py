@@ -57,7 +57,10 @@ class PerplexityConfig:
 
 @register_metric("perplexity", PerplexityConfig)
 class Perplexity(Metric):
-    report_columns = (("damage", "summary.perplexity_ratio"),)
+    report_columns = (
+        ("damage", "summary.perplexity_ratio"),
+        ("benchmark", "perplexity.perplexity"),
+    )
 
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:
