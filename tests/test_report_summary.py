@@ -104,8 +104,10 @@ def test_default_columns_take_each_benchmarks_headline_figures(tmp_path):
         {"run": "w2", "lm_eval.mmlu_anatomy.acc": 0.4, "lm_eval.wmdp_bio.acc_stderr": 0.01},
         {
             "run": "t",
-            "tofu.forget_quality": 0.01,
             "tofu.model_utility": 0.6,
+            "tofu.forget_quality": 0.01,
+            "tofu.forget.prob": 0.2,
+            "tofu.retain.prob": 0.9,
             "tofu.mia.loss.auc": 1,
         },
         {"run": "m", "muse.knowmem_forget.rougeL_f1": 0.2, "muse.privleak.privleak": -5.0},
@@ -117,6 +119,7 @@ def test_default_columns_take_each_benchmarks_headline_figures(tmp_path):
         "muse.privleak.privleak",
         "tofu.forget_quality",
         "tofu.model_utility",
+        "tofu.forget.prob",
     ]
 
 
