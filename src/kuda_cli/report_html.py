@@ -91,7 +91,10 @@ def write_html(
     """report.html in `out_dir`: the runs (`run_metas`: their meta.json), the report itself
     (`own_meta`), the table of `rows` in `columns` and the PNGs already in `out_dir`."""
     unfinished = sum(m.get("status") != "completed" for m in run_metas)
-    count = f"{len(run_metas)} runs ({unfinished} failed or unfinished), {len(rows)} rows"
+    starting = len(rows) - len(run_metas)
+    count = (
+        f"{len(run_metas)} runs ({unfinished} failed or unfinished), {starting} starting-model rows"
+    )
     images = images_html(out_dir)
     beside = sorted(p.name for p in out_dir.glob("*") if p.suffix in (".md", ".csv", ".tex"))
     page = [
