@@ -214,12 +214,17 @@ class UnlearnConfig:
 
 
 # ----------------------------------------------------------------------------- root
+ALL_COLUMNS = "all"  # report.columns=[all]
+
+
 @dataclass
 class ReportConfig:
     runs: list[str] = listed("outputs/unlearn/*")  # run directories or globs
     metric_prefix: str | None = None  # keep only metrics under this dotted prefix
-    # metrics shown in report.md and report.tex, in order (dotted keys or prefixes, e.g.
-    # facts.forget.mc_acc or diagnostics.krd.mean); null: all. report.csv keeps every metric.
+    # metrics shown in report.md, report.tex and report.html, in order (dotted keys or
+    # prefixes, e.g. facts.forget.mc_acc or diagnostics.krd.mean); null: the metrics' headline
+    # figures (forget removed, damage, benchmark figures, fluency) that the runs have; [all]:
+    # every metric. report.csv keeps every metric.
     columns: list[str] | None = None
     # also the trade-off curves of the unlearn runs, per forget set: forget removed against
     # damage, one PNG per forget set, and which method is lower at matched forget levels

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kuda_cli.cache import write_json_atomic
+from kuda_cli.config import ALL_COLUMNS
 from kuda_cli.evaluate.tradeoff import Point, compare, markdown_table, plot_frontier, points_table
 
 # the trainer's knobs a table names for every method; a method's own fields are added to them
@@ -26,9 +27,11 @@ def settings(unlearn: dict[str, Any]) -> str:
     method = _method(str(unlearn.get("method")))
     shared = {f.name for f in fields(UnlearnConfig)}
     own = [f.name for f in fields(method.schema) if f.name not in shared] if method else []
-    parts = [f"{k}={_cell(unlearn[k])}" for k in (*COMMON_SETTINGS, *own) if _scalar(unlearn, k)]
+    parts = [
+        f"{k}={cell_text(unlearn[k])}" for k in (*COMMON_SETTINGS, *own) if _scalar(unlearn, k)
+    ]
     if method is not None:
-        parts += [f"{label}={_cell(value)}" for label, value in method.report_settings(unlearn)]
+        parts += [f"{label}={cell_text(value)}" for label, value in method.report_settings(unlearn)]
     if (unlearn.get("auto_tune") or {}).get("enabled"):
         parts.append("auto_tune")
     return " ".join(parts)
@@ -60,7 +63,8 @@ def data_label(data: dict[str, Any]) -> str | None:
     return kind.label(data) if kind is not None else data.get("name")
 
 
-def _cell(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A value as a table cell: floats to 4 significant digits, None empty."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return "" if value is None else str(value)
@@ -69,35 +73,86 @@ def _cell(value: Any) -> str:
 ROW_NAMES = ("run", "stage", "status", "model", "method", "settings", "layers", "data")
 
 
-def write_tables(rows: list[dict[str, Any]], out_dir: Path, shown: list[str] | None = None) -> None:
-    """report.csv with every column; report.md and report.tex with the row names and the metrics
-    in `shown` (dotted keys or prefixes, in that order; None: all)."""
+def chosen_columns(setting: list[str] | None, rows: list[dict[str, Any]]) -> list[str] | None:
+    """The metrics report.md shows for `report.columns`: null (or empty) the default columns,
+    [all] every one (None), else the list as given."""
+    if not setting:
+        return default_columns(rows)
+    return None if list(setting) == [ALL_COLUMNS] else list(setting)
+
+
+def default_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """What a reader looks at first, as each metric's `report_columns` name it (forget removed,
+    damage, benchmark figures, fluency): the ones at least one row has a value of."""
+    from fnmatch import fnmatchcase
+
+    from kuda_cli.evaluate import COMPLEMENT, report_columns
+
+    present = list(dict.fromkeys(k for row in rows for k, v in row.items() if v is not None))
+    found: list[str] = []
+    for pattern in report_columns():
+        if pattern.startswith(COMPLEMENT):
+            found += [pattern] if pattern.removeprefix(COMPLEMENT) in present else []
+        else:
+            found += [c for c in present if c not in ROW_NAMES and fnmatchcase(c, pattern)]
+    return list(dict.fromkeys(found))
+
+
+def table_columns(rows: list[dict[str, Any]], shown: list[str] | None) -> list[str]:
+    """The row names, then the metrics in `shown` (dotted keys or prefixes, in that order, or
+    `1 - KEY`; None: every metric)."""
+    from kuda_cli.evaluate import COMPLEMENT
+
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    if shown is None:
+        return columns
+    metrics = []
+    for want in shown:
+        if want.startswith(COMPLEMENT) and want.removeprefix(COMPLEMENT) in columns:
+            metrics.append(want)
+        metrics += [
+            c for c in columns if c not in ROW_NAMES and (c == want or c.startswith(want + "."))
+        ]
+    return [c for c in columns if c in ROW_NAMES] + list(dict.fromkeys(metrics))
+
+
+def cell_value(row: dict[str, Any], column: str) -> Any:
+    """A row's value in a column; `1 - KEY`: 1 minus the row's number at KEY."""
+    from kuda_cli.evaluate import COMPLEMENT
+
+    if column.startswith(COMPLEMENT) and column not in row:
+        value = row.get(column.removeprefix(COMPLEMENT))
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return 1 - value if number else None
+    return row.get(column)
+
+
+def write_tables(
+    rows: list[dict[str, Any]], out_dir: Path, shown: list[str] | None = None
+) -> list[str]:
+    """report.csv with every column; report.md and report.tex with the row names and the metrics
+    in `shown` (table_columns; None: all). Returns the columns of report.md."""
+    every = list(dict.fromkeys(k for row in rows for k in row))
     with open(out_dir / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=every)
         writer.writeheader()
         writer.writerows(rows)
-    if shown:
-        metrics = [
-            c
-            for want in shown
-            for c in columns
-            if c not in ROW_NAMES and (c == want or c.startswith(want + "."))
-        ]
-        columns = [c for c in columns if c in ROW_NAMES] + list(dict.fromkeys(metrics))
+    columns = table_columns(rows, shown)
+    cells = [[cell_text(cell_value(row, c)) for c in columns] for row in rows]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     tex = [
         "\\begin{tabular}{" + "l" * len(columns) + "}",
         "\\toprule",
         " & ".join(_tex(c) for c in columns) + " \\\\",
         "\\midrule",
-        *(" & ".join(_tex(_cell(row.get(c))) for c in columns) + " \\\\" for row in rows),
+        *(" & ".join(_tex(cell) for cell in row) + " \\\\" for row in cells),
         "\\bottomrule",
         "\\end{tabular}",
     ]
     (out_dir / "report.tex").write_text("\n".join(tex) + "\n")
+    return columns
 
 
 TEX_ESCAPES = {

@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from kuda_cli import distributed
-from kuda_cli.config import CARRIABLE
+from kuda_cli.config import ALL_COLUMNS, CARRIABLE
 from kuda_cli.data.kinds import kind_of
 from kuda_cli.data.texts import refuse_blank_file
 from kuda_cli.errors import ConfigError
@@ -40,6 +40,7 @@ def validate(cfg: DictConfig) -> None:
     _check_requires(cfg)
     _check_tune(cfg)
     _check_frontier_range(cfg.report)
+    _check_report_columns(cfg.report)
     check_logger(cfg.get("logger"))
 
 
@@ -69,6 +70,15 @@ def _check_frontier_range(report: DictConfig) -> None:
         raise ConfigError(
             f"report.frontier_range={levels} is not a range of forget-removed levels; pass two "
             "numbers 0 <= lo < hi <= 1, e.g. report.frontier_range=[0.5,0.9]"
+        )
+
+
+def _check_report_columns(report: DictConfig) -> None:
+    columns = list(report.columns or [])
+    if ALL_COLUMNS in columns and len(columns) > 1:
+        raise ConfigError(
+            f"report.columns={columns} names `{ALL_COLUMNS}` beside other columns; pass "
+            f"report.columns=[{ALL_COLUMNS}] for every metric, or the columns alone"
         )
 
 

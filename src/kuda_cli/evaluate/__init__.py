@@ -22,11 +22,18 @@ from typing import Any
 from omegaconf import MISSING
 
 from kuda_cli.config import choice, listed
+from kuda_cli.errors import UserError
 from kuda_cli.hub import HubSource
 from kuda_cli.plugins import Registry
 from kuda_cli.run import lookup
 
 REGISTRY = Registry("metric", f"{__name__}.metrics", "kuda_cli.metrics", "eval.metrics")
+# what each column `kuda report` shows by default tells, in the order its table reads them: how
+# much of the forget set is gone, what the rest of the model lost (unlearn runs), the figures a
+# benchmark scores any model on (accuracy, perplexity: eval runs and the starting model too), how
+# fluent the answers to forget prompts stay
+REPORT_ROLES = ("removed", "damage", "benchmark", "fluency")
+COMPLEMENT = "1 - "  # a report column "1 - KEY": 1 minus the share at KEY
 STARTING_JUDGE = "starting model"  # the name of the judge `kuda unlearn` lends
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ class Metric:
     # settings that change only what the unlearned model is scored on: they leave the starting
     # model's cached evaluation valid
     after_only: tuple[str, ...] = ()
+    # the columns `kuda report` shows of it by default, as (role of REPORT_ROLES, column): a
+    # dotted key of a run's flattened metrics, an fnmatch pattern of them, or COMPLEMENT + a key
+    report_columns: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:
@@ -116,6 +126,26 @@ def register_metric(name: str, schema: type | None = None):
 
 def get_metric(name: str) -> type[Metric]:
     return REGISTRY.get(name)
+
+
+def report_columns() -> list[str]:
+    """The columns of every registered metric's `report_columns`, role by role (REPORT_ROLES),
+    the metrics in registry order within a role."""
+    metrics = REGISTRY.all().values()
+    for metric in metrics:
+        unknown = {role for role, _ in metric.report_columns} - set(REPORT_ROLES)
+        if unknown:
+            raise UserError(
+                f"metric {metric.name}: report_columns role {sorted(unknown)[0]!r} is not one of "
+                f"{', '.join(REPORT_ROLES)}"
+            )
+    return [
+        column
+        for role in REPORT_ROLES
+        for metric in metrics
+        for own_role, column in metric.report_columns
+        if own_role == role
+    ]
 
 
 def metric_names() -> list[str]:

@@ -2,9 +2,10 @@
 key hyper-parameters, and the flattened metrics, written as report.md, report.csv and report.tex
 (booktabs). The starting model of the unlearn runs comes first (one row per model and data, from
 the `before` metrics every unlearn run keeps). Failed and unfinished runs are listed with their
-status, never dropped. `report.columns` narrows the markdown and LaTeX tables to some metrics;
-the CSV keeps them all. `report.frontier` adds the trade-off curves, `report.robustness` what
-stays removed under each attack."""
+status, never dropped. The markdown and LaTeX tables show what a reader looks at first (each
+metric's `report_columns`), `report.columns` other metrics or all of them; the CSV keeps them
+all. `report.frontier` adds the trade-off curves, `report.robustness` what stays removed under
+each attack; report.html puts the table and every plot on one self-contained page."""
 
 from __future__ import annotations
 
@@ -17,8 +18,15 @@ import yaml
 from omegaconf import DictConfig
 
 from kuda_cli.errors import UserError
+from kuda_cli.report_html import write_html
 from kuda_cli.report_robustness import write_robustness
-from kuda_cli.report_tables import data_label, settings, write_frontier, write_tables
+from kuda_cli.report_tables import (
+    chosen_columns,
+    data_label,
+    settings,
+    write_frontier,
+    write_tables,
+)
 from kuda_cli.run import Run, find_runs, flatten, read_meta
 
 log = logging.getLogger(__name__)
@@ -110,7 +118,7 @@ def main(cfg: DictConfig, run: Run) -> None:
             "pass report.runs=[DIR_OR_GLOB,...]"
         )
     rows = collect_rows(run_dirs, cfg.report.metric_prefix)
-    write_tables(rows, run.dir, list(cfg.report.columns) if cfg.report.columns else None)
+    columns = write_tables(rows, run.dir, chosen_columns(cfg.report.columns, rows))
     if cfg.report.frontier:
         lo, hi = (float(v) for v in cfg.report.frontier_range)
         write_frontier(rows, run.dir, lo, hi)
@@ -118,6 +126,8 @@ def main(cfg: DictConfig, run: Run) -> None:
     if cfg.report.robustness:
         write_robustness(rows, run.dir)
         log.info("forget removed under attack: %s", run.dir / "robustness.md")
+    metas = [read_meta(run_dir) or {} for run_dir in run_dirs]
+    log.info("summary page: %s", write_html(run.dir, rows, columns, metas, run.meta))
     run.log_metrics(
         {"report": {"runs": len(rows), "failed": sum(r["status"] != "completed" for r in rows)}}
     )

@@ -14,7 +14,14 @@ from typing import Any
 
 from kuda_cli.config import ModelConfig, bounded
 from kuda_cli.data.fact_set import load_facts, probes, split_facts, subject_subsets
-from kuda_cli.evaluate import STARTING_JUDGE, EvalContext, Metric, ratio, register_metric
+from kuda_cli.evaluate import (
+    COMPLEMENT,
+    STARTING_JUDGE,
+    EvalContext,
+    Metric,
+    ratio,
+    register_metric,
+)
 from kuda_cli.evaluate.fact_scoring import (
     ANSWERS_FILE,
     FLUENCY_FILE,
@@ -155,6 +162,17 @@ class Facts(Metric):
     local_paths = ("eval.facts.reference", "eval.facts.judge", "data.path", "data.floor_path")
     # the starting model is scored on all of them whatever they say
     after_only = ("floors", "retain_greedy")
+    report_columns = (
+        ("removed", "summary.forget_removed"),  # against the never-learned floors
+        ("removed", "summary.forget_removed_mc"),
+        ("removed", "summary.forget_removed_gen"),
+        ("damage", COMPLEMENT + "facts.retain.other_subjects.token_agreement"),
+        ("benchmark", "facts.forget.mc_acc"),
+        ("benchmark", "facts.retain.mc_acc"),
+        ("fluency", "fluency.forget.nll_vs_fluent_wrong"),
+        ("fluency", "summary.fluency_entropy_ratio"),
+        ("fluency", "fluency.forget.repetition"),
+    )
 
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:

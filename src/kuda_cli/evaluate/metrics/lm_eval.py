@@ -48,6 +48,8 @@ class WmdpEvalConfig:
 class LmEval(Metric):
     section = "wmdp"
     local_paths = tuple(LOCAL_FILE_OPTIONS.values())
+    # not lm_eval.*.acc: mmlu adds one entry per subject
+    report_columns = (("benchmark", "lm_eval.wmdp_*.acc"), ("benchmark", "lm_eval.mmlu.acc"))
 
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:

@@ -67,6 +67,15 @@ SPLITS = (
 @register_metric("muse", MuseEvalConfig)
 class Muse(Metric):
     reads_data = True
+    report_columns = tuple(
+        ("benchmark", f"muse.{key}")
+        for key in (
+            "verbmem_forget.rougeL_f1",
+            "knowmem_forget.rougeL_f1",
+            "knowmem_retain.rougeL_f1",
+            "privleak.privleak",
+        )
+    )
 
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:

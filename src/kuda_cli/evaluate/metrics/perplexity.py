@@ -57,6 +57,11 @@ class PerplexityConfig:
 
 @register_metric("perplexity", PerplexityConfig)
 class Perplexity(Metric):
+    report_columns = (
+        ("damage", "summary.perplexity_ratio"),
+        ("benchmark", "perplexity.perplexity"),
+    )
+
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:
         return {"perplexity": text_perplexity(ctx.eval.perplexity, ctx.loaded)}

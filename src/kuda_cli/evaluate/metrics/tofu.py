@@ -76,6 +76,7 @@ HEADLINE = ("forget_quality", "model_utility", *(f"forget.{f}" for f in UTILITY_
 @register_metric("tofu", TofuEvalConfig)
 class Tofu(Metric):
     reads_data = True
+    report_columns = tuple(("benchmark", f"tofu.{key}") for key in HEADLINE)
 
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:
