@@ -108,7 +108,7 @@ def knowledge(model, tokenizer, clozes: list[Cloze], floor: bool = False) -> np.
     """Per cloze: log of the answer's share among the options, and whether every token of the
     answer is the model's most likely next one (teacher-forced): rows of (share, said)."""
     groups = [(c.floor_context if floor else c.context, list(c.options)) for c in clozes]
-    scored = option_scores(model, tokenizer, groups, desc="tuning clozes")
+    scored = option_scores(model, tokenizer, groups, desc="tuning probes")
     sums = torch.tensor([[total for total, _, _ in options] for options in scored])
     said = torch.tensor([float(options[0][2] == options[0][1]) for options in scored])
     return torch.stack([torch.log_softmax(sums, dim=-1)[:, 0], said], dim=1).numpy()
