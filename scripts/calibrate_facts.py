@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kuda_cli.compose import compose
-from kuda_cli.data.fact_set import load_facts, probes, split_facts, subject_subsets
+from kuda_cli.data.fact_set import load_facts, probes, retain_of, split_facts, subject_subsets
 from kuda_cli.evaluate.fact_scoring import (
     evaluate_facts,
     fluency,
@@ -64,18 +64,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=100)
     args = parser.parse_args()
     overrides = ["stage=eval"]
-    if args.forget:
-        domains = sorted({f.domain for f in load_facts()})
-        retain = [d for d in domains if d not in args.forget]
-        overrides += [
-            f"data.forget_domains=[{','.join(args.forget)}]",
-            f"data.retain_domains=[{','.join(retain)}]",
-        ]
+    if args.forget:  # the other domains are retained
+        overrides += [f"data.forget_domains=[{','.join(args.forget)}]"]
     cfg = compose(overrides)
     loaded = load_model(OmegaConf.to_object(cfg.model))
     model, tokenizer = loaded.model, loaded.tokenizer
     forget, retain = split_facts(
-        load_facts(cfg.data.path), list(cfg.data.forget_domains), list(cfg.data.retain_domains)
+        load_facts(cfg.data.path), list(cfg.data.forget_domains), retain_of(cfg.data)
     )
 
     chosen = probes(forget, all_prompts=False)

@@ -106,6 +106,25 @@ def test_split_by_domain(tmp_path):
         split_facts(facts, ["chemistry"], ["chemistry"])
 
 
+def test_retain_domains_unset_means_every_domain_not_forgotten():
+    facts = load_facts()
+    forget, retain = split_facts(facts, ["capitals"], None)
+    assert {f.domain for f in forget} == {"capitals"}
+    domains = {f.domain for f in facts}
+    assert {f.domain for f in retain} == domains - {"capitals"}
+    assert len(forget) + len(retain) == len(facts)
+
+
+def test_forgetting_any_domain_alone_composes_with_the_default_retain_set():
+    from kuda_cli.compose import compose
+    from kuda_cli.data.fact_set import retain_of
+
+    cfg = compose(["stage=unlearn", "data.forget_domains=[landmarks]"])
+    assert cfg.data.retain_domains is None
+    forget, retain = split_facts(load_facts(), ["landmarks"], retain_of(cfg.data))
+    assert "landmarks" not in {f.domain for f in retain} and forget
+
+
 def test_builtin_set_has_five_domains_of_forty_facts():
     facts = load_facts()
     per_domain: dict[str, int] = {}

@@ -106,9 +106,19 @@ def check_disjoint(forget_domains: list[str], retain_domains: list[str]) -> None
         )
 
 
+def retain_of(data) -> list[str] | None:
+    """A data config's retain domains; None (every domain not forgotten) when unset."""
+    return None if data.retain_domains is None else list(data.retain_domains)
+
+
 def split_facts(
-    facts: list[Fact], forget_domains: list[str], retain_domains: list[str]
+    facts: list[Fact], forget_domains: list[str], retain_domains: list[str] | None
 ) -> tuple[list[Fact], list[Fact]]:
+    """The forget and retain facts; retain_domains None: every domain of the set not forgotten."""
+    if retain_domains is None:
+        retain_domains = [
+            d for d in dict.fromkeys(f.domain for f in facts) if d not in forget_domains
+        ]
     check_disjoint(forget_domains, retain_domains)
     forget = select_domains(facts, forget_domains, "forget")
     retain = select_domains(facts, retain_domains, "retain")

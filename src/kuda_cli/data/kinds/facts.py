@@ -5,11 +5,11 @@ stay unseen and measure whether the knowledge, not the text, is gone."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kuda_cli.config import choice, listed
-from kuda_cli.data.fact_set import load_facts, select_domains, split_facts
+from kuda_cli.data.fact_set import load_facts, retain_of, select_domains, split_facts
 from kuda_cli.data.fact_set import probes as fact_probes
 from kuda_cli.data.kinds import DataKind, UnlearnTexts, register_kind
 from kuda_cli.data.probes import from_facts
@@ -25,7 +25,8 @@ class FactsData:
     # with the built-in facts)
     floor_path: str | None = None
     forget_domains: list[str] = listed("chemistry", distinct=True, min_items=1)
-    retain_domains: list[str] = listed("capitals", "languages", "landmarks", distinct=True)
+    # null: every domain of the set not forgotten
+    retain_domains: list[str] | None = field(default=None, metadata={"distinct": True})
 
 
 def subject_spans(text: str, subject: str) -> list[tuple[int, int]]:
@@ -42,9 +43,7 @@ class Facts(DataKind):
 
     @classmethod
     def fact_sets(cls, data) -> tuple[list, list]:
-        return split_facts(
-            load_facts(data.path), list(data.forget_domains), list(data.retain_domains)
-        )
+        return split_facts(load_facts(data.path), list(data.forget_domains), retain_of(data))
 
     @classmethod
     def concept(cls, data) -> str | None:

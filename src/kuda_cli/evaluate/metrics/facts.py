@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kuda_cli.config import ModelConfig, bounded
-from kuda_cli.data.fact_set import load_facts, probes, split_facts, subject_subsets
+from kuda_cli.data.fact_set import load_facts, probes, retain_of, split_facts, subject_subsets
 from kuda_cli.evaluate import (
     COMPLEMENT,
     STARTING_JUDGE,
@@ -209,7 +209,7 @@ def facts_results(ctx: EvalContext) -> dict[str, Any]:
     cfg = ctx.eval.facts
     model, tokenizer = ctx.loaded.model, ctx.loaded.tokenizer
     forget, retain = split_facts(
-        load_facts(ctx.data.path), list(ctx.data.forget_domains), list(ctx.data.retain_domains)
+        load_facts(ctx.data.path), list(ctx.data.forget_domains), retain_of(ctx.data)
     )
     view = ctx.view
     splits = {"forget": probes(forget, cfg.all_prompts), "retain": probes(retain, cfg.all_prompts)}
