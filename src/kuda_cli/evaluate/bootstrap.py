@@ -60,8 +60,8 @@ def _rows(items: Mapping[str, list[dict]], which: str, split: str) -> list[dict]
 
 
 def _other(items: Mapping[str, list[dict]]) -> list[dict]:
-    """The unlearned model's other-subject retain rows, None-free only where they carry the
-    token agreement's counts (runs made before they were recorded do not)."""
+    """The unlearned model's other-subject retain rows; none where the rows lack the token
+    agreement's counts (runs made before they were recorded)."""
     rows = _rows(items, "after", "retain")
     if not rows or any("reference_tokens" not in r or "subsets" not in r for r in rows):
         return []
