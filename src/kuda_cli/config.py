@@ -230,6 +230,9 @@ class ReportConfig:
     # damage, one PNG per forget set, and which method is lower at matched forget levels
     frontier: bool = False
     frontier_range: list[float] = listed(0.5, 0.9)  # forget-removed levels compared
+    # draws of a bootstrap over the facts and texts of the runs (seeded with `seed`): a method
+    # is lower only where the 95% interval of the damage difference excludes 0; 0: none
+    bootstrap: int = bounded(200, ge=0)
     # also what stays removed under each attack of the runs (eval.attacks), per forget set:
     # robustness.md, one PNG per forget set (forget removed against relearning steps)
     robustness: bool = False

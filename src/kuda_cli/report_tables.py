@@ -11,7 +11,8 @@ from typing import Any
 
 from kuda_cli.cache import write_json_atomic
 from kuda_cli.config import ALL_COLUMNS
-from kuda_cli.evaluate.tradeoff import Point, compare, markdown_table, plot_frontier, points_table
+from kuda_cli.evaluate import bootstrap
+from kuda_cli.evaluate.tradeoff import Point, markdown_table, plot_frontier, points_table
 
 # the trainer's knobs a table names for every method; a method's own fields are added to them
 COMMON_SETTINGS = ("lr", "steps", "optimizer")
@@ -200,14 +201,18 @@ def frontier_curves(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str,
                 curves = out.setdefault(str(row["data"]), {}).setdefault(panel, {})
                 points = curves.setdefault(method, [Point(0.0, start, "start")])
                 points.append(
-                    Point(float(x), float(transform(row[key])), lr.group(1) if lr else "")
+                    Point(
+                        float(x), float(transform(row[key])), lr.group(1) if lr else "", row["run"]
+                    )
                 )
     return out
 
 
-def write_frontier(rows: list[dict[str, Any]], out_dir: Path, lo: float, hi: float) -> dict:
-    """frontier_<forget set>.png, frontier.md (points and pairwise comparisons) and the
-    comparison rows (returned, and in frontier.json)."""
+def write_frontier(
+    rows: list[dict[str, Any]], out_dir: Path, lo: float, hi: float, resamples: int, seed: int
+) -> dict:
+    """frontier_<forget set>.png, frontier.md (points and pairwise comparisons, with a bootstrap
+    of `resamples` draws over the facts) and the comparison rows (returned, in frontier.json)."""
     found: dict[str, Any] = {}
     lines = ["# Trade-off curves", ""]
     for data, panels in sorted(frontier_curves(rows).items()):
@@ -217,8 +222,11 @@ def write_frontier(rows: list[dict[str, Any]], out_dir: Path, lo: float, hi: flo
         lines += [f"## {data}", "", f"![{name}]({png.name})", ""]
         for panel, curves in panels.items():
             lines += [f"### {panel}", "", points_table(curves, panel)]
-        lines += [markdown_table(panels, lo=lo, hi=hi), ""]
-        found[data] = {panel: compare(curves, lo=lo, hi=hi) for panel, curves in panels.items()}
+        keys = {panel: (key, transform) for panel, key, transform, _ in DAMAGE}
+        found[data], notes = bootstrap.compare_with_noise(panels, keys, lo, hi, resamples, seed)
+        extra = bootstrap.columns(found[data])
+        table = markdown_table(panels, lo=lo, hi=hi, compared=found[data], extra=extra)
+        lines += [table, *(f"{note}\n" for note in notes)]
     (out_dir / "frontier.md").write_text("\n".join(lines))
     write_json_atomic(out_dir / "frontier.json", found)
     return found

@@ -56,19 +56,33 @@ def mc_and_top1(
     """`mc_correct` per probe, and, where `forced` gives a probe a continuation, the share of
     its tokens that are the model's top-1 prediction under teacher forcing
     (`continuation_top1`): packed beside the options over one copy of the prompt."""
+    mc, counts = mc_and_top1_counts(model, tokenizer, probes, forced, batch_size=batch_size)
+    return mc, [None if c is None else c[0] / c[1] for c in counts]
+
+
+def mc_and_top1_counts(
+    model,
+    tokenizer,
+    probes: list[Probe],
+    forced: list[str | None] | None = None,
+    *,
+    batch_size: int = 16,
+) -> tuple[list[bool], list[tuple[int, int] | None]]:
+    """`mc_and_top1` with, per forced continuation, (tokens ranked top-1, tokens) in place of
+    their share: what a resample of the prompts re-aggregates."""
     forced = forced or [None] * len(probes)
     groups = [
         (p.text, [" " + option for option in p.fact.options] + ([f] if f else []))
         for p, f in zip(probes, forced, strict=True)
     ]
     scores = option_scores(model, tokenizer, groups, batch_size=batch_size, desc="facts mc")
-    mc, top1 = [], []
+    mc, counts = [], []
     for p, options in zip(probes, scores, strict=True):
         totals = [total for total, _, _ in options[: len(p.fact.options)]]
         mc.append(totals.index(max(totals)) == 0)  # ties go to the target, listed first
         extra = options[len(p.fact.options) :]
-        top1.append(extra[0][2] / extra[0][1] if extra else None)
-    return mc, top1
+        counts.append((extra[0][2], extra[0][1]) if extra else None)
+    return mc, counts
 
 
 def first_line(text: str) -> str:
@@ -292,7 +306,8 @@ def evaluate_facts(
         # the reference's first line, teacher-forced for token agreement, is packed beside the
         # options: one forward pass gives both
         forced = _forced_lines(probes, reference)
-        mc, shares = mc_and_top1(model, tokenizer, probes, forced, batch_size=batch_size)
+        mc, counts = mc_and_top1_counts(model, tokenizer, probes, forced, batch_size=batch_size)
+        shares = [None if c is None else c[0] / c[1] for c in counts]
         answers: list[str | None] = [None] * len(probes)
         if split not in no_answers:
             answers = greedy_continuations(
@@ -318,7 +333,8 @@ def evaluate_facts(
                 ]
             top1 = shares
         metrics[split] = _summary(probes, mc, gen, top1, same)
-        for name, ids in ((subsets or {}).get(split) or {}).items():
+        named = (subsets or {}).get(split) or {}
+        for name, ids in named.items():
             pick = [i for i, p in enumerate(probes) if p.fact.id in ids]
             if pick:
                 metrics[split][name] = _summary(
@@ -329,7 +345,7 @@ def evaluate_facts(
                     None if same is None else [same[i] for i in pick],
                 )
                 metrics[split][name].pop("domains")
-        rows += _answer_rows(split, probes, answers, mc, gen)
+        rows += _answer_rows(split, probes, answers, mc, gen, counts, named)
     return metrics, rows
 
 
@@ -345,8 +361,12 @@ def _forced_lines(probes: list[Probe], reference: dict[str, str] | None) -> list
     ]
 
 
-def _answer_rows(split: str, probes: list[Probe], answers, mc, gen) -> list[dict[str, Any]]:
-    """facts_answers.jsonl's rows of one split: the greedy answer and what was scored right."""
+def _answer_rows(
+    split: str, probes: list[Probe], answers, mc, gen, counts, named: dict[str, set[str]]
+) -> list[dict[str, Any]]:
+    """facts_answers.jsonl's rows of one split: the greedy answer, what was scored right, the
+    teacher-forced token agreement's counts (None without a reference) and the named subsets
+    the fact is in: each split's figures re-aggregate from its rows."""
     return [
         {
             "split": split,
@@ -357,6 +377,9 @@ def _answer_rows(split: str, probes: list[Probe], answers, mc, gen) -> list[dict
             "answer": a,
             "mc_correct": m,
             "gen_correct": g,
+            "agreeing_tokens": None if c is None else c[0],
+            "reference_tokens": None if c is None else c[1],
+            "subsets": [name for name, ids in named.items() if p.fact.id in ids],
         }
-        for p, a, m, g in zip(probes, answers, mc, gen, strict=True)
+        for p, a, m, g, c in zip(probes, answers, mc, gen, counts, strict=True)
     ]

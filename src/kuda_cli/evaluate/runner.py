@@ -31,6 +31,9 @@ from kuda_cli.models.loading import resolve_cache_root
 
 log = logging.getLogger(__name__)
 BEFORE = "before"
+# what a starting model's evaluation writes beside its metrics, in the cache key: an entry cached
+# before a change lacks the new files (2: the per-item figures the report's bootstrap resamples)
+WRITTEN = 2
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ def _before_key(cfg: DictConfig, model_key: str) -> str:
             "model": model_key,
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "eval": evaluation,
+            "written": WRITTEN,
         },
         sort_keys=True,
     )

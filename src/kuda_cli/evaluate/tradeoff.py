@@ -17,7 +17,7 @@ pyplot, no global state, no display). Collecting the points from run directories
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -31,11 +31,13 @@ _RTOL, _ATOL = 1e-9, 1e-12
 
 @dataclass
 class Point:
-    """One run: x = forget removed, y = damage (lower is better); label names it (e.g. its lr)."""
+    """One run: x = forget removed, y = damage (lower is better); label names it (e.g. its lr),
+    run its directory (where its per-item figures are, for a bootstrap)."""
 
     x: float
     y: float
     label: str = ""
+    run: str = ""
 
 
 def _finite(v) -> bool:
@@ -164,8 +166,8 @@ def compare(
 
 def wins(rows: Iterable[dict], method: str) -> dict[str, str]:
     """For one method, its outcome against each other method in `rows` (from one `compare`):
-    "lower" (its damage is lower over the whole shared range), "higher", "mixed", "tie" or
-    "no overlap"."""
+    "lower" (its damage is lower over the whole shared range, or beyond the bootstrap's noise),
+    "higher", "mixed", "tie", "within noise" or "no overlap"."""
     out: dict[str, str] = {}
     for row in rows:
         if method not in (row["a"], row["b"]):
@@ -194,26 +196,35 @@ def markdown_table(
     lo: float = 0.5,
     hi: float = 0.9,
     grid: int = 41,
+    compared: Mapping[str, Sequence[dict]] | None = None,
+    extra: Sequence[tuple[str, Callable[[dict], str]]] = (),
 ) -> str:
     """A markdown table comparing methods pairwise: one row per pair per damage metric (the keys
-    of `curves_by_metric`), with the numbers of `compare` to 3 decimals."""
+    of `curves_by_metric`), with the numbers of `compare` to 3 decimals, or of the rows given
+    per metric in `compared`; `extra` columns (header, cell of a row) go before `lower`."""
+    more = "".join(f" {header} |" for header, _ in extra)
     lines = [
         f"Damage compared over forget removed in [{lo:g}, {hi:g}] (intersected with the range both"
         f" methods' Pareto curves cover), at {grid} evenly spaced levels; lower damage is better.",
         "",
         "| damage | A | B | shared forget range | mean damage A | mean damage B "
-        "| A lower at | B lower at | lower |",
-        "|---|---|---|---|---:|---:|---:|---:|---|",
+        f"| A lower at | B lower at |{more} lower |",
+        "|---|---|---|---|---:|---:|---:|---:|" + "---|" * len(extra) + "---|",
     ]
     for metric, curves in curves_by_metric.items():
-        for row in compare(curves, lo=lo, hi=hi, grid=grid):
+        rows = (
+            compared[metric] if compared is not None else compare(curves, lo=lo, hi=hi, grid=grid)
+        )
+        for row in rows:
             shared = row["shared"]
             span = "no overlap" if shared is None else f"{shared[0]:.3f}–{shared[1]:.3f}"
             lower = "–" if row["lower"] is None else row["lower"]
             lines.append(
                 f"| {metric} | {row['a']} | {row['b']} | {span} | {_num(row['a_mean'])} "
                 f"| {_num(row['b_mean'])} | {_num(row['a_lower_share'])} "
-                f"| {_num(row['b_lower_share'])} | {lower} |"
+                f"| {_num(row['b_lower_share'])} |"
+                + "".join(f" {cell(row)} |" for _, cell in extra)
+                + f" {lower} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -121,7 +121,7 @@ def main(cfg: DictConfig, run: Run) -> None:
     columns = write_tables(rows, run.dir, chosen_columns(cfg.report.columns, rows))
     if cfg.report.frontier:
         lo, hi = (float(v) for v in cfg.report.frontier_range)
-        write_frontier(rows, run.dir, lo, hi)
+        write_frontier(rows, run.dir, lo, hi, cfg.report.bootstrap, cfg.seed)
         log.info("trade-off curves: %s", run.dir / "frontier.md")
     if cfg.report.robustness:
         write_robustness(rows, run.dir)

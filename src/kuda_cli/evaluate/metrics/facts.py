@@ -85,15 +85,16 @@ def floor_facts(data, forget: list) -> list | None:
     return invented
 
 
-def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any] | None:
+def _floors(ctx: EvalContext, forget: list, all_prompts: bool):
     """The never-learned floor of the forget domains: the evaluated model's MC and greedy
     accuracy on the matched fictitious facts, with chance and the string scorer's floor beside
-    (on the real facts and on the fictitious ones)."""
+    (on the real facts and on the fictitious ones), and its answer rows (split `floor`); None
+    where there are no fictitious facts."""
     invented = floor_facts(ctx.data, forget)
     if invented is None:
         return None
     cfg = ctx.eval.facts
-    found, _ = evaluate_facts(
+    found, rows = evaluate_facts(
         ctx.loaded.model,
         ctx.loaded.tokenizer,
         {"floor": probes(invented, all_prompts)},
@@ -112,7 +113,7 @@ def _floors(ctx: EvalContext, forget: list, all_prompts: bool) -> dict[str, Any]
             surface=surface_floor(real),
             surface_fictitious=surface_floor([f for f in invented if f.domain == d]),
         )
-    return floor
+    return floor, rows
 
 
 def _fluent_wrong(cfg, chosen, answers, judge_name):
@@ -231,7 +232,8 @@ def facts_results(ctx: EvalContext) -> dict[str, Any]:
     if cfg.floors and forget and view is None:
         floor = _floors(ctx, forget, cfg.all_prompts)
         if floor is not None:
-            metrics["floor"] = floor
+            metrics["floor"], floor_rows = floor
+            rows += floor_rows
     results: dict[str, Any] = {"facts": metrics}
     fluency_rows: list[dict[str, Any]] = []
     if view is None or view.fluency:

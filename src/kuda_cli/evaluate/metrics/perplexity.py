@@ -1,7 +1,10 @@
-"""Perplexity of a text set under a causal LM: exp of the mean next-token NLL over all tokens."""
+"""Perplexity of a text set under a causal LM: exp of the mean next-token NLL over all tokens;
+writes each text's summed NLL and token count to perplexity_items.jsonl (what a resample of the
+texts re-aggregates)."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +17,10 @@ from kuda_cli.evaluate import EvalContext, Metric, ratio, register_metric
 from kuda_cli.evaluate.scoring import token_logprobs
 from kuda_cli.hub import HubSource
 
+ITEMS_FILE = "perplexity_items.jsonl"
 
-def perplexity(
+
+def text_nlls(
     model,
     tokenizer,
     texts: list[str],
@@ -23,20 +28,30 @@ def perplexity(
     max_length: int = 512,
     batch_size: int = 4,
     desc: str = "perplexity",
-) -> dict[str, Any]:
-    """Token-weighted perplexity: every token but each text's first is scored; texts longer than
-    `max_length` tokens are truncated."""
+) -> list[tuple[float, int]]:
+    """Per text, (summed next-token NLL, tokens scored): every token but the text's first;
+    texts longer than `max_length` tokens are truncated."""
     per_text = token_logprobs(
         model, tokenizer, texts, max_length=max_length, batch_size=batch_size, desc=desc
     )
-    tokens = sum(len(t) for t in per_text)
-    mean_nll = -sum(float(t.sum()) for t in per_text) / max(tokens, 1)
+    return [(-float(t.sum()), len(t)) for t in per_text]
+
+
+def perplexity_of(nlls: list[tuple[float, int]]) -> dict[str, Any]:
+    """Token-weighted perplexity of texts' `text_nlls`."""
+    tokens = sum(n for _, n in nlls)
+    mean_nll = sum(nll for nll, _ in nlls) / max(tokens, 1)
     return {
         "perplexity": math.exp(mean_nll),
         "nll": mean_nll,
         "tokens": tokens,
-        "texts": len(texts),
+        "texts": len(nlls),
     }
+
+
+def perplexity(model, tokenizer, texts: list[str], **scoring) -> dict[str, Any]:
+    """Token-weighted perplexity of `texts` (`text_nlls`' options)."""
+    return perplexity_of(text_nlls(model, tokenizer, texts, **scoring))
 
 
 @dataclass
@@ -64,7 +79,7 @@ class Perplexity(Metric):
 
     @classmethod
     def compute(cls, ctx: EvalContext) -> dict[str, Any]:
-        return {"perplexity": text_perplexity(ctx.eval.perplexity, ctx.loaded)}
+        return {"perplexity": text_perplexity(ctx.eval.perplexity, ctx.loaded, ctx.out_dir)}
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -95,14 +110,19 @@ class Perplexity(Metric):
         return [HubSource("eval.perplexity", ppl.hub_id, local)] if ppl.source == "hub" else []
 
 
-def text_perplexity(ppl: PerplexityConfig, loaded) -> dict[str, Any]:
-    """The perplexity of the text set `ppl` names, and where it came from."""
+def text_perplexity(ppl: PerplexityConfig, loaded, out_dir: Path | None = None) -> dict[str, Any]:
+    """The perplexity of the text set `ppl` names, and where it came from; each text's figures
+    go to `out_dir`/perplexity_items.jsonl."""
     texts = perplexity_texts(ppl)
-    result = perplexity(
+    nlls = text_nlls(
         loaded.model, loaded.tokenizer, texts, max_length=ppl.max_length, batch_size=ppl.batch_size
     )
+    if out_dir is not None:
+        with open(Path(out_dir) / ITEMS_FILE, "w") as f:
+            for i, (nll, tokens) in enumerate(nlls):
+                f.write(json.dumps({"text": i, "nll": nll, "tokens": tokens}) + "\n")
     source = {"builtin": f"builtin:{ppl.builtin}", "path": ppl.path, "hub": ppl.hub_id}[ppl.source]
-    return {**result, "source": source}
+    return {**perplexity_of(nlls), "source": source}
 
 
 def perplexity_texts(ppl: PerplexityConfig, every: bool = False) -> list[str]:
