@@ -63,8 +63,8 @@ BASELINES ?= rmu_zephyr,npo,simnpo,ga
 
 # The facts table on the embedded SmolLM2-135M (CPU, about 30 minutes on 2 cores): trace once,
 # unlearn chemistry with every method (their defaults are tuned for this model and data,
-# README "Reproduction targets"), report. The table: $(TABLES)/facts/report/report.md.
-FACTS_METHODS ?= ga,graddiff,npo,simnpo,rmu,kuda
+# docs/baselines.md), report. The table: $(TABLES)/facts/report/report.md.
+FACTS_METHODS ?= ga,graddiff,npo,simnpo,rmu,adaptive_rmu,undial,idkdpo,task_vector,whp,elm,kuda
 FACTS_COLUMNS := facts.forget.mc_acc facts.floor.mc_acc summary.forget_removed_mc \
   facts.forget.gen_acc facts.floor.gen_acc summary.forget_removed_gen facts.retain.mc_acc \
   facts.retain.other_subjects.token_agreement facts.retain.agreement facts.retain.token_agreement \
@@ -88,7 +88,7 @@ table-facts: $(DEPS)
 # $(TABLES)/frontier/report/{frontier.md,frontier_DOMAIN.png}.
 ALL_DOMAINS := chemistry capitals languages landmarks occupations
 DOMAINS ?= $(subst $(space),$(comma),$(ALL_DOMAINS))
-DOMAIN_METHODS ?= kuda,rmu,npo
+DOMAIN_METHODS ?= kuda,rmu,npo,simnpo,ga,undial,whp,task_vector,elm
 DOMAIN_SAMPLES ?= 3
 DOMAIN_COLUMNS := facts.forget.mc_acc facts.floor.mc_acc facts.floor.chance facts.floor.surface \
   summary.forget_removed_mc facts.forget.gen_acc facts.floor.gen_acc summary.forget_removed_gen \
@@ -113,17 +113,23 @@ table-domains: $(DEPS)
 	  report.columns=[$(subst $(space),$(comma),$(strip $(DOMAIN_COLUMNS)))] \
 	  hydra.run.dir=$(TABLES)/domains/report
 
-# Trade-off curves: GA, NPO, RMU and KUDA each swept over its learning rate (from "nothing
-# forgotten" to "damaged") on each of DOMAINS. Forget removed against damage (perplexity ratio,
-# 1 - other-subject token agreement), one PNG per domain, and which method is lower at matched
-# forget-removed levels (0.5-0.9). The default learning rates are table-domains' runs (run here
-# when missing, skipped when done); the other sweeps skip the retain greedy answers (token
-# agreement needs only the starting model's).
-FRONTIER_METHODS ?= ga npo rmu kuda
-FRONTIER_LR_ga ?= 1e-5,2e-5,3e-5,6e-5
-FRONTIER_LR_npo ?= 3e-5,3e-4,1e-3
-FRONTIER_LR_rmu ?= 3e-4,5e-4,3e-3,1e-2
-FRONTIER_LR_kuda ?= 1e-3,6e-3,1e-2,3e-2
+# Trade-off curves: every method of FRONTIER_METHODS swept over its learning rate (from "nothing
+# forgotten" to "damaged", with points between 0.5 and 0.9 forgotten) on each of DOMAINS. Forget
+# removed against damage (perplexity ratio, 1 - other-subject token agreement), one PNG per
+# domain, and which method is lower at matched forget-removed levels (0.5-0.9), with a bootstrap
+# over facts. The default learning rates are table-domains' runs (run here when missing, skipped
+# when done); the other sweeps skip the retain greedy answers (token agreement needs only the
+# starting model's).
+FRONTIER_METHODS ?= kuda rmu npo simnpo ga undial whp task_vector elm
+FRONTIER_LR_kuda ?= 1e-3,3e-3,4.5e-3,6e-3,8e-3,1e-2,2e-2
+FRONTIER_LR_rmu ?= 3e-4,5e-4,7e-4,1e-3,2e-3,3e-3
+FRONTIER_LR_npo ?= 3e-5,1e-4,2e-4,3e-4,6e-4,1e-3
+FRONTIER_LR_simnpo ?= 1e-4,3e-4,1e-3,3e-3
+FRONTIER_LR_ga ?= 1e-5,2e-5,3e-5,4e-5,6e-5
+FRONTIER_LR_undial ?= 3e-5,1e-4,2e-4,3e-4,6e-4
+FRONTIER_LR_whp ?= 1e-5,3e-5,1e-4,3e-4
+FRONTIER_LR_task_vector ?= 1e-5,3e-5,1e-4,3e-4
+FRONTIER_LR_elm ?= 3e-4,1e-3,3e-3,1e-2
 define domain_defaults
 $(RUN) $(KUDA) unlearn -m unlearn=$(DOMAIN_METHODS) locate.from_run=$(TABLES)/domains/$(1)/trace/0 \
   $(call domain_args,$(1)) $(ARGS) hydra.sweep.dir=$(TABLES)/domains/$(1)/runs $(SWEEP_OK)
