@@ -1,8 +1,9 @@
 """ELM (`unlearn=elm`, methods/elm.py) against rohitgandikota/erasing-llm's trainscripts/erase.py:
 the erasure target equals `get_edit_vector`'s guided distribution, the guided continuation
 equals the `ELMLogits` sampling rule, the loss and its gradient equal a hand computation of
-`train_elm`'s three terms, the references do not depend on the order of the items (resume), and
-`kuda unlearn unlearn=elm` runs end to end on the tiny model."""
+`train_elm`'s three terms, the references do not depend on the order of the items (resume) nor
+on how many continuations decode together, and `kuda unlearn unlearn=elm` runs end to end on the
+tiny model."""
 
 from __future__ import annotations
 
