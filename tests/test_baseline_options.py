@@ -192,3 +192,34 @@ def test_memory_plan_counts_the_kl_reference_only_under_retain_loss_kl(method, o
     assert sites(retain_loss="kl", retain_weight=1.0) == own_sites + 1
     assert sites(retain_loss="nll", retain_weight=1.0) == own_sites
     assert sites(retain_loss="kl", retain_weight=0.0) == own_sites  # no retain batches
+
+
+@pytest.mark.parametrize("name", ["ga", "npo", "idkdpo"])
+def test_memory_plan_counts_the_sequences_the_forget_loss_runs_per_item(name):
+    """`forget_reach(...).rows` (the plan's sequences per forget item) is what the loss's
+    forwards run: IdkDPO scores each item's "I don't know" answer and its own answer."""
+    model, tokenizer = starting_model()
+    method, forget, _ = make(name, model, tokenizer)
+    method.prepare()
+    rows = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        method.loss(forget.batch([0, 2]), None)
+    finally:
+        hook.remove()
+    assert sum(rows) == 2 * method.forget_reach(model.config.num_hidden_layers).rows
+
+
+def test_memory_plan_keeps_idkdpos_activations_of_both_answers():
+    from kuda_cli.unlearn import memory_plan
+
+    model, _ = starting_model()
+    work, adapter = memory_plan.Workload(batch=4, seq=64), get_adapter(model)
+
+    def activations(name: str) -> float:
+        cfg = method_schemas()[name](trainable=["all"], retain_weight=0.0)
+        return memory_plan.plan(cfg, model, adapter, [1], work).phases["step"]["activations"]
+
+    assert activations("idkdpo") == 2 * activations("graddiff")

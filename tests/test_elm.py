@@ -1,8 +1,9 @@
 """ELM (`unlearn=elm`, methods/elm.py) against rohitgandikota/erasing-llm's trainscripts/erase.py:
 the erasure target equals `get_edit_vector`'s guided distribution, the guided continuation
 equals the `ELMLogits` sampling rule, the loss and its gradient equal a hand computation of
-`train_elm`'s three terms, the references do not depend on the order of the items (resume), and
-`kuda unlearn unlearn=elm` runs end to end on the tiny model."""
+`train_elm`'s three terms, the references do not depend on the order of the items (resume) nor
+on how many continuations decode together, and `kuda unlearn unlearn=elm` runs end to end on the
+tiny model."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from kuda_cli import cli
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.unlearn.batches import tokenize
-from kuda_cli.unlearn.elm_reference import guided_continuation
+from kuda_cli.unlearn.elm_reference import fluency_sequences, guided_continuations, item_prompts
 from kuda_cli.unlearn.methods import MethodContext, get_method
 from kuda_cli.unlearn.methods.elm import ElmMethod
 from test_baseline_options import FORGET, RETAIN, gradients, perturb
@@ -93,8 +94,8 @@ def test_fluency_continuation_samples_the_references_guided_rule():
     model, tokenizer = starting_model()
     method, forget, _ = make(model, tokenizer, fluency_tokens=8, fluency_gamma=3.0)
     prompt, expert, novice = forget.ids[0], [70, 71, 72], [80, 81]
-    got = guided_continuation(
-        model, prompt, expert, novice, method.cfg, torch.Generator().manual_seed(5)
+    (got,) = guided_continuations(
+        model, [(prompt, expert, novice)], method.cfg, [torch.Generator().manual_seed(5)], 0
     )
     generator, want = torch.Generator().manual_seed(5), []
     for _ in range(8):
@@ -107,6 +108,21 @@ def test_fluency_continuation_samples_the_references_guided_rule():
         values, ids = scores.topk(50)
         want.append(int(ids[int(torch.multinomial(values.softmax(-1), 1, generator=generator))]))
     assert got == want and len(set(got)) > 1
+
+
+def test_elm_continuations_are_the_same_in_a_batch_of_1_and_of_4():
+    """The continuations decode several items together, left-padded; each item samples from its
+    own generator: batching changes no token."""
+    model, tokenizer = starting_model()
+    method, _, _ = make(model, tokenizer, fluency_tokens=10)
+    texts = ["Neon is Ne.", "Zinc is Zn.", "Gold is Au, " * 16, "Pb."]  # one longer than any prefix
+    forget, items = tokenize(tokenizer, texts, 256, "forget"), [0, 1, 2, 3]
+    prompts = item_prompts(method.cfg, "chemistry", items, 3)
+    one, four = (
+        fluency_sequences(model, tokenizer, forget, items, prompts, method.cfg, 3, size)
+        for size in (1, 4)
+    )
+    assert one == four and len(set(map(str, four.values()))) == 4
 
 
 def test_elm_loss_and_gradient_equal_a_hand_computation_of_erase_py():

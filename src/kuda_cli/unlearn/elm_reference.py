@@ -145,53 +145,99 @@ def greedy_tokens(model, tokens: TokenSet, items: list[int], batch_size: int) ->
     return out
 
 
-@torch.no_grad()
-def guided_continuation(
-    model, prompt: list[int], expert: list[int], novice: list[int], cfg, generator
-) -> list[int]:
-    """Up to `cfg.fluency_tokens` tokens sampled after `prompt` from
-    log p(. | prompt) - fluency_gamma (log p(. | expert) - log p(. | novice)), the two guiding
-    contexts being the prefixes alone followed by the tokens sampled so far, top-k 50 as
-    `generate`'s default; stops at the end-of-sequence token."""
-    device = next(model.parameters()).device
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, ...]:
+    """(input ids, attention mask, position ids) of token id rows, left-padded with `pad` to the
+    longest; each row's positions count from 0 at its first token (padding: 0)."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(rows):
+        ids[row, ids.shape[1] - len(seq) :] = torch.tensor(seq)
+        mask[row, ids.shape[1] - len(seq) :] = 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def _stop_tokens(model) -> set:
     eos = getattr(model.config, "eos_token_id", None)
-    eos = set(eos if isinstance(eos, list) else [eos])
-    keyword = cache_keyword(model)
-    states = [
-        model(input_ids=torch.tensor([s], device=device), use_cache=True)
-        for s in (prompt, expert, novice)
-    ]
-    out: list[int] = []
-    for _ in range(cfg.fluency_tokens):
-        main, exp, nov = (s.logits[0, -1].float().log_softmax(-1) for s in states)
-        scores = main - cfg.fluency_gamma * (exp - nov)
-        values, ids = scores.topk(min(50, scores.shape[-1]))
-        pick = torch.multinomial(values.softmax(-1).cpu(), 1, generator=generator)
-        token = int(ids[int(pick)])
-        if token in eos:
+    return set(eos if isinstance(eos, list) else [eos])
+
+
+@torch.no_grad()
+def guided_continuations(
+    model, streams: list[tuple[list[int], list[int], list[int]]], cfg, generators, pad: int
+) -> list[list[int]]:
+    """Per (prompt, expert, novice) row of `streams`: up to `cfg.fluency_tokens` tokens sampled
+    after the prompt from log p(. | prompt) - fluency_gamma (log p(. | expert) - log p(. |
+    novice)), the two guiding contexts being the prefixes alone followed by the tokens sampled
+    so far, top-k 50 as `generate`'s default, from the row's own generator; a row stops at the
+    end-of-sequence token. The 3 x rows contexts decode together, left-padded: a row samples
+    the same tokens in any batch."""
+    device = next(model.parameters()).device
+    eos, keyword, n = _stop_tokens(model), cache_keyword(model), len(streams)
+    ids, mask, positions = (
+        t.to(device) for t in left_padded([s[k] for k in range(3) for s in streams], pad)
+    )
+    state = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
+    out: list[list[int]] = [[] for _ in streams]
+    active = list(range(n))
+    for step in range(cfg.fluency_tokens):
+        main, exp, nov = state.logits[:, -1].float().log_softmax(-1).view(3, n, -1)
+        values, top = (main - cfg.fluency_gamma * (exp - nov)).topk(min(50, main.shape[-1]))
+        probs, top = values.softmax(-1).cpu(), top.cpu()
+        tokens = torch.full((n,), pad, dtype=torch.long)
+        for row in list(active):
+            token = int(top[row, int(torch.multinomial(probs[row], 1, generator=generators[row]))])
+            if token in eos:
+                active.remove(row)
+                continue
+            out[row].append(token)
+            tokens[row] = token
+        if not active or step == cfg.fluency_tokens - 1:
             break
-        out.append(token)
-        step = torch.tensor([[token]], device=device)
-        states = [
-            model(input_ids=step, use_cache=True, **{keyword: returned_cache(s)}) for s in states
-        ]
+        mask = torch.cat([mask, mask.new_ones(3 * n, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        state = model(
+            input_ids=tokens.repeat(3)[:, None].to(device),
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{keyword: returned_cache(state)},
+        )
     return out
 
 
+def item_generator(seed: int, item: int) -> torch.Generator:
+    """The generator forget item `item`'s continuation is sampled from: seeded by (seed, item)."""
+    return torch.Generator().manual_seed(
+        int(np.random.default_rng([seed, item, 1]).integers(2**62))
+    )
+
+
 def fluency_sequences(
-    model, tokenizer, tokens: TokenSet, items: list[int], prompts: dict, cfg, seed: int
+    model,
+    tokenizer,
+    tokens: TokenSet,
+    items: list[int],
+    prompts: dict,
+    cfg,
+    seed: int,
+    batch_size: int,
 ) -> dict[int, tuple[list[int], int]]:
     """Item -> (its text, ". " and its bridge sentence, the guided continuation; where the
-    trained tokens start)."""
+    trained tokens start), `batch_size` items decoded together. Each item samples from its own
+    generator, seeded by (seed, item): the same continuation in any batch and order."""
     out = {}
-    for item in tqdm(list(dict.fromkeys(items)), desc="ELM continuations", unit="item"):
-        p = prompts[item]
-        text = tokens.ids[item]
-        bridge = tokenizer(f". {p.bridge} ", add_special_tokens=False)["input_ids"]
-        guides = [tokenizer(s.rstrip().rstrip(":"))["input_ids"] for s in (p.expert, p.novice)]
-        generator = torch.Generator().manual_seed(
-            int(np.random.default_rng([seed, item, 1]).integers(2**62))
-        )
-        sampled = guided_continuation(model, text + bridge, *guides, cfg, generator)
-        out[item] = (text + bridge + sampled, len(text))
+    for chunk in tqdm(_chunks(tokens, items, batch_size), desc="ELM continuations", unit="batch"):
+        heads, streams, generators = [], [], []
+        for item in chunk:
+            p = prompts[item]
+            bridge = tokenizer(f". {p.bridge} ", add_special_tokens=False)["input_ids"]
+            guides = [tokenizer(s.rstrip().rstrip(":"))["input_ids"] for s in (p.expert, p.novice)]
+            heads.append(tokens.ids[item] + bridge)
+            streams.append((heads[-1], *guides))
+            generators.append(item_generator(seed, item))
+        sampled = guided_continuations(model, streams, cfg, generators, tokens.pad_id)
+        for item, head, z in zip(chunk, heads, sampled, strict=True):
+            out[item] = (head + z, len(tokens.ids[item]))
     return out

@@ -87,8 +87,9 @@ class Activations:
         return d.per_token("frozen_layer", e) + (d.per_token("down_input", e) if names else 0)
 
     def one_pass(self, reach) -> dict[str, float]:
-        """Per token: what a training forward to layer `reach.last_layer` keeps, and its
-        temporaries (`reach`: a `Method.LossReach`)."""
+        """Per token of the batch: what a training forward to layer `reach.last_layer` keeps,
+        and its temporaries, over its `reach.rows` sequences per item (`reach`: a
+        `Method.LossReach`)."""
         d, e = self.d, self.e
         keep = sum(self.kept(i) for i in range(self.first, reach.last_layer + 1))
         fwd, bwd = d.per_token("forward_tmp", e), d.per_token("backward_tmp", e)
@@ -99,7 +100,7 @@ class Activations:
             keep += d.per_vocab("log_softmax", e)
             fwd = max(fwd, d.per_vocab("forward_tmp", e))
             bwd = max(bwd, d.per_vocab("backward_tmp", e))
-        return {"kept": keep, "fwd": fwd, "bwd": bwd}
+        return {"kept": reach.rows * keep, "fwd": reach.rows * fwd, "bwd": reach.rows * bwd}
 
     def training(self, n_tok: int, passes: list[dict], grads: float, grad_tmp: float) -> dict:
         """The worst moment of forward + backward over `n_tok` tokens: the forward's end, the

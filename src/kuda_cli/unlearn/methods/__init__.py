@@ -154,6 +154,7 @@ class Method:
         logits: bool  # whether it reaches the logits (a log-softmax over the vocabulary kept)
         sites: int = 0  # hidden states it compares with a float32 loss (cosine, MSE)
         site_bytes: int = 0  # bytes per token and hidden unit each such site keeps, in bf16
+        rows: int = 1  # sequences the forward runs per batch item (IdkDPO: both answers)
 
     def forget_reach(self, num_layers: int) -> Method.LossReach:
         """The forget loss's forward: by default every layer to the logits (a next-token loss)."""

@@ -142,7 +142,7 @@ class Elm(Method):
         self.fluency = {}
         if cfg.fluency_weight > 0:
             self.fluency = elm_reference.fluency_sequences(
-                model, tok, ctx.forget, ctx.forget_used, prompts, cfg, ctx.seed
+                model, tok, ctx.forget, ctx.forget_used, prompts, cfg, ctx.seed, cfg.batch_size
             )
 
     def erase_loss(self, forget: dict) -> torch.Tensor:

@@ -163,6 +163,11 @@ class IdkDpo(RetainKl, Method):
         weight, reference = self.cfg.retain_weight, self.retain_reference
         return with_retain_term(self.ctx.model, loss, retain, weight, terms, reference), terms
 
+    def forget_reach(self, num_layers: int) -> Method.LossReach:  # the memory plan's view
+        """Every layer to the logits, over two sequences per forget item: the preferred "I don't
+        know" answer and the forget answer (`pair_logprobs`, one forward)."""
+        return self.LossReach(num_layers - 1, logits=True, rows=2)
+
     @property
     def precomputes_reference(self) -> bool:  # the memory plan's view (unlearn/memory_plan.py)
         """`prepare` computes the reference log-probabilities of both answers of each item."""
