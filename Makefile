@@ -97,7 +97,7 @@ DOMAIN_COLUMNS := facts.forget.mc_acc facts.floor.mc_acc facts.floor.chance fact
   summary.perplexity_ratio fluency.forget.nll_vs_fluent_wrong summary.fluency_entropy_ratio \
   fluency.forget.repetition train.seconds
 domain_list = $(subst $(comma),$(space),$(DOMAINS))
-domain_args = 'data.forget_domains=[$(1)]'
+domain_args = 'data.forget_domains=[$(1)]' data.retain_domains=null
 define newline
 
 

@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = ["stage=eval"]
     if args.forget:  # the other domains are retained
-        overrides += [f"data.forget_domains=[{','.join(args.forget)}]"]
+        overrides += [f"data.forget_domains=[{','.join(args.forget)}]", "data.retain_domains=null"]
     cfg = compose(overrides)
     loaded = load_model(OmegaConf.to_object(cfg.model))
     model, tokenizer = loaded.model, loaded.tokenizer

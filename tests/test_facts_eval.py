@@ -115,11 +115,11 @@ def test_retain_domains_unset_means_every_domain_not_forgotten():
     assert len(forget) + len(retain) == len(facts)
 
 
-def test_forgetting_any_domain_alone_composes_with_the_default_retain_set():
+def test_retain_domains_null_retains_every_other_domain():
     from kuda_cli.compose import compose
     from kuda_cli.data.fact_set import retain_of
 
-    cfg = compose(["stage=unlearn", "data.forget_domains=[landmarks]"])
+    cfg = compose(["stage=unlearn", "data.forget_domains=[landmarks]", "data.retain_domains=null"])
     assert cfg.data.retain_domains is None
     forget, retain = split_facts(load_facts(), ["landmarks"], retain_of(cfg.data))
     assert "landmarks" not in {f.domain for f in retain} and forget

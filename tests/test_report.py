@@ -262,3 +262,11 @@ def test_report_robustness_names_each_methods_strongest_attack(kuda, tmp_path):
     assert "| The capital of X is | Paris | ✓ Paris | ✗ Lyon | ✓ Paris again |" in answers
     assert "### KUDA, under quant4" in answers
     assert "| The capital of X is | Paris | ✓ Paris | ✗ Lyon | ✗ Nice |" in answers
+
+
+def test_a_sweeps_jobs_are_found_in_their_numbered_order(tmp_path):
+    for job in range(12):
+        (tmp_path / "sweep" / str(job)).mkdir(parents=True)
+        (tmp_path / "sweep" / str(job) / "meta.json").write_text("{}")
+    found = find_runs([str(tmp_path / "sweep")], exclude=tmp_path / "x")
+    assert [p.name for p in found] == [str(job) for job in range(12)]

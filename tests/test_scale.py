@@ -518,7 +518,7 @@ def test_several_processes_refuse_what_they_cannot_share(capsys, monkeypatch, ar
 
 
 def test_table_facts_runs_every_method_and_reports_the_starting_model_first(tmp_path):
-    """`make table-facts` end to end on the tiny model: one trace, six methods, one report."""
+    """`make table-facts` end to end on the tiny model: one trace, every method, one report."""
     tiny = [
         "model=tiny-random",
         "locate.max_probes=2",
@@ -526,6 +526,7 @@ def test_table_facts_runs_every_method_and_reports_the_starting_model_first(tmp_
         "locate.plot_probes=0",
         "unlearn.steps=2",
         "unlearn.max_length=64",
+        "unlearn.layers=[1,2]",  # ELM names layers 4-7 of the embedded model; tiny has 4
         "eval.facts.all_prompts=false",
         "eval.facts.gen_max_new_tokens=4",
         "eval.facts.fluency_max_new_tokens=4",
@@ -550,6 +551,12 @@ def test_table_facts_runs_every_method_and_reports_the_starting_model_first(tmp_
         "npo",
         "simnpo",
         "rmu",
+        "adaptive_rmu",
+        "undial",
+        "idkdpo",
+        "task_vector",
+        "whp",
+        "elm",
         "kuda",
     ]
     assert all(r["status"] == "completed" for r in rows)

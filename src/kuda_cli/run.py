@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -279,11 +280,17 @@ def lookup(metrics: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+def natural_key(path: Path) -> list:
+    """Sort key that orders the numbered job directories of a sweep as numbers (2 before 10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
 def find_runs(patterns: list[str], exclude: Path) -> list[Path]:
+    """The run directories under `patterns`, a sweep's jobs in their numbered order."""
     found = set()
     for pattern in patterns:
         for match in glob.glob(str(Path(pattern).expanduser()), recursive=True):
             for meta in Path(match).glob("**/meta.json"):  # "**" includes `match` itself
                 if meta.is_file() and meta.parent.resolve() != exclude.resolve():
                     found.add(meta.parent)
-    return sorted(found)
+    return sorted(found, key=natural_key)

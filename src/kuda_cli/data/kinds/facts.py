@@ -26,7 +26,9 @@ class FactsData:
     floor_path: str | None = None
     forget_domains: list[str] = listed("chemistry", distinct=True, min_items=1)
     # null: every domain of the set not forgotten
-    retain_domains: list[str] | None = field(default=None, metadata={"distinct": True})
+    retain_domains: list[str] | None = field(
+        default_factory=lambda: ["capitals", "languages", "landmarks"], metadata={"distinct": True}
+    )
 
 
 def subject_spans(text: str, subject: str) -> list[tuple[int, int]]:
