@@ -57,7 +57,12 @@ def mc_and_top1(
     its tokens that are the model's top-1 prediction under teacher forcing
     (`continuation_top1`): packed beside the options over one copy of the prompt."""
     mc, counts = mc_and_top1_counts(model, tokenizer, probes, forced, batch_size=batch_size)
-    return mc, [None if c is None else c[0] / c[1] for c in counts]
+    return mc, top1_shares(counts)
+
+
+def top1_shares(counts: list[tuple[int, int] | None]) -> list[float | None]:
+    """Each (tokens ranked top-1, tokens) as its share; None stays None."""
+    return [None if c is None else c[0] / c[1] for c in counts]
 
 
 def mc_and_top1_counts(
@@ -307,7 +312,7 @@ def evaluate_facts(
         # options: one forward pass gives both
         forced = _forced_lines(probes, reference)
         mc, counts = mc_and_top1_counts(model, tokenizer, probes, forced, batch_size=batch_size)
-        shares = [None if c is None else c[0] / c[1] for c in counts]
+        shares = top1_shares(counts)
         answers: list[str | None] = [None] * len(probes)
         if split not in no_answers:
             answers = greedy_continuations(
