@@ -119,8 +119,8 @@ table-domains: $(DEPS)
 # domain, and which method is lower at matched forget-removed levels (0.5-0.9), with a bootstrap
 # over facts. The default learning rates are table-domains' runs (run here when missing, skipped
 # when done); the other sweeps skip the retain greedy answers (token agreement needs only the
-# starting model's).
-FRONTIER_METHODS ?= kuda rmu npo simnpo ga undial whp task_vector elm
+# starting model's). FRONTIER_METHODS is a comma list, as DOMAIN_METHODS and DOMAINS are.
+FRONTIER_METHODS ?= kuda,rmu,npo,simnpo,ga,undial,whp,task_vector,elm
 FRONTIER_LR_kuda ?= 1e-3,3e-3,4.5e-3,6e-3,8e-3,1e-2,2e-2
 FRONTIER_LR_rmu ?= 3e-4,5e-4,7e-4,1e-3,2e-3,3e-3
 FRONTIER_LR_npo ?= 3e-5,1e-4,2e-4,3e-4,6e-4,1e-3
@@ -137,7 +137,7 @@ endef
 define frontier_domain
 $(call trace_domain,$(1))
 $(call domain_defaults,$(1))
-$(foreach m,$(FRONTIER_METHODS),$(RUN) $(KUDA) unlearn -m unlearn=$(m) \
+$(foreach m,$(subst $(comma),$(space),$(FRONTIER_METHODS)),$(RUN) $(KUDA) unlearn -m unlearn=$(m) \
   unlearn.lr=$(FRONTIER_LR_$(m)) locate.from_run=$(TABLES)/domains/$(1)/trace/0 \
   eval.facts.retain_greedy=false $(call domain_args,$(1)) $(ARGS) \
   hydra.sweep.dir=$(TABLES)/frontier/$(1)/$(m) $(SWEEP_OK)$(newline))

@@ -110,8 +110,11 @@ def test_requires_takes_only_known_values(capsys):
 
 def test_make_dry_prints_every_command_and_runs_nothing(in_tmp):
     def dry(target: str) -> list[str]:
+        return dry_with(target)
+
+    def dry_with(target: str, *variables: str) -> list[str]:
         done = subprocess.run(
-            ["make", "-s", "-C", str(ROOT), target, "DRY=1", f"TABLES={in_tmp}/t"],
+            ["make", "-s", "-C", str(ROOT), target, "DRY=1", f"TABLES={in_tmp}/t", *variables],
             capture_output=True,
             text=True,
             timeout=60,
@@ -135,6 +138,11 @@ def test_make_dry_prints_every_command_and_runs_nothing(in_tmp):
     assert len(sharded) == 6 and all("scripts/accelerate/fsdp2.yaml" in x for x in sharded)
     assert all("--num_processes 4" in x and "unlearn.trainable=[all]" in x for x in sharded)
     assert {x.split("unlearn=")[1].split()[0] for x in sharded} == {"npo", "simnpo", "ga"}
+    # a comma list of frontier methods gives one sweep each, as DOMAIN_METHODS does
+    frontier = dry_with("frontier", "DOMAINS=capitals", "FRONTIER_METHODS=kuda,rmu")
+    sweeps = [line for line in frontier if "hydra.sweep.dir=" in line and "/frontier/" in line]
+    assert [line.split("unlearn=")[1].split()[0] for line in sweeps] == ["kuda", "rmu"]
+    assert all("unlearn.lr=" in line and "unlearn.lr= " not in line for line in sweeps)
     muse = dry("table-muse")
     assert sum("model=muse-books-iclm-7b" in line for line in muse) == 3
     assert "report.metric_prefix=muse" in muse[-1]
