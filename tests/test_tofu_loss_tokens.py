@@ -205,3 +205,36 @@ def test_loss_tokens_all_trains_on_every_token_of_the_document(tiny_tofu):
         ga, _ = method_of("ga", model, tokenizer, forget, retain).loss(forget.batch(chosen), None)
     expected = float(sum(w.sum() for w in whole) / sum(len(w) for w in whole))
     assert ga.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ga", "graddiff", "npo", "simnpo", "undial", "whp", "idkdpo"])
+def test_no_forget_loss_reads_the_predictions_of_question_tokens(tiny_tofu, name):
+    """The forget loss's gradient at the logits that predict a question's tokens is zero, and
+    not at those that predict its answer's (IdkDPO: both of an item's rows)."""
+    model, tokenizer = tiny_tofu
+    forget, retain = token_sets(tokenizer)
+    settings = {"reinforce_steps": 1} if name == "whp" else {}
+    if hasattr(get_method(name).schema, "retain_weight"):
+        settings["retain_weight"] = 0.0
+    method = method_of(name, model, tokenizer, forget, retain, **settings)
+    method.prepare()
+    chosen = [1, 4]
+    prompts = [len(prompt_and_answer(tokenizer, rows("forget")[i])[0]) for i in chosen]
+    prompts = prompts * 2 if name == "idkdpo" else prompts
+    grabbed = []
+
+    def keep(module, args, output):
+        output.retain_grad()
+        grabbed.append(output)
+
+    handle = model.lm_head.register_forward_hook(keep)
+    try:
+        loss, _ = method.loss(forget.batch(chosen), None)
+    finally:
+        handle.remove()
+    loss.backward()
+    grad = grabbed[-1].grad.abs().amax(-1)
+    for row, n in enumerate(prompts):
+        assert grad[row, : n - 1].max().item() == 0.0, row
+        assert grad[row, n - 1].item() > 0.0, row  # the first answer token's prediction
+    model.zero_grad(set_to_none=True)
