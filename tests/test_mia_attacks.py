@@ -86,6 +86,64 @@ def test_each_attack_score_equals_hand_computation(tiny):
             assert got[name][i] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, text)
 
 
+PROMPTS = ["Question: Who brought the letter?\nAnswer:", "Question: How many keys?\nAnswer:"]
+
+
+def _hand_answer_logprobs(model, tokenizer, prompt: str, text: str):
+    """(log p of each of the text's tokens given the prompt and its earlier tokens, log p over
+    the vocabulary at those positions, the prompt's length in tokens), in float64."""
+    context = tokenizer(prompt).input_ids
+    ids = torch.tensor([context + tokenizer(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        logp = model(input_ids=ids).logits[0, len(context) - 1 : -1].double().log_softmax(-1)
+    return logp.gather(-1, ids[0, len(context) :, None]).squeeze(-1), logp, ids, len(context)
+
+
+def test_each_attack_given_a_prompt_scores_the_texts_tokens_after_it(tiny):
+    model, tokenizer = tiny
+    reference = _perturbed(model)
+    texts = [" " + t for t in TEXTS]
+    ref_nlls = text_nlls(reference, tokenizer, texts, batch_size=2, prompts=PROMPTS)
+    got = attack_scores(
+        model,
+        tokenizer,
+        texts,
+        ATTACKS,
+        k=K,
+        reference_nlls=ref_nlls,
+        batch_size=2,
+        prompts=PROMPTS,
+    )
+    for i, (prompt, text) in enumerate(zip(PROMPTS, texts, strict=True)):
+        lp, logp, ids, n = _hand_answer_logprobs(model, tokenizer, prompt, text)
+        nll = -lp.mean().item()
+        ref_lp, *_ = _hand_answer_logprobs(reference, tokenizer, prompt, text)
+        p = logp.exp()
+        mu = (p * logp).sum(-1)
+        sigma = (p * (logp - mu[:, None]).square()).sum(-1).sqrt()
+        model.zero_grad()
+        logits = model(input_ids=ids).logits[0, n - 1 : -1]
+        (-logits.log_softmax(-1).gather(-1, ids[0, n:, None]).mean()).backward()
+        grads = [p.grad.double().square().sum() for p in model.parameters() if p.grad is not None]
+        model.zero_grad(set_to_none=True)
+        expected = {
+            "min_k": _lowest_mean(lp, K),
+            "loss": -nll,
+            "zlib": -nll / len(zlib.compress(text.encode("utf-8"))),
+            "min_k_plus_plus": _lowest_mean((lp - mu) / sigma, K),
+            "reference": -ref_lp.mean().item() - nll,
+            "gradnorm": -float(sum(grads).sqrt()),
+        }
+        for name, value in expected.items():
+            # Min-K%++'s float32 variance (E[log p^2] - mu^2) is the least exact
+            rel = 1e-3 if name == "min_k_plus_plus" else 1e-4
+            assert got[name][i] == pytest.approx(value, rel=rel, abs=1e-5), (name, text)
+    whole = attack_scores(
+        model, tokenizer, [p + t for p, t in zip(PROMPTS, texts, strict=True)], ["loss"]
+    )
+    assert all(abs(a - b) > 1e-3 for a, b in zip(whole["loss"], got["loss"], strict=True))
+
+
 def test_reference_attack_left_out_without_a_reference(tiny):
     model, tokenizer = tiny
     got = attack_scores(model, tokenizer, TEXTS, ["reference", "loss"], batch_size=2)

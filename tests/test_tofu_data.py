@@ -65,6 +65,14 @@ def test_the_forget_and_retain_items_are_trained_on_as_question_answer_documents
     assert texts.forget + texts.forget_heldout == forget
     assert texts.retain + texts.retain_heldout == retain
     assert texts.forget_heldout == forget[-1:]  # the held-out tail is never trained on
+    # the answer of each trained item begins right after "Answer:" (data.loss_tokens: answer)
+    for documents, starts in (
+        (texts.forget, texts.forget_answer_starts),
+        (texts.retain, texts.retain_answer_starts),
+    ):
+        assert [d[:s] for d, s in zip(documents, starts, strict=True)] == [
+            d[: d.index("\nAnswer:") + len("\nAnswer:")] for d in documents
+        ]
 
 
 @pytest.fixture

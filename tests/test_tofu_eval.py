@@ -1,6 +1,6 @@
 """eval=tofu on local TOFU-format splits (the tiny model), every figure checked against a hand
 computation: answer probability, ROUGE-L recall, truth ratio (forget and retain forms),
-forget quality and model utility, and the LOSS attack's AUC on forget vs holdout."""
+forget quality and model utility, and the LOSS attack's AUC on forget vs holdout answers."""
 
 from __future__ import annotations
 
@@ -69,10 +69,14 @@ def greedy(model, tokenizer, question: str, margins: list[float]) -> str:
 
 
 @torch.no_grad()
-def text_loss(model, tokenizer, text: str) -> float:
-    ids = torch.tensor([tokenizer(text).input_ids])
-    logprobs = model(ids).logits[0, :-1].double().log_softmax(-1)
-    return -float(logprobs.gather(-1, ids[0, 1:, None]).mean())
+def answer_only_loss(model, tokenizer, question: str, answer: str) -> float:
+    """Mean NLL of the answer's tokens after the prompt, no EOS (a membership attack's LOSS)."""
+    context = tokenizer(prompt_of(question)).input_ids
+    target = tokenizer(" " + answer, add_special_tokens=False).input_ids
+    logprobs = model(torch.tensor([context + target])).logits[0].double().log_softmax(-1)
+    return -float(sum(logprobs[len(context) + i - 1, t] for i, t in enumerate(target))) / len(
+        target
+    )
 
 
 def ks_pvalue_by_enumeration(a: list[float], b: list[float]) -> float:
@@ -162,12 +166,13 @@ def test_tofu_figures_equal_a_hand_computation(loaded, tmp_path):
     expected_quality = ks_pvalue_by_enumeration(
         expected["forget_perturbed"]["ratios"], RETAIN_RATIOS
     )
+    # the LOSS attack scores each answer given its question (data.loss_tokens: answer)
     member = [
-        -text_loss(model, tokenizer, f"{prompt_of(r['question'])} {r['answer']}")
+        -answer_only_loss(model, tokenizer, r["question"], r["answer"])
         for r in rows["forget"][:MAX_ITEMS]
     ]
     nonmember = [
-        -text_loss(model, tokenizer, f"{prompt_of(r['question'])} {r['answer']}")
+        -answer_only_loss(model, tokenizer, r["question"], r["answer"])
         for r in rows["holdout"][:MAX_ITEMS]
     ]
     expected_loss_auc = pairwise_auc(member, nonmember)

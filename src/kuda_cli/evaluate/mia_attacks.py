@@ -1,5 +1,7 @@
-"""Membership-inference attacks on MUSE's texts (members: the forget set; non-members: the
-holdout set): Min-K% Prob, LOSS, zlib, Min-K%++, gradient norm and a reference-model attack.
+"""Membership-inference attacks on MUSE's texts and TOFU's answers (members: the forget set;
+non-members: the holdout set): Min-K% Prob, LOSS, zlib, Min-K%++, gradient norm and a
+reference-model attack. A text is scored whole, or, given its prompt (TOFU's question), over
+its own tokens after the prompt's, as open-unlearning scores a TOFU answer.
 
 Every score is oriented so that higher means "member" (as open-unlearning orients its AUCs), so
 each attack's AUC is the probability that a forget text outscores a holdout text: 0.5 is
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.muse_scoring import auc, min_k_score
-from kuda_cli.evaluate.scoring import _eval_mode, text_logits
+from kuda_cli.evaluate.scoring import _batches, _eval_mode, pad_id, right_padded, text_logits
 
 # the names eval.muse.mia_attacks takes; min_k always runs (PrivLeak is built from it)
 ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "gradnorm", "reference")
@@ -80,9 +82,13 @@ def text_stats(
     max_length: int = 2048,
     batch_size: int = 4,
     desc: str = "mia",
+    prompts: Sequence[str] | None = None,
 ) -> list[TextStats]:
     """Per text, its token log-probabilities (and with `moments`, the vocabulary's mean and
-    standard deviation of log p at each position). Texts are cut to `max_length` tokens."""
+    standard deviation of log p at each position); with `prompts`, those of its own tokens
+    after its prompt's (`prompted_stats`). Texts are cut to `max_length` tokens."""
+    if prompts is not None:
+        return prompted_stats(model, tokenizer, prompts, texts, moments, max_length, batch_size)
     out: list[TextStats | None] = [None] * len(texts)
     for batch, logits, ids, lengths in text_logits(
         model, tokenizer, texts, max_length=max_length, batch_size=batch_size, desc=desc
@@ -90,6 +96,42 @@ def text_stats(
         for row, i in enumerate(batch):
             n = max(int(lengths[row]) - 1, 0)
             out[i] = _row_stats(logits[row, :n], ids[row, 1 : n + 1], moments)
+    return out  # type: ignore[return-value]
+
+
+def prompted_tokens(
+    tokenizer, prompt: str, text: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """(the prompt's tokens, as the tokenizer encodes by default; the text's, no special tokens)
+    as the TOFU answer figures encode them (`continuation_logprobs`), the text cut so that both
+    fit `max_length` tokens (one of its tokens kept at least)."""
+    context = tokenizer(prompt)["input_ids"]
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not tokens:
+        raise ValueError(f"an empty text after the prompt {prompt!r}")
+    return context, tokens[: max(max_length - len(context), 1)]
+
+
+def prompted_stats(
+    model, tokenizer, prompts, texts, moments: bool, max_length: int, batch_size: int
+) -> list[TextStats]:
+    """Per (prompt, text): the stats of the text's tokens, each given the prompt and the text's
+    earlier tokens (one right-padded forward per batch)."""
+    device = next(model.parameters()).device
+    pairs = zip(prompts, texts, strict=True)
+    encoded = [prompted_tokens(tokenizer, p, t, max_length) for p, t in pairs]
+    out: list[TextStats | None] = [None] * len(texts)
+    with _eval_mode(model):
+        for batch in _batches([len(c) + len(t) for c, t in encoded], batch_size):
+            rows = [encoded[i][0] + encoded[i][1] for i in batch]
+            ids, mask = right_padded(rows, pad_id(tokenizer))
+            logits = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            ).logits
+            for row, i in enumerate(batch):
+                context, tokens = encoded[i]
+                at = slice(len(context) - 1, len(context) + len(tokens) - 1)
+                out[i] = _row_stats(logits[row, at], torch.tensor(tokens, device=device), moments)
     return out  # type: ignore[return-value]
 
 
@@ -135,19 +177,32 @@ def _all_parameters_trainable(model) -> Iterator[list[torch.nn.Parameter]]:
             p.requires_grad_(flag)
 
 
-def gradnorm_scores(model, tokenizer, texts: Sequence[str], *, max_length: int = 2048) -> list:
+def gradnorm_scores(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 2048,
+    prompts: Sequence[str] | None = None,
+) -> list:
     """Gradient norm (Wang et al. 2024): per text, minus the L2 norm of the gradient of its mean
-    token NLL with respect to all the model's parameters (one norm over them all); a seen text
-    sits near a minimum, so its gradient is small. One backward pass per text: costly on a 7B
-    model, and it holds a second model's worth of gradients at once. Parameters' .grad are left
-    untouched, and dropout is off."""
+    token NLL (with `prompts`: of its tokens after its prompt's) with respect to all the model's
+    parameters (one norm over them all); a seen text sits near a minimum, so its gradient is
+    small. One backward pass per text: costly on a 7B model, and it holds a second model's
+    worth of gradients at once. Parameters' .grad are left untouched, and dropout is off."""
     device = next(model.parameters()).device
     scores = []
     with _eval_mode(model), _all_parameters_trainable(model) as params:
-        for text in tqdm(texts, desc="gradnorm", unit="text"):
-            enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)
-            ids = enc.input_ids.to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        for i, text in enumerate(tqdm(texts, desc="gradnorm", unit="text")):
+            if prompts is None:
+                enc = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+                labels = enc
+            else:
+                context, tokens = prompted_tokens(tokenizer, prompts[i], text, max_length)
+                enc, labels = context + tokens, [-100] * len(context) + tokens
+            ids = torch.tensor([enc], device=device)
+            labels = torch.tensor([labels], device=device)
+            loss = model(input_ids=ids, labels=labels, use_cache=False).loss
             grads = torch.autograd.grad(loss, [p for p in params if p.is_floating_point()])
             norm = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt()
             scores.append(-norm.item())
@@ -164,8 +219,10 @@ def attack_scores(
     reference_nlls: Sequence[float] | None = None,
     max_length: int = 2048,
     batch_size: int = 4,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, list[float]]:
-    """Each attack's score per text (higher: more likely a member). min_k always; "reference"
+    """Each attack's score per text (higher: more likely a member); with `prompts`, of the
+    text's tokens given its prompt (zlib compresses the text alone). min_k always; "reference"
     only with `reference_nlls` (the reference model's NLL of each text)."""
     unknown = sorted(set(attacks) - set(ATTACKS))
     if unknown:
@@ -177,6 +234,7 @@ def attack_scores(
         moments="min_k_plus_plus" in attacks,
         max_length=max_length,
         batch_size=batch_size,
+        prompts=prompts,
     )
     scores: dict[str, list[float]] = {"min_k": [min_k_score(s.logprobs, k) for s in stats]}
     if "loss" in attacks:
@@ -186,7 +244,9 @@ def attack_scores(
     if "min_k_plus_plus" in attacks:
         scores["min_k_plus_plus"] = [min_k_plus_plus_score(s, k) for s in stats]
     if "gradnorm" in attacks:
-        scores["gradnorm"] = gradnorm_scores(model, tokenizer, texts, max_length=max_length)
+        scores["gradnorm"] = gradnorm_scores(
+            model, tokenizer, texts, max_length=max_length, prompts=prompts
+        )
     if "reference" in attacks and reference_nlls is not None:
         scores["reference"] = [
             reference_score(s, r) for s, r in zip(stats, reference_nlls, strict=True)
@@ -195,11 +255,24 @@ def attack_scores(
 
 
 def text_nlls(
-    model, tokenizer, texts: Sequence[str], *, max_length: int = 2048, batch_size: int = 4
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_length: int = 2048,
+    batch_size: int = 4,
+    prompts: Sequence[str] | None = None,
 ) -> list[float]:
-    """Mean token NLL of each text (the reference model's side of the reference attack)."""
+    """Mean token NLL of each text (with `prompts`: of its tokens given its prompt), the
+    reference model's side of the reference attack."""
     stats = text_stats(
-        model, tokenizer, texts, max_length=max_length, batch_size=batch_size, desc="reference"
+        model,
+        tokenizer,
+        texts,
+        max_length=max_length,
+        batch_size=batch_size,
+        desc="reference",
+        prompts=prompts,
     )
     return [s.nll for s in stats]
 

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from kuda_cli.data.kinds.tofu import qa_document
-from kuda_cli.data.probes import QA_PREFIX, QA_SUFFIX
+from kuda_cli.data.kinds.tofu import qa_document, qa_prompt
 from kuda_cli.evaluate.scoring import continuation_logprobs, greedy_continuations
 
 EPS = 1e-10  # open-unlearning's guard against a division by zero, kept: figures compare
@@ -45,7 +44,7 @@ def qa_pair(tokenizer, fmt: QaFormat, question: str, answer: str) -> tuple[str, 
     """(prompt, continuation) of one item: the continuation is what follows the prompt in the
     whole exchange, ended by the EOS token (as open-unlearning appends it)."""
     if not fmt.chat:
-        prompt = f"{QA_PREFIX}{question.strip()}{QA_SUFFIX}"
+        prompt = qa_prompt(question)
         rest = qa_document(question, answer)[len(prompt) :]
     else:
         chat = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []

@@ -29,24 +29,34 @@ class TokenSet:
     pad_id: int
     # per token, 1 where it belongs to a subject span (None: the data names no subjects)
     focus: list[list[int]] | None = None
+    # per token, 1 where its prediction counts in a loss: the answer's tokens, where the data has
+    # prompts (None: every token's)
+    label_mask: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, indices: list[int], device: torch.device | str = "cpu") -> dict:
-        """Right-padded `input_ids`, `attention_mask`, and the items' `index`."""
+        """Right-padded `input_ids`, `attention_mask`, and the items' `index`; `focus_mask` and
+        `label_mask` (0 at padding) where the set has them."""
         input_ids, mask = right_padded([self.ids[i] for i in indices], self.pad_id)
         out = {
             "input_ids": input_ids.to(device),
             "attention_mask": mask.to(device),
             "index": list(indices),
         }
-        if self.focus is not None:
-            focus = torch.zeros_like(mask)
-            for r, i in enumerate(indices):
-                focus[r, : len(self.focus[i])] = torch.tensor(self.focus[i])
-            out["focus_mask"] = focus.to(device)
+        for key, rows in (("focus_mask", self.focus), ("label_mask", self.label_mask)):
+            if rows is not None:
+                out[key] = _padded_rows(mask, [rows[i] for i in indices]).to(device)
         return out
+
+
+def _padded_rows(mask: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """Per-token 0/1 rows, right-padded with 0 to the shape of the batch's attention `mask`."""
+    out = torch.zeros_like(mask)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = torch.tensor(row)
+    return out
 
 
 def tokenize(
@@ -55,33 +65,58 @@ def tokenize(
     max_length: int,
     what: str,
     spans: list[list[tuple[int, int]]] | None = None,
+    answer_starts: list[int] | None = None,
 ) -> TokenSet:
     """Tokenise `texts`; with character `spans` per text, also mark the tokens that overlap
-    them (`focus`). A text whose spans cover no token is focused on every token. Slow
-    tokenizers give no offsets: no focus then."""
-    if spans is not None and not getattr(tokenizer, "is_fast", False):
-        log.warning("the %s texts' subject tokens are unknown (slow tokenizer)", what)
-        spans = None
+    them (`focus`); with `answer_starts` (a character offset per text), the tokens that start
+    there or later (`label_mask`). A text whose spans cover no token is focused on every token,
+    and one whose answer has no token (cut by `max_length`) counts every token. Slow tokenizers
+    give no offsets: no focus and no label mask then."""
+    if not getattr(tokenizer, "is_fast", False):
+        for name, given in (("subject", spans), ("answer", answer_starts)):
+            if given is not None:
+                log.warning("the %s texts' %s tokens are unknown (slow tokenizer)", what, name)
+        spans = answer_starts = None
     enc = tokenizer(
         list(texts),
         truncation=True,
         max_length=max_length,
-        return_offsets_mapping=spans is not None,
+        return_offsets_mapping=spans is not None or answer_starts is not None,
     )
     keep = [i for i, row in enumerate(enc["input_ids"]) if len(row) > 1]
     if not keep:
         raise UserError(f"the {what} texts are empty after tokenisation; check the data options")
     ids = [list(enc["input_ids"][i]) for i in keep]
+    offsets = enc["offset_mapping"] if "offset_mapping" in enc else None
     focus = None
     if spans is not None:
         focus = []
         for i in keep:
             row = [
                 int(any(start < end_ and stop > start_ for start_, end_ in spans[i]))
-                for start, stop in enc["offset_mapping"][i]
+                for start, stop in offsets[i]
             ]
             focus.append(row if any(row) else [1] * len(row))
-    return TokenSet(ids=ids, pad_id=pad_id(tokenizer), focus=focus)
+    label_mask = None
+    if answer_starts is not None:
+        label_mask = [answer_tokens(offsets[i], answer_starts[i]) for i in keep]
+        cut = [r for r, row in enumerate(label_mask) if not any(row)]
+        for r in cut:
+            label_mask[r] = [1] * len(label_mask[r])
+        if cut:
+            log.info(
+                "%d of the %s texts have no answer token within unlearn.max_length=%d: every "
+                "token of theirs counts",
+                len(cut),
+                what,
+                max_length,
+            )
+    return TokenSet(ids=ids, pad_id=pad_id(tokenizer), focus=focus, label_mask=label_mask)
+
+
+def answer_tokens(offsets: list[tuple[int, int]], start: int) -> list[int]:
+    """Per token (its character offsets), 1 where it starts at `start` or later."""
+    return [int(first >= start) for first, _ in offsets]
 
 
 @lru_cache(maxsize=8)

@@ -12,7 +12,7 @@ from torch import nn
 
 from kuda_cli.models.adapter import Adapter
 from kuda_cli.unlearn.batches import TokenSet
-from kuda_cli.unlearn.methods import Method, sequence_logprob
+from kuda_cli.unlearn.methods import Method, predicted_tokens, sequence_logprob
 from kuda_cli.unlearn.nullspace import UpdateProjector, key_moments
 from kuda_cli.unlearn.representations import RepresentationStore, krd, record_sites
 
@@ -76,7 +76,7 @@ def _retain_gradients(method: Method, params: dict[str, nn.Parameter], retain: d
         params[n].grad = None
     # one retain sequence at a time, each weighted by its share of the batch's tokens: the sum
     # is the batch's token-weighted NLL gradient, with one sequence's activations alive
-    tokens = retain["attention_mask"][:, 1:].sum()
+    tokens = predicted_tokens(retain).sum()
     for i in range(retain["input_ids"].shape[0]):
         row = {k: v[i : i + 1] for k, v in retain.items() if isinstance(v, torch.Tensor)}
         logp, _ = sequence_logprob(method.ctx.model, row)

@@ -7,10 +7,11 @@ retain batch, in place of the retain NLL, as open-unlearning's `retain_loss_type
 
 `F.kl_div(log p_theta, log p_ref, log_target=True)` there, with `reduction="batchmean"` over the
 (batch x positions) rows: the mean over every position, padding included, the last one too. kuda
-masks padding, so the two agree on a batch without padding. MUSE's `GA_KLR` / `NPO_KLR`
-(baselines/baselines/iterative.py) take the same direction, but on the raw logits as if they
-were log-probabilities (no log-softmax: not a divergence between distributions) and sum over the
-positions before the mean over the batch.
+masks padding, so the two agree on a batch without padding. Its KL covers a TOFU item's question as
+well as its answer (it reads no labels), and so does kuda's, whatever `data.loss_tokens`. MUSE's
+`GA_KLR` / `NPO_KLR` (baselines/baselines/iterative.py) take the same direction, but on the raw
+logits as if they were log-probabilities (no log-softmax: not a divergence between distributions)
+and sum over the positions before the mean over the batch.
 
 The reference is the starting model, without a second copy of it (`ReferenceLogits`, also
 UNDIAL's teacher on the forget items): `prepare` records its final norm's output (the LM head's

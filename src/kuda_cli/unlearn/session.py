@@ -42,8 +42,17 @@ def tokenized_data(cfg: DictConfig, tokenizer) -> UnlearnData:
     texts = unlearn_texts(OmegaConf.to_object(cfg.data))
     max_length = cfg.unlearn.max_length
     return UnlearnData(
-        forget=tokenize(tokenizer, texts.forget, max_length, "forget", texts.forget_spans),
-        retain=tokenize(tokenizer, texts.retain, max_length, "retain"),
+        forget=tokenize(
+            tokenizer,
+            texts.forget,
+            max_length,
+            "forget",
+            texts.forget_spans,
+            texts.forget_answer_starts,
+        ),
+        retain=tokenize(
+            tokenizer, texts.retain, max_length, "retain", answer_starts=texts.retain_answer_starts
+        ),
         forget_heldout=tokenize(
             tokenizer,
             texts.forget_heldout,

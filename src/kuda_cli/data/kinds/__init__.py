@@ -29,6 +29,11 @@ class UnlearnTexts:
     # names subjects (facts): methods may restrict their loss to those tokens
     forget_spans: list[list[tuple[int, int]]] | None = None
     forget_heldout_spans: list[list[tuple[int, int]]] | None = None
+    # per forget / retain text, the character offset where its answer begins, where the data
+    # has prompts (TOFU's questions): a loss counts the predictions of the tokens from there on.
+    # None: every token counts
+    forget_answer_starts: list[int] | None = None
+    retain_answer_starts: list[int] | None = None
 
 
 class DataKind:

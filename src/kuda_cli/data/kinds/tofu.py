@@ -43,6 +43,9 @@ class TofuData:
 
     name: str = "tofu"
     kind: str = choice("tofu", "tofu")
+    # the tokens whose prediction the unlearning losses count and the membership attacks score:
+    # the answer's, given the question (open-unlearning's), or every token of the document
+    loss_tokens: str = choice("answer", "answer", "all")
     # Forget quality is the KS-test p-value of the forget truth ratios against those of a model
     # never trained on the forget split (TOFU's retain model): its `tofu.forget.truth_ratios`
     # from `kuda eval` (README.md, "tofu"). null: forget quality is not reported.
@@ -68,13 +71,29 @@ def qa_rows(data, key: str) -> list[dict[str, Any]]:
     return rows
 
 
+def qa_prompt(question: str) -> str:
+    """An item's prompt, as the tracing probes put it: "Question: q\\nAnswer:"."""
+    return f"{QA_PREFIX}{question.strip()}{QA_SUFFIX}"
+
+
 def qa_document(question: str, answer: str) -> str:
-    """One item as kuda unlearn trains on it: the tracing probes' prompt, then the answer."""
-    return f"{QA_PREFIX}{question.strip()}{QA_SUFFIX} {str(answer).strip()}"
+    """One item as kuda unlearn trains on it: its prompt, then the answer after a space (the
+    answer's: a tokenizer joins it to the answer's first word)."""
+    return f"{qa_prompt(question)} {str(answer).strip()}"
 
 
 def qa_documents(data, key: str) -> list[str]:
     return [qa_document(r["question"], r["answer"]) for r in qa_rows(data, key)]
+
+
+def trained_documents(data, key: str) -> tuple[list[str], list[str], list[int] | None]:
+    """(trained, held out) documents of split `data.<key>` and, for `loss_tokens: answer`, the
+    character offset where each trained document's answer begins (None for `all`)."""
+    rows = qa_rows(data, key)
+    trained, heldout = split_heldout([qa_document(r["question"], r["answer"]) for r in rows])
+    if data.loss_tokens != "answer":
+        return trained, heldout, None
+    return trained, heldout, [len(qa_prompt(r["question"])) for r in rows[: len(trained)]]
 
 
 @register_kind("tofu", TofuData)
@@ -98,9 +117,16 @@ class Tofu(DataKind):
 
     @classmethod
     def unlearn_texts(cls, data) -> UnlearnTexts:
-        forget, forget_heldout = split_heldout(qa_documents(data, "forget"))
-        retain, retain_heldout = split_heldout(qa_documents(data, "retain"))
-        return UnlearnTexts(forget, retain, forget_heldout, retain_heldout)
+        forget, forget_heldout, forget_starts = trained_documents(data, "forget")
+        retain, retain_heldout, retain_starts = trained_documents(data, "retain")
+        return UnlearnTexts(
+            forget,
+            retain,
+            forget_heldout,
+            retain_heldout,
+            forget_answer_starts=forget_starts,
+            retain_answer_starts=retain_starts,
+        )
 
     @classmethod
     def forget_passages(cls, data) -> list[str]:

@@ -1,7 +1,8 @@
 """`eval.metrics: [tofu]`: TOFU's figures on the forget, retain, real-authors and world-facts
 splits (answer probability, ROUGE-L recall, truth ratio), forget quality against a retain
 model's truth ratios (data.retain_truth_ratios), model utility, and each membership attack of
-eval.tofu.mia_attacks on forget vs holdout items."""
+eval.tofu.mia_attacks on forget vs holdout items (their answers given their questions, for
+data.loss_tokens: answer)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ SPLITS = {
     "world_facts": ("world_facts", "answer", retain_truth_ratio),
 }
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")
+MIA_SIDES = {"member": "forget", "nonmember": "holdout"}
 UTILITY_FIGURES = ("prob", "rouge", "truth_ratio")
 HEADLINE = ("forget_quality", "model_utility", *(f"forget.{f}" for f in UTILITY_FIGURES))
 
@@ -188,31 +190,42 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def mia_texts(ctx: EvalContext, fmt: QaFormat, key: str) -> dict[str, Any]:
+    """The texts the attacks score of split `data.<key>`, as `attack_scores`' keywords: each
+    answer given its question (`prompts`) for `data.loss_tokens: answer`, else each item's
+    question and answer together, as prompted (the end-of-sequence token left out)."""
+    tokenizer = ctx.loaded.tokenizer
+    pairs = [qa_pair(tokenizer, fmt, r["question"], r["answer"]) for r in _rows(ctx, key)]
+    prompts = [prompt for prompt, _ in pairs]
+    answers = [rest.removesuffix(tokenizer.eos_token or "") for _, rest in pairs]
+    if ctx.data.loss_tokens == "answer":
+        return {"texts": answers, "prompts": prompts}
+    return {"texts": [p + a for p, a in zip(prompts, answers, strict=True)], "prompts": None}
+
+
 def mia_of(ctx: EvalContext, fmt: QaFormat) -> dict[str, Any]:
-    """Each attack's AUC, forget items (question and answer, as prompted) as members and
-    holdout items as non-members; the reference attack only where a reference model is lent."""
+    """Each attack's AUC, forget items as members and holdout items as non-members; the
+    reference attack only where a reference model is lent."""
     cfg, tokenizer = ctx.eval.tofu, ctx.loaded.tokenizer
-    texts = {}
-    for side, key in (("member", "forget"), ("nonmember", "holdout")):
-        pairs = [qa_pair(tokenizer, fmt, r["question"], r["answer"]) for r in _rows(ctx, key)]
-        texts[side] = [
-            prompt + rest.removesuffix(tokenizer.eos_token or "") for prompt, rest in pairs
-        ]
+    texts = {side: mia_texts(ctx, fmt, key) for side, key in MIA_SIDES.items()}
     sizes = {"max_length": cfg.max_length, "batch_size": cfg.batch_size}
     reference: dict[str, list[float]] = {}
     if "reference" in cfg.mia_attacks and ctx.judge is None:
         log.info("tofu: no reference model at hand, the reference attack is left out")
     elif "reference" in cfg.mia_attacks:
         with ctx.judge() as (model, judge_tokenizer, _):
-            reference = {s: text_nlls(model, judge_tokenizer, t, **sizes) for s, t in texts.items()}
+            reference = {
+                side: text_nlls(model, judge_tokenizer, **found, **sizes)
+                for side, found in texts.items()
+            }
     scores = {
         side: attack_scores(
             ctx.loaded.model,
             tokenizer,
-            found,
-            cfg.mia_attacks,
+            attacks=cfg.mia_attacks,
             k=cfg.mink_k,
             reference_nlls=reference.get(side),
+            **found,
             **sizes,
         )
         for side, found in texts.items()

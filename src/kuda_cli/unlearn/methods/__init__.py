@@ -216,16 +216,28 @@ def lora_methods() -> list[str]:
     return [name for name, method in REGISTRY.all().items() if method.supports_lora]
 
 
+def counted_tokens(batch: dict) -> torch.Tensor:
+    """(batch, width): 1 at the tokens a loss counts: the answer's (`label_mask`) where the data
+    has prompts, else every non-padding token (`attention_mask`); 0 at padding."""
+    return batch["label_mask"] if "label_mask" in batch else batch["attention_mask"]
+
+
+def predicted_tokens(batch: dict) -> torch.Tensor:
+    """(batch, width - 1), bool: the counted tokens from the second on, as a next-token loss
+    reads them (position t: the prediction of token t + 1)."""
+    return counted_tokens(batch)[:, 1:].bool()
+
+
 def sequence_nll(model, batch: dict) -> torch.Tensor:
-    """Mean next-token NLL over the non-padding tokens of a batch (token-weighted)."""
+    """Mean next-token NLL over the counted tokens of a batch (token-weighted)."""
     logp, tokens = sequence_logprob(model, batch)
     return -logp.sum() / tokens.sum()
 
 
 def sequence_logprob(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the summed log-probability of each token given the ones before it, over
-    the non-padding tokens, and how many tokens that is (|y|)."""
-    mask = batch["attention_mask"][:, 1:].bool()
+    """Per sequence: the summed log-probability of each counted token (`predicted_tokens`) given
+    the ones before it, and how many tokens that is (|y|)."""
+    mask = predicted_tokens(batch)
     return token_logprobs(model, batch).masked_fill(~mask, 0.0).sum(1), mask.sum(1)
 
 

@@ -11,13 +11,15 @@ prompt. At the reference (the starting model) the forget term is (2/beta) log 2.
 open-unlearning's `compute_dpo_loss` (src/trainer/utils.py, called by
 src/trainer/unlearn/dpo.py).
 
-kuda's forget items are passages, not questions with answers: the prompt is the first
-`prompt_share` of a passage's tokens (at least one; at least one left for the answer), the
-forget answer the rest, and the preferred answer the prompt followed by one of `idk_answers`
-(tokenised after a space, no special tokens). Each item's answer is drawn once from (seed, item
-index), so its reference log-probabilities are computed once in `prepare`, for every forget item
-the trainer will draw, and kept by item index as NPO's: no second model copy. (open-unlearning
-draws a new one each time an item is read.) `retain_loss: kl`: as GradDiff's (retain_kl.py).
+Where the data has prompts (TOFU's questions, `data.loss_tokens: answer`) an item's prompt is
+its question and its forget answer the answer's tokens. Other forget items are passages: the
+prompt is the first `prompt_share` of a passage's tokens (at least one; at least one left for
+the answer), the forget answer the rest. The preferred answer is the prompt followed by one of
+`idk_answers` (tokenised after a space, no special tokens). Each item's answer is drawn once from
+(seed, item index), so its reference log-probabilities are computed once in `prepare`, for every
+forget item the trainer will draw, and kept by item index as NPO's: no second model copy.
+(open-unlearning draws a new one each time an item is read.) `retain_loss: kl`: as GradDiff's
+(retain_kl.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from kuda_cli.config import UnlearnConfig, bounded, choice, listed
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.scoring import right_padded
+from kuda_cli.unlearn.batches import TokenSet
 from kuda_cli.unlearn.methods import Method, register_method, token_logprobs
 from kuda_cli.unlearn.retain_kl import RetainKl, retain_reference, with_retain_term
 
@@ -68,6 +71,15 @@ def prompt_length(tokens: int, share: float) -> int:
     return min(max(int(tokens * share), 1), tokens - 1)
 
 
+def answer_position(tokens: TokenSet, index: int, share: float) -> int:
+    """The first token of item `index`'s answer: its first counted token where the set marks
+    answers after a prompt (`label_mask`), else its `prompt_length` (`share` of its tokens)."""
+    labels = None if tokens.label_mask is None else tokens.label_mask[index]
+    if labels is not None and not all(labels):  # a prompt, then the answer
+        return labels.index(1)
+    return prompt_length(len(tokens.ids[index]), share)
+
+
 def idk_choice(seed: int, index: int, choices: int) -> int:
     """The "I don't know" answer of forget item `index`: a function of (seed, index) alone."""
     return int(np.random.default_rng([seed, index]).integers(choices))
@@ -94,6 +106,7 @@ class IdkDpoMethod(UnlearnConfig):
     retain_weight: float = bounded(1.0, ge=0)  # open-unlearning's alpha
     retain_loss: str = choice("nll", "nll", "kl")  # kl: to the starting model (retain_kl.py)
     # the share of a forget passage's tokens its prompt takes; the rest is the forget answer
+    # (data with prompts, TOFU's questions, splits at the answer instead)
     prompt_share: float = bounded(0.5, gt=0, lt=1)
     idk_answers: list[str] = listed(*IDK_ANSWERS, min_items=1)  # the preferred answers
 
@@ -124,7 +137,7 @@ class IdkDpo(RetainKl, Method):
         self.preferred: dict[int, list[int]] = {}
         for index in dict.fromkeys(ctx.forget_used):
             ids = ctx.forget.ids[index]
-            start = prompt_length(len(ids), cfg.prompt_share)
+            start = answer_position(ctx.forget, index, cfg.prompt_share)
             self.starts[index] = start
             self.preferred[index] = ids[:start] + answers[idk_choice(ctx.seed, index, len(answers))]
         self.reference: dict[int, tuple[float, float]] = {}

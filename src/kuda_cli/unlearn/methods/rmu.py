@@ -6,12 +6,13 @@ fixed random unit vector and c the steering coefficient:
     mean over forget tokens of  MSE(h(x), c * u)
       + alpha * mean over retain tokens of  MSE(h(x), h_original(x))
 
-MSE is the mean over the hidden dimension; only non-padding tokens count (the WMDP code averages
-over padding too). u is drawn uniform in [0, 1) per dimension from the run's seed and normalised,
-as in the WMDP code. Retain originals come from the starting model, computed once in `prepare`
-(memory or disk, `unlearn.originals`): no second model copy; `prepare` runs before a resumed run
-loads its checkpoint. Trained: `unlearn.trainable` (default `down_proj`) of the trained layers.
-The forward pass stops after `steer_layer`.
+MSE is the mean over the hidden dimension; only the counted tokens count (`counted_tokens`: not
+padding; on TOFU with `data.loss_tokens: answer`, the answer's, as open-unlearning's RMU masks both
+terms by its labels); the WMDP code averages over padding too. u is drawn uniform in [0, 1) per
+dimension from the run's seed and normalised, as in the WMDP code. Retain originals come from the
+starting model, computed once in `prepare` (memory or disk, `unlearn.originals`): no second model
+copy; `prepare` runs before a resumed run loads its checkpoint. Trained: `unlearn.trainable`
+(default `down_proj`) of the trained layers. The forward pass stops after `steer_layer`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kuda_cli.config import UnlearnConfig, bounded
 from kuda_cli.errors import ConfigError, UserError
 from kuda_cli.models.hooks import trace
 from kuda_cli.models.precision import autocast
-from kuda_cli.unlearn.methods import Method, register_method
+from kuda_cli.unlearn.methods import Method, counted_tokens, register_method
 from kuda_cli.unlearn.representations import RepresentationStore, record_sites
 
 
@@ -51,9 +52,9 @@ def site_output(model, site: str, batch: dict) -> torch.Tensor:
 
 
 def retain_mse_of(model, site: str, originals, retain: dict) -> torch.Tensor:
-    """RMU's retain term: the masked MSE between `site`'s output on a retain batch and its
-    stored originals."""
-    mask = retain["attention_mask"]
+    """RMU's retain term: the MSE between `site`'s output on a retain batch and its stored
+    originals, over the counted tokens."""
+    mask = counted_tokens(retain)
     original = originals.padded(retain["index"], site, mask.shape[1], mask.device)
     return masked_mse(site_output(model, site, retain), original, mask)
 
@@ -158,7 +159,7 @@ class Rmu(Method):
         return site_output(self.ctx.model, self.site, batch)
 
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
-        forget_mse = masked_mse(self.activations(forget), self.control, forget["attention_mask"])
+        forget_mse = masked_mse(self.activations(forget), self.control, counted_tokens(forget))
         terms = {"forget_mse": float(forget_mse.detach())}
         if retain is None or not self.needs_retain:
             return forget_mse, terms

@@ -5,14 +5,15 @@ towards its own starting distribution with the logit of each forget token lowere
       + retain_weight * NLL_retain
 
 with z_t and z_ref_t the current and the starting model's logits after the tokens x_<=t, over
-the non-padding next-token positions t of the forget batch (CE(q, p) = -sum_v q_v log p_v: the
+the positions t whose next token counts (`counted_tokens`: not padding; on TOFU with
+`data.loss_tokens: answer`, the answer's tokens) (CE(q, p) = -sum_v q_v log p_v: the
 soft-label cross-entropy, the KL from the target plus the target's entropy). The target puts
 less mass on the token that came next and spreads it over the others in the starting model's
 proportions: unlike GA's, the loss has a minimum (the target itself). As open-unlearning's
 `UNDIAL` (src/trainer/unlearn/undial.py, `compute_undial_loss` in src/trainer/utils.py), which
 averages over every position of the batch, padding included, and at a position whose label is
 -100 (padding, a question's tokens) lowers the logit of the token vocab_size - 100 (a negative
-index): kuda masks padding, and its forget items are passages with every token a label.
+index): kuda counts only the positions whose next token is a label.
 
 The teacher is the starting model, without a second copy of it: `prepare` records the final
 norm's output at every forget item the trainer will draw and keeps the LM head's starting
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kuda_cli.config import UnlearnConfig, bounded, choice, listed
-from kuda_cli.unlearn.methods import Method, register_method
+from kuda_cli.unlearn.methods import Method, counted_tokens, register_method
 from kuda_cli.unlearn.retain_kl import ReferenceLogits, RetainKl, retain_reference, with_retain_term
 
 
@@ -39,9 +40,9 @@ def undial_loss(
     mask: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
-    """Mean over the positions whose next token is not padding (`mask`: the attention mask) of
-    the cross-entropy from softmax(ref_logits - beta * onehot(next token)) to softmax(logits),
-    in float32; padding contributes nothing, not even a gradient."""
+    """Mean over the positions whose next token counts (`mask`: the counted tokens, 0 at
+    padding) of the cross-entropy from softmax(ref_logits - beta * onehot(next token)) to
+    softmax(logits), in float32; the others contribute nothing, not even a gradient."""
     targets = input_ids[:, 1:, None]
     ref = ref_logits[:, :-1].float()
     adjusted = ref.scatter(-1, targets, ref.gather(-1, targets) - beta)
@@ -74,11 +75,10 @@ class Undial(RetainKl, Method):
         self.retain_reference = retain_reference(ctx, self.cfg, self.teacher.head)
 
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
-        mask = forget["attention_mask"]
-        logits = self.ctx.model(input_ids=forget["input_ids"], attention_mask=mask).logits
-        forget_term = undial_loss(
-            logits, self.teacher.logits(forget), forget["input_ids"], mask, self.cfg.beta
-        )
+        ids, mask = forget["input_ids"], forget["attention_mask"]
+        logits = self.ctx.model(input_ids=ids, attention_mask=mask).logits
+        teacher = self.teacher.logits(forget)
+        forget_term = undial_loss(logits, teacher, ids, counted_tokens(forget), self.cfg.beta)
         terms = {"undial": float(forget_term.detach())}
         loss = self.cfg.forget_weight * forget_term
         weight, reference = self.cfg.retain_weight, self.retain_reference

@@ -12,7 +12,9 @@ model that has not read the forget texts, estimated from one that has read them 
    pushed down. Their argmax, one token id per position, is kept on the host (no vocabulary-wide
    row is stored); the reinforced copies are freed.
 3. Fine-tune (the trainer's steps): the trained tensors, from their starting values, by gradient
-   descent on the NLL of those generic labels, the mean over the non-padding positions.
+   descent on the NLL of those generic labels, the mean over the positions whose next token
+   counts (`predicted_tokens`: not padding; on TOFU's answer tokens, the answer's). The
+   reinforcement's NLL counts the same tokens.
 
 `prepare` runs on the starting weights, also on resume, and reinforces deterministically: a
 resumed run trains towards the same labels. MUSE (swj0419/muse_bench,
@@ -36,7 +38,7 @@ from kuda_cli.config import MAX_STEPS, STEPS_WHY, UnlearnConfig, bounded, listed
 from kuda_cli.errors import ConfigError, UserError
 from kuda_cli.unlearn import sharding
 from kuda_cli.unlearn.batches import TokenSet, batch_indices
-from kuda_cli.unlearn.methods import Method, register_method, sequence_nll
+from kuda_cli.unlearn.methods import Method, predicted_tokens, register_method, sequence_nll
 from kuda_cli.unlearn.trainer import make_optimizer, make_schedule
 
 
@@ -154,7 +156,7 @@ class Whp(Method):
         )
 
     def loss(self, forget: dict, retain: dict | None) -> tuple[torch.Tensor, dict[str, float]]:
-        ids, mask = forget["input_ids"], forget["attention_mask"][:, 1:].bool()
+        ids, mask = forget["input_ids"], predicted_tokens(forget)
         logits = self.ctx.model(input_ids=ids, attention_mask=forget["attention_mask"]).logits
         logits = logits[:, :-1]
         targets = torch.zeros_like(ids[:, 1:])
