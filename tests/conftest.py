@@ -171,3 +171,27 @@ def install_plugin(tmp_path: Path, monkeypatch, group: str, name: str, module: s
     monkeypatch.setenv("PYTHONPATH", str(site))
     monkeypatch.setenv("KUDA_CACHE", str(tmp_path / "cache"))
     return f"hydra.searchpath=[file://{tmp_path / 'conf'}]"
+
+
+def method_on(name: str, model, tokenizer, forget, retain, *, context=None, **overrides):
+    """(method, cfg): unlearning method `name` on token sets `forget` and `retain`, trained
+    layers [1], its schema's config with batch_size 2 and `overrides`; every item drawn unless
+    `context` (MethodContext fields) says otherwise."""
+    from omegaconf import OmegaConf
+
+    from kuda_cli.models.adapter import get_adapter
+    from kuda_cli.unlearn.methods import MethodContext, get_method
+
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(
+            OmegaConf.structured(get_method(name).schema),
+            {"method": name, "batch_size": 2, **overrides},
+        )
+    )
+    fields = {
+        "forget_used": list(range(len(forget))),
+        "retain_used": list(range(len(retain))),
+        **(context or {}),
+    }
+    ctx = MethodContext(model, get_adapter(model), tokenizer, [1], cfg, forget, retain, **fields)
+    return get_method(name)(ctx), cfg

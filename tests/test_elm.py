@@ -12,40 +12,25 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from kuda_cli import cli
-from kuda_cli.models.adapter import get_adapter
 from kuda_cli.unlearn.batches import tokenize
 from kuda_cli.unlearn.elm_reference import fluency_sequences, guided_continuations, item_prompts
-from kuda_cli.unlearn.methods import MethodContext, get_method
-from kuda_cli.unlearn.methods.elm import ElmMethod
 from test_baseline_options import FORGET, RETAIN, gradients, perturb
 from test_baselines import TINY, starting_model
 
-from conftest import read_json
+from conftest import method_on, read_json
 
 
 def make(model, tokenizer, forget_used=(0, 1, 2, 3), **overrides):
     settings = {"batch_size": 2, "steps": 2, "concept": "chemistry", "fluency_tokens": 6}
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ElmMethod), {**settings, **overrides})
-    )
     forget = tokenize(tokenizer, FORGET, 64, "forget")
     retain = tokenize(tokenizer, RETAIN, 64, "retain")
-    ctx = MethodContext(
-        model,
-        get_adapter(model),
-        tokenizer,
-        [1],
-        cfg,
-        forget,
-        retain,
-        list(forget_used),
-        [0, 1, 2],
-        seed=3,
+    context = {"forget_used": list(forget_used), "retain_used": [0, 1, 2], "seed": 3}
+    found, _ = method_on(
+        "elm", model, tokenizer, forget, retain, context=context, **{**settings, **overrides}
     )
-    return get_method("elm")(ctx), forget, retain
+    return found, forget, retain
 
 
 def reference_edit_vector(model, tokenizer, text, expert, novice, eta, top_k, temperature):

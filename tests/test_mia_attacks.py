@@ -39,6 +39,24 @@ def _lowest_mean(values: torch.Tensor, k: float) -> float:
     return sum(sorted(values.tolist())[:n]) / n
 
 
+def _hand_scores(lp, logp, ref_lp, text: str, gradnorm: float) -> dict[str, float]:
+    """Each attack's score by hand from the scored tokens' log-probabilities `lp`, the full
+    log-distributions `logp` at those positions, the reference model's `ref_lp`, and the text
+    zlib compresses."""
+    nll = -lp.mean().item()
+    p = logp.exp()
+    mu = (p * logp).sum(-1)
+    sigma = (p * (logp - mu[:, None]).square()).sum(-1).sqrt()
+    return {
+        "min_k": _lowest_mean(lp, K),
+        "loss": -nll,
+        "zlib": -nll / len(zlib.compress(text.encode("utf-8"))),
+        "min_k_plus_plus": _lowest_mean((lp - mu) / sigma, K),
+        "reference": -ref_lp.mean().item() - nll,
+        "gradnorm": gradnorm,
+    }
+
+
 def _hand_gradnorm(model, tokenizer, text: str) -> float:
     ids = torch.tensor([tokenizer(text).input_ids])
     model.zero_grad()
@@ -69,19 +87,8 @@ def test_each_attack_score_equals_hand_computation(tiny):
     assert all(p.grad is None for p in model.parameters())  # gradnorm leaves .grad alone
     for i, text in enumerate(TEXTS):
         lp, logp = _hand_logprobs(model, tokenizer, text)
-        nll = -lp.mean().item()
         ref_lp, _ = _hand_logprobs(reference, tokenizer, text)
-        p = logp.exp()
-        mu = (p * logp).sum(-1)
-        sigma = (p * (logp - mu[:, None]).square()).sum(-1).sqrt()
-        expected = {
-            "min_k": _lowest_mean(lp, K),
-            "loss": -nll,
-            "zlib": -nll / len(zlib.compress(text.encode("utf-8"))),
-            "min_k_plus_plus": _lowest_mean((lp - mu) / sigma, K),
-            "reference": -ref_lp.mean().item() - nll,
-            "gradnorm": _hand_gradnorm(model, tokenizer, text),
-        }
+        expected = _hand_scores(lp, logp, ref_lp, text, _hand_gradnorm(model, tokenizer, text))
         for name, value in expected.items():
             assert got[name][i] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, text)
 
@@ -116,24 +123,13 @@ def test_each_attack_given_a_prompt_scores_the_texts_tokens_after_it(tiny):
     )
     for i, (prompt, text) in enumerate(zip(PROMPTS, texts, strict=True)):
         lp, logp, ids, n = _hand_answer_logprobs(model, tokenizer, prompt, text)
-        nll = -lp.mean().item()
         ref_lp, *_ = _hand_answer_logprobs(reference, tokenizer, prompt, text)
-        p = logp.exp()
-        mu = (p * logp).sum(-1)
-        sigma = (p * (logp - mu[:, None]).square()).sum(-1).sqrt()
         model.zero_grad()
         logits = model(input_ids=ids).logits[0, n - 1 : -1]
         (-logits.log_softmax(-1).gather(-1, ids[0, n:, None]).mean()).backward()
         grads = [p.grad.double().square().sum() for p in model.parameters() if p.grad is not None]
         model.zero_grad(set_to_none=True)
-        expected = {
-            "min_k": _lowest_mean(lp, K),
-            "loss": -nll,
-            "zlib": -nll / len(zlib.compress(text.encode("utf-8"))),
-            "min_k_plus_plus": _lowest_mean((lp - mu) / sigma, K),
-            "reference": -ref_lp.mean().item() - nll,
-            "gradnorm": -float(sum(grads).sqrt()),
-        }
+        expected = _hand_scores(lp, logp, ref_lp, text, -float(sum(grads).sqrt()))
         for name, value in expected.items():
             # Min-K%++'s float32 variance (E[log p^2] - mu^2) is the least exact
             rel = 1e-3 if name == "min_k_plus_plus" else 1e-4

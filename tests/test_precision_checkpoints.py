@@ -8,16 +8,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from kuda_cli.models.adapter import get_adapter
 from kuda_cli.unlearn import checkpoint_files
 from kuda_cli.unlearn.batches import tokenize
 from kuda_cli.unlearn.diagnostics import gradient_conflict
-from kuda_cli.unlearn.methods import MethodContext, get_method, sequence_nll
+from kuda_cli.unlearn.methods import sequence_nll
 from kuda_cli.unlearn.trainer import STATE_FILE, Trainer
 
-from conftest import read_json
+from conftest import method_on, read_json
 
 FORGET = [
     "Hydrogen has the symbol H and atomic number one.",
@@ -34,27 +33,10 @@ RETAIN = [
 
 
 def make(model, tokenizer, method="ga", **overrides):
-    schema = get_method(method).schema
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(schema),
-            {"method": method, "layers": [1], "batch_size": 2, **overrides},
-        )
-    )
     forget = tokenize(tokenizer, FORGET, 64, "forget")
     retain = tokenize(tokenizer, RETAIN, 64, "retain")
-    ctx = MethodContext(
-        model,
-        get_adapter(model),
-        tokenizer,
-        [1],
-        cfg,
-        forget,
-        retain,
-        list(range(len(forget))),
-        list(range(len(retain))),
-    )
-    return get_method(method)(ctx), cfg, forget, retain
+    found, cfg = method_on(method, model, tokenizer, forget, retain, **{"layers": [1], **overrides})
+    return found, cfg, forget, retain
 
 
 def train(model, tokenizer, out_dir=None, method="ga", **overrides):

@@ -16,13 +16,12 @@ from omegaconf import OmegaConf
 from kuda_cli.compose import compose
 from kuda_cli.config import TinySpec
 from kuda_cli.data.kinds import kind_of
-from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.tiny import tiny_random
 from kuda_cli.unlearn.batches import tokenize
-from kuda_cli.unlearn.methods import MethodContext, get_method
+from kuda_cli.unlearn.methods import get_method
 from kuda_cli.unlearn.methods.rmu import site_output
 
-from conftest import memorise
+from conftest import memorise, method_on
 
 FIXTURE = Path(__file__).parent / "tofu"
 LOCAL = [f"data.{key}.path={FIXTURE / key}.jsonl" for key in ("forget", "retain")]
@@ -57,24 +56,7 @@ def prompt_and_answer(tokenizer, row: dict) -> tuple[list[int], list[int]]:
 
 
 def method_of(name: str, model, tokenizer, forget, retain, **overrides):
-    schema = get_method(name).schema
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(schema), {"method": name, "batch_size": 2, **overrides}
-        )
-    )
-    ctx = MethodContext(
-        model,
-        get_adapter(model),
-        tokenizer,
-        [1],
-        cfg,
-        forget,
-        retain,
-        list(range(len(forget))),
-        list(range(len(retain))),
-    )
-    return get_method(name)(ctx)
+    return method_on(name, model, tokenizer, forget, retain, **overrides)[0]
 
 
 @torch.no_grad()

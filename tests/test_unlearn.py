@@ -12,15 +12,14 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kuda_cli.compose import compose
-from kuda_cli.models.adapter import get_adapter
 from kuda_cli.models.hooks import trace
 from kuda_cli.unlearn.batches import batch_indices, tokenize
 from kuda_cli.unlearn.diagnostics import heldout_krd, swapped_in
-from kuda_cli.unlearn.methods import MethodContext, get_method, method_modules
-from kuda_cli.unlearn.methods.kuda import KudaMethod, deviation
+from kuda_cli.unlearn.methods import get_method, method_modules
+from kuda_cli.unlearn.methods.kuda import deviation
 from kuda_cli.unlearn.trainer import STATE_FILE, Trainer, TrainingDiverged
 
-from conftest import kuda_killed, read_json
+from conftest import kuda_killed, method_on, read_json
 
 FORGET = [
     "Hydrogen has the symbol H and atomic number one.",
@@ -42,27 +41,14 @@ TINY_RUN = [
 
 
 def kuda_method(model, tokenizer, **overrides):
-    cfg = OmegaConf.to_object(
-        OmegaConf.merge(
-            OmegaConf.structured(KudaMethod),
-            {"method": "kuda", "layers": [1], "batch_size": 2, **overrides},
-        )
-    )
     forget = tokenize(tokenizer, FORGET, 64, "forget")
     retain = tokenize(tokenizer, RETAIN, 64, "retain")
-    ctx = MethodContext(
-        model,
-        get_adapter(model),
-        tokenizer,
-        [1],
-        cfg,
-        forget,
-        retain,
-        list(range(len(forget))),
-        [],
-        forget_heldout=tokenize(tokenizer, ["The symbol of gold is"], 64, "held-out"),
+    heldout = tokenize(tokenizer, ["The symbol of gold is"], 64, "held-out")
+    context = {"retain_used": [], "forget_heldout": heldout}
+    found, cfg = method_on(
+        "kuda", model, tokenizer, forget, retain, context=context, **{"layers": [1], **overrides}
     )
-    return get_method("kuda")(ctx), cfg, forget, retain
+    return found, cfg, forget, retain
 
 
 def test_registry_lists_kuda():
