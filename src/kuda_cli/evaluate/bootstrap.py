@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kuda_cli.evaluate.fact_scoring import ANSWERS_FILE
+from kuda_cli.evaluate.floors import forget_removed as forget_removed_share
 from kuda_cli.evaluate.metrics.perplexity import ITEMS_FILE
 from kuda_cli.evaluate.tradeoff import Point, compare
 
@@ -121,10 +122,9 @@ def _accuracy(rows, key: str, weights: Weights) -> np.ndarray:
 
 
 def _removed(before, after, floor) -> np.ndarray:
-    """`floors.forget_removed` per draw: NaN where before is not above the floor."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.clip((before - after) / (before - floor), 0.0, 1.0)
-    return np.where(before - floor > 1e-9, share, np.nan)
+    """`floors.forget_removed` per draw: NaN where it is undefined."""
+    draws = np.broadcast(before, after, floor)
+    return np.array([forget_removed_share(b, a, f) for b, a, f in draws], dtype=float)
 
 
 def forget_removed(items: Mapping[str, list[dict]], weights: Mapping[str, Weights]) -> np.ndarray:
