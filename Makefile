@@ -61,7 +61,7 @@ ARGS ?=
 # for the embedded SmolLM2-135M)
 BASELINES ?= rmu_zephyr,npo,simnpo,ga
 
-# The facts table on the embedded SmolLM2-135M (CPU, about 30 minutes on 2 cores): trace once,
+# The facts table on the embedded SmolLM2-135M (CPU, about 75 minutes on 2 cores): trace once,
 # unlearn chemistry with every method (their defaults are tuned for this model and data,
 # docs/baselines.md), report. The table: $(TABLES)/facts/report/report.md.
 FACTS_METHODS ?= ga,graddiff,npo,simnpo,rmu,adaptive_rmu,undial,idkdpo,task_vector,whp,elm,kuda
