@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 
 from kuda_cli.errors import ConfigError
 from kuda_cli.evaluate.muse_scoring import auc, min_k_score
-from kuda_cli.evaluate.scoring import _batches, _eval_mode, pad_id, right_padded, text_logits
+from kuda_cli.evaluate.scoring import (
+    _eval_mode,
+    continuation_logits,
+    encoded_pair,
+    pad_id,
+    text_logits,
+)
 
 # the names eval.muse.mia_attacks takes; min_k always runs (PrivLeak is built from it)
 ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "gradnorm", "reference")
@@ -88,7 +94,9 @@ def text_stats(
     standard deviation of log p at each position); with `prompts`, those of its own tokens
     after its prompt's (`prompted_stats`). Texts are cut to `max_length` tokens."""
     if prompts is not None:
-        return prompted_stats(model, tokenizer, prompts, texts, moments, max_length, batch_size)
+        return prompted_stats(
+            model, tokenizer, prompts, texts, moments, max_length, batch_size, desc
+        )
     out: list[TextStats | None] = [None] * len(texts)
     for batch, logits, ids, lengths in text_logits(
         model, tokenizer, texts, max_length=max_length, batch_size=batch_size, desc=desc
@@ -102,36 +110,24 @@ def text_stats(
 def prompted_tokens(
     tokenizer, prompt: str, text: str, max_length: int
 ) -> tuple[list[int], list[int]]:
-    """(the prompt's tokens, as the tokenizer encodes by default; the text's, no special tokens)
-    as the TOFU answer figures encode them (`continuation_logprobs`), the text cut so that both
-    fit `max_length` tokens (one of its tokens kept at least)."""
-    context = tokenizer(prompt)["input_ids"]
-    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not tokens:
-        raise ValueError(f"an empty text after the prompt {prompt!r}")
+    """(the prompt's tokens, the text's) as the TOFU answer figures encode them
+    (`scoring.encoded_pair`), the text cut so that both fit `max_length` tokens (one of its
+    tokens kept at least)."""
+    context, tokens = encoded_pair(tokenizer, prompt, text)
     return context, tokens[: max(max_length - len(context), 1)]
 
 
 def prompted_stats(
-    model, tokenizer, prompts, texts, moments: bool, max_length: int, batch_size: int
+    model, tokenizer, prompts, texts, moments: bool, max_length: int, batch_size: int, desc: str
 ) -> list[TextStats]:
     """Per (prompt, text): the stats of the text's tokens, each given the prompt and the text's
-    earlier tokens (one right-padded forward per batch)."""
-    device = next(model.parameters()).device
+    earlier tokens (`scoring.continuation_logits`)."""
     pairs = zip(prompts, texts, strict=True)
     encoded = [prompted_tokens(tokenizer, p, t, max_length) for p, t in pairs]
     out: list[TextStats | None] = [None] * len(texts)
-    with _eval_mode(model):
-        for batch in _batches([len(c) + len(t) for c, t in encoded], batch_size):
-            rows = [encoded[i][0] + encoded[i][1] for i in batch]
-            ids, mask = right_padded(rows, pad_id(tokenizer))
-            logits = model(
-                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-            ).logits
-            for row, i in enumerate(batch):
-                context, tokens = encoded[i]
-                at = slice(len(context) - 1, len(context) + len(tokens) - 1)
-                out[i] = _row_stats(logits[row, at], torch.tensor(tokens, device=device), moments)
+    found = continuation_logits(model, encoded, pad_id(tokenizer), batch_size=batch_size, desc=desc)
+    for i, logits, tokens in found:
+        out[i] = _row_stats(logits, tokens, moments)
     return out  # type: ignore[return-value]
 
 

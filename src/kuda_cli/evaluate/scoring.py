@@ -50,11 +50,21 @@ def pad_id(tokenizer) -> int:
 
 def right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, attention mask) of token id rows, right-padded with `pad` to the longest."""
+    return _padded(rows, pad, left=False)
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token id rows, left-padded with `pad` to the longest."""
+    return _padded(rows, pad, left=True)
+
+
+def _padded(rows: Sequence[Sequence[int]], pad: int, left: bool) -> tuple[torch.Tensor, ...]:
     ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(rows):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+        at = slice(ids.shape[1] - len(seq), None) if left else slice(0, len(seq))
+        ids[row, at] = torch.tensor(seq, dtype=torch.long)
+        mask[row, at] = 1
     return ids, mask
 
 
@@ -188,38 +198,45 @@ def _score_continuations(
     model, tokenizer, pairs: list[tuple[str, str]], *, batch_size: int, desc: str
 ) -> list[tuple[float, int, int]]:
     """(summed log-probability, tokens, tokens that are the top-1 prediction) per pair."""
-    device = _device(model)
-    encoded = []
-    for context, continuation in pairs:
-        ctx = tokenizer(context)["input_ids"]
-        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        if not cont:
-            raise ValueError(f"empty continuation after {context!r}")
-        encoded.append((ctx, cont))
-    pad = pad_id(tokenizer)
+    encoded = [encoded_pair(tokenizer, context, continuation) for context, continuation in pairs]
     results: list[tuple[float, int, int]] = [(0.0, 0, 0)] * len(pairs)
-    batches = _batches([len(ctx) + len(cont) for ctx, cont in encoded], batch_size)
-    with _eval_mode(model):
-        for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
-            results_of_batch = _score_batch(model, [encoded[i] for i in batch], pad, device)
-            for i, result in zip(batch, results_of_batch, strict=True):
-                results[i] = result
+    found = continuation_logits(model, encoded, pad_id(tokenizer), batch_size=batch_size, desc=desc)
+    for i, logits, tokens in found:
+        total, hits = _picked(logits, tokens)
+        results[i] = (total, len(tokens), hits)
     return results
 
 
-def _score_batch(model, encoded, pad: int, device) -> list[tuple[float, int, int]]:
-    """One right-padded forward pass; per continuation, its summed log-probability, its length
-    and how many of its tokens are the top-1 prediction. Logits are computed only from the
-    earliest position any row needs (its context's last token) on, not for every context."""
-    ids, mask = right_padded([ctx + cont for ctx, cont in encoded], pad)
-    first = min(len(ctx) for ctx, _ in encoded) - 1
-    logits = _logits_from(model, first, input_ids=ids.to(device), attention_mask=mask.to(device))
-    scores = []
-    for row, (ctx, cont) in enumerate(encoded):
-        at = torch.arange(len(ctx) - 1 - first, len(ctx) + len(cont) - 1 - first, device=device)
-        total, hits = _picked(logits[row, at], torch.tensor(cont, device=device))
-        scores.append((total, len(cont), hits))
-    return scores
+def encoded_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(the context's tokens, encoded as the tokenizer does by default: BOS where the model uses
+    one; the continuation's, without special tokens): the continuation's tokens are the same
+    whatever the context, as in lm-eval's loglikelihood requests."""
+    ctx = tokenizer(context)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not cont:
+        raise ValueError(f"empty continuation after {context!r}")
+    return ctx, cont
+
+
+def continuation_logits(
+    model, encoded: list[tuple[list[int], list[int]]], pad: int, *, batch_size: int, desc: str
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per encoded (context, continuation), in right-padded batches grouped by length: its index,
+    the logits that predict each continuation token (one row per token) and those tokens.
+    Logits are computed only from the earliest position a batch's rows need (a context's last
+    token) on, not for every context."""
+    device = _device(model)
+    batches = _batches([len(ctx) + len(cont) for ctx, cont in encoded], batch_size)
+    with _eval_mode(model):
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=len(batches) < 2):
+            ids, mask = right_padded([encoded[i][0] + encoded[i][1] for i in batch], pad)
+            first = min(len(encoded[i][0]) for i in batch) - 1
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            logits = _logits_from(model, first, **inputs)
+            for row, i in enumerate(batch):
+                ctx, cont = encoded[i]
+                at = slice(len(ctx) - 1 - first, len(ctx) + len(cont) - 1 - first)
+                yield i, logits[row, at], torch.tensor(cont, device=device)
 
 
 def _logits_from(model, first: int, **inputs) -> torch.Tensor:

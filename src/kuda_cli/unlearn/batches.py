@@ -45,18 +45,11 @@ class TokenSet:
             "attention_mask": mask.to(device),
             "index": list(indices),
         }
+        # a focus or label row has a value per token: padded as the ids, to the mask's width
         for key, rows in (("focus_mask", self.focus), ("label_mask", self.label_mask)):
             if rows is not None:
-                out[key] = _padded_rows(mask, [rows[i] for i in indices]).to(device)
+                out[key] = right_padded([rows[i] for i in indices], 0)[0].to(device)
         return out
-
-
-def _padded_rows(mask: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
-    """Per-token 0/1 rows, right-padded with 0 to the shape of the batch's attention `mask`."""
-    out = torch.zeros_like(mask)
-    for r, row in enumerate(rows):
-        out[r, : len(row)] = torch.tensor(row)
-    return out
 
 
 def tokenize(

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kuda_cli.evaluate.scoring import right_padded
+from kuda_cli.evaluate.scoring import left_padded, right_padded
 from kuda_cli.locate.restore import cache_keyword, returned_cache
 from kuda_cli.unlearn.batches import TokenSet
 
@@ -145,17 +145,6 @@ def greedy_tokens(model, tokens: TokenSet, items: list[int], batch_size: int) ->
     return out
 
 
-def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, ...]:
-    """(input ids, attention mask, position ids) of token id rows, left-padded with `pad` to the
-    longest; each row's positions count from 0 at its first token (padding: 0)."""
-    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(rows):
-        ids[row, ids.shape[1] - len(seq) :] = torch.tensor(seq)
-        mask[row, ids.shape[1] - len(seq) :] = 1
-    return ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
-
-
 def _stop_tokens(model) -> set:
     eos = getattr(model.config, "eos_token_id", None)
     return set(eos if isinstance(eos, list) else [eos])
@@ -173,9 +162,8 @@ def guided_continuations(
     the same tokens in any batch."""
     device = next(model.parameters()).device
     eos, keyword, n = _stop_tokens(model), cache_keyword(model), len(streams)
-    ids, mask, positions = (
-        t.to(device) for t in left_padded([s[k] for k in range(3) for s in streams], pad)
-    )
+    ids, mask = (t.to(device) for t in left_padded([s[k] for k in range(3) for s in streams], pad))
+    positions = (mask.cumsum(1) - 1).clamp_min(0)  # from 0 at each row's first token; padding 0
     state = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
